@@ -1,0 +1,3 @@
+fn main() {
+    println!("atelier-inference: not implemented yet");
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("atelier-operator: controller | api (not implemented yet)");
+}

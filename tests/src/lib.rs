@@ -1,0 +1,1 @@
+//! Test support for Atelier's end-to-end tests.
