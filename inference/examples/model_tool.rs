@@ -1,0 +1,206 @@
+//! Developer tool for the model side, driven by inference/parity/run.sh and
+//! inference/bench/bench.sh:
+//!
+//! - `tiny`: write a random-weight model directory (tiny, or the mid-size bench preset);
+//! - `dump`: run one prompt through both schedules and write every intermediate the
+//!   diffusers side needs (token ids, text states, noise, sigmas, latents, images);
+//! - `bench`: time denoising steps of a model and print them as JSON.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use atelier_inference::model::schedule::Schedule;
+use atelier_inference::pipeline::{GenerateRequest, Pipeline, Placement, Precision};
+use atelier_inference::tiny::{TinyModelOptions, make_tiny_model};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    Tiny,
+    Bench,
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    #[arg(long, default_value = "a photo of a red cat in the city at night")]
+    prompt: String,
+    #[arg(long, default_value_t = 256)]
+    width: u32,
+    #[arg(long, default_value_t = 256)]
+    height: u32,
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+    #[arg(long, default_value_t = 3.5)]
+    guidance: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl RequestArgs {
+    fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            num_images: 1,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Tiny {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: Preset,
+        /// Also write the transformer in the diffusers layout.
+        #[arg(long)]
+        diffusers_copy: bool,
+    },
+    Dump {
+        #[arg(long)]
+        model: PathBuf,
+        /// A .safetensors file; a .json with the parameters is written next to it.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "bf16")]
+        precision: Precision,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+}
+
+/// The two schedules checked for parity, under the names the manifest uses.
+fn parity_schedules() -> [(&'static str, Schedule); 2] {
+    [
+        (
+            "flux-dynamic-shift",
+            Schedule::FluxDynamicShift {
+                base_shift: 0.5,
+                max_shift: 1.15,
+            },
+        ),
+        (
+            "shift",
+            Schedule::Shift {
+                shift: 3.0,
+                sigma_min: 0.003 / 1.002,
+            },
+        ),
+    ]
+}
+
+fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> {
+    let pipeline = Pipeline::load(&model, Precision::Bf16)?;
+    let req = args.request();
+    let (t5_ids, clip_ids) = pipeline.token_ids(&req.prompt)?;
+    let conditioning = pipeline.encode_prompt(&req.prompt)?;
+    let noise = pipeline.initial_noise(&req)?;
+    let ids = |ids: Vec<u32>| Tensor::new(ids.into_iter().map(i64::from).collect::<Vec<_>>(), &Device::Cpu);
+    let mut tensors: HashMap<String, Tensor> = HashMap::from([
+        ("t5_ids".into(), ids(t5_ids)?),
+        ("clip_ids".into(), ids(clip_ids)?),
+        ("t5".into(), conditioning.t5.to_dtype(DType::F32)?),
+        ("clip".into(), conditioning.clip.to_dtype(DType::F32)?),
+        ("noise".into(), noise.to_dtype(DType::F32)?),
+    ]);
+    let image_tokens = (req.width as usize / 16) * (req.height as usize / 16);
+    let mut schedules = serde_json::Map::new();
+    for (name, schedule) in parity_schedules() {
+        let sigmas = schedule.sigmas(req.steps, image_tokens);
+        let latents = pipeline.denoise(&conditioning, &noise, &sigmas, req.guidance, &mut |_, _| ControlFlow::Continue(()))?;
+        tensors.insert(format!("image.{name}"), pipeline.decode(&latents)?);
+        tensors.insert(format!("latents.{name}"), latents.to_dtype(DType::F32)?);
+        tensors.insert(format!("sigmas.{name}"), Tensor::new(sigmas, &Device::Cpu)?);
+        schedules.insert(name.into(), serde_json::to_value(&schedule)?);
+    }
+    candle_core::safetensors::save(&tensors, &out)?;
+    let params = serde_json::json!({
+        "prompt": req.prompt,
+        "width": req.width,
+        "height": req.height,
+        "steps": req.steps,
+        "guidance": req.guidance,
+        "schedules": schedules,
+    });
+    let json_path = out.with_extension("json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&params)?).with_context(|| json_path.display().to_string())?;
+    Ok(())
+}
+
+fn bench(model: PathBuf, precision: Precision, args: &RequestArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut pipeline = Pipeline::load(&model, precision)?;
+    pipeline.move_to(Placement::Device)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let req = args.request();
+    let conditioning = pipeline.encode_prompt(&req.prompt)?;
+    let noise = pipeline.initial_noise(&req)?;
+    let mut step_s = Vec::new();
+    let mut last = Instant::now();
+    pipeline.denoise(&conditioning, &noise, &pipeline.sigmas(&req), req.guidance, &mut |_, _| {
+        step_s.push(last.elapsed().as_secs_f64());
+        last = Instant::now();
+        ControlFlow::Continue(())
+    })?;
+    // The first step also pays for one-off allocations; report the steady state too.
+    let steady = &step_s[step_s.len().min(1)..];
+    let report = serde_json::json!({
+        "implementation": "candle",
+        "precision": precision.as_str(),
+        "load_s": load_s,
+        "step_s": step_s,
+        "mean_step_s": step_s.iter().sum::<f64>() / step_s.len() as f64,
+        "steady_step_s": steady.iter().sum::<f64>() / steady.len().max(1) as f64,
+        "transformer_weight_bytes": pipeline.transformer_weight_bytes(),
+        "weight_bytes": pipeline.weight_bytes(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Tiny {
+            out,
+            seed,
+            preset,
+            diffusers_copy,
+        } => {
+            let options = match preset {
+                Preset::Tiny => TinyModelOptions::tiny(),
+                Preset::Bench => TinyModelOptions::bench(),
+            };
+            make_tiny_model(&out, seed, &TinyModelOptions { diffusers_copy, ..options })?;
+            Ok(())
+        }
+        Command::Dump { model, out, request } => dump(model, out, &request),
+        Command::Bench {
+            model,
+            precision,
+            request,
+        } => bench(model, precision, &request),
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Parity of atelier-inference (candle) with diffusers on a tiny random-weight checkpoint:
+# builds the Rust side, writes the tiny model and the Rust dump, runs parity.py in a venv with
+# the pinned requirements, and prints each max abs diff and PASS/FAIL.
+#
+# Usage: inference/parity/run.sh [work dir]   (default: a fresh temporary directory)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+venv="${ATELIER_PARITY_VENV:-$HOME/.cache/atelier/parity-venv}"
+work="${1:-$(mktemp -d)}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atelier/target}"
+
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
+    echo "== installing $here/requirements.txt into $venv"
+    start=$(date +%s)
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --no-input -r "$here/requirements.txt"
+    cp "$here/requirements.txt" "$venv/requirements.txt"
+    echo "   took $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1)"
+fi
+
+echo "== building the Rust side"
+(cd "$repo" && cargo build --quiet -p atelier-inference --example model_tool)
+tool="$CARGO_TARGET_DIR/debug/examples/model_tool"
+
+echo "== tiny model and Rust dump in $work"
+"$tool" tiny --out "$work/model" --seed 7 --diffusers-copy
+"$tool" dump --model "$work/model" --out "$work/dump.safetensors" --steps 4 --width 256 --height 256 --seed 3
+
+echo "== diffusers side"
+"$venv/bin/python" "$here/parity.py" --model "$work/model" --dump "$work/dump.safetensors"

@@ -1,0 +1,118 @@
+//! Tokenizer files of tiny models: a small unigram T5 `tokenizer.json` (as FLUX.1-dev's
+//! `tokenizer_2/`) and a small byte-level BPE `vocab.json` + `merges.txt` for CLIP (as its
+//! `tokenizer/`, which has no `tokenizer.json`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tokenizers::models::unigram::Unigram;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::model::text::{CLIP_BOS, CLIP_EOS};
+use crate::pipeline::Error;
+
+/// Words that get whole-word pieces in both vocabularies; anything else falls back to
+/// characters (T5) or byte-level symbols (CLIP).
+const WORDS: &[&str] = &[
+    "a", "the", "of", "in", "on", "with", "and", "photo", "portrait", "cat", "dog", "woman",
+    "man", "city", "night", "forest", "red", "blue", "green", "light",
+];
+
+fn tokenizer_error(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("writing a tiny tokenizer: {e}"))
+}
+
+fn write(path: &Path, text: String) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes the T5 tokenizer; returns its vocabulary size. Ids 0, 1, 2 are `<pad>`, `</s>`,
+/// `<unk>` as in T5.
+pub fn write_t5_tokenizer(path: &Path) -> Result<usize, Error> {
+    let specials = ["<pad>", "</s>", "<unk>"];
+    let mut vocab: Vec<(String, f64)> = specials.iter().map(|s| (s.to_string(), 0.0)).collect();
+    vocab.extend(WORDS.iter().map(|w| (format!("▁{w}"), -4.0)));
+    vocab.push(("▁".into(), -6.0));
+    let characters = ('a'..='z').chain('A'..='Z').chain('0'..='9').chain(".,!?'-".chars());
+    vocab.extend(characters.map(|c| (c.to_string(), -8.0)));
+    let size = vocab.len();
+    let model = Unigram::from(vocab, Some(2), false).map_err(tokenizer_error)?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.add_special_tokens(&specials.map(|s| AddedToken::from(s, true)));
+    tokenizer
+        .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
+        .with_decoder(Some(Metaspace::new('▁', PrependScheme::Always, true)))
+        .with_post_processor(Some(
+            TemplateProcessing::builder()
+                .try_single("$A </s>")
+                .map_err(tokenizer_error)?
+                .try_pair("$A </s> $B </s>")
+                .map_err(tokenizer_error)?
+                .special_tokens(vec![("</s>", 1)])
+                .build()
+                .map_err(tokenizer_error)?,
+        ));
+    write(path, tokenizer.to_string(true).map_err(tokenizer_error)? + "\n")?;
+    Ok(size)
+}
+
+/// GPT-2's reversible byte-to-character map used by byte-level BPE: printable bytes map to
+/// themselves, the rest to code points from 256 up.
+fn byte_symbols() -> Vec<char> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| match printable(b) {
+            true => char::from(b),
+            false => {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+/// Writes CLIP's `vocab.json` and `merges.txt`; returns the vocabulary size. Like CLIP's,
+/// the vocabulary is every byte symbol alone and with `</w>`, then one entry per merge,
+/// then `<|startoftext|>` and `<|endoftext|>` with the two highest ids (CLIP pools at the
+/// highest id).
+pub fn write_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<usize, Error> {
+    let symbols: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
+    let mut tokens: Vec<String> = symbols.clone();
+    tokens.extend(symbols.iter().map(|s| format!("{s}</w>")));
+    // Each word merges left to right into one token.
+    let mut merges: Vec<(String, String)> = Vec::new();
+    for word in WORDS {
+        let mut chars: Vec<String> = word.chars().map(String::from).collect();
+        if let Some(last) = chars.last_mut() {
+            last.push_str("</w>");
+        }
+        let mut merged = chars[0].clone();
+        for next in &chars[1..] {
+            let pair = (merged.clone(), next.clone());
+            merged.push_str(next);
+            if !merges.contains(&pair) {
+                merges.push(pair);
+                tokens.push(merged.clone());
+            }
+        }
+    }
+    tokens.extend([CLIP_BOS.to_string(), CLIP_EOS.to_string()]);
+    let mut vocab = BTreeMap::new();
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.entry(token.clone()).or_insert(id);
+    }
+    if vocab.len() != tokens.len() {
+        return Err(tokenizer_error("duplicate CLIP vocabulary entries"));
+    }
+    let vocab_json = serde_json::to_string(&vocab).map_err(tokenizer_error)?;
+    write(vocab_path, vocab_json + "\n")?;
+    let merges_text: String = merges.iter().map(|(a, b)| format!("{a} {b}\n")).collect();
+    write(merges_path, format!("#version: 0.2\n{merges_text}"))?;
+    Ok(tokens.len())
+}
