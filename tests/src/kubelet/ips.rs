@@ -1,0 +1,85 @@
+//! Pod IPs 127.0.0.N (N from 2), unique among live pods, reused after deletion.
+//!
+//! Several kubelets may run on one machine (each test binary has its own cluster), so a pod
+//! IP is reserved machine-wide with an exclusive `flock` on a file named after it; the kernel
+//! drops the lock when the reservation is released or the kubelet process dies.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+const FIRST_HOST: u8 = 2;
+const LAST_HOST: u8 = 254;
+
+pub(crate) struct IpPool {
+    lock_dir: PathBuf,
+    /// Pod UID → its address and the locked file that reserves it.
+    leases: HashMap<String, (Ipv4Addr, File)>,
+}
+
+impl IpPool {
+    /// The pool of this machine's kubelets.
+    pub(crate) fn machine_wide() -> Self {
+        Self::new(std::env::temp_dir().join("atelier-pod-ips"))
+    }
+
+    pub(crate) fn new(lock_dir: PathBuf) -> Self {
+        Self {
+            lock_dir,
+            leases: HashMap::new(),
+        }
+    }
+
+    /// The address of the pod `owner` (a UID), reserving the lowest free one on first call.
+    pub(crate) fn allocate(&mut self, owner: &str) -> io::Result<Ipv4Addr> {
+        if let Some((address, _)) = self.leases.get(owner) {
+            return Ok(*address);
+        }
+        std::fs::create_dir_all(&self.lock_dir)?;
+        for host in FIRST_HOST..=LAST_HOST {
+            let address = Ipv4Addr::new(127, 0, 0, host);
+            if self.leases.values().any(|(leased, _)| *leased == address) {
+                continue;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.lock_dir.join(address.to_string()))?;
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                self.leases.insert(owner.to_string(), (address, file));
+                return Ok(address);
+            }
+        }
+        Err(io::Error::other("all pod IPs 127.0.0.2-254 are in use"))
+    }
+
+    /// Frees the pod's address (closing the file releases its lock).
+    pub(crate) fn release(&mut self, owner: &str) {
+        self.leases.remove(owner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_unique_across_pools_and_reused_after_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = IpPool::new(dir.path().to_path_buf());
+        let mut second = IpPool::new(dir.path().to_path_buf());
+        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(first.allocate("b").unwrap(), Ipv4Addr::new(127, 0, 0, 3));
+        // Another kubelet on the machine skips the addresses this one holds.
+        assert_eq!(second.allocate("c").unwrap(), Ipv4Addr::new(127, 0, 0, 4));
+        first.release("a");
+        assert_eq!(second.allocate("d").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(first.allocate("e").unwrap(), Ipv4Addr::new(127, 0, 0, 5));
+    }
+}
