@@ -40,7 +40,7 @@ namespace=atelier-system
 tenant=team-a
 tenant_ns=atelier-team-a
 job=lighthouse-at-dusk
-demo_user=alice@example.com
+demo_user=alice@example.com   # login "alice" or the email
 demo_password="${ATELIER_DEMO_PASSWORD:-atelier-demo}"
 client_id=atelier-demo
 client_secret=atelier-demo-secret
@@ -143,9 +143,24 @@ web_port="${ATELIER_DEMO_PORT:-$(free_port)}"
 public_url="http://127.0.0.1:$web_port"
 oidc_port="$(free_port)"
 say "starting the OpenID provider"
-start oidc node "$root/tests/oidc/provider.mjs" --listen "127.0.0.1:$oidc_port" \
-  --client-id "$client_id" --client-secret "$client_secret" --redirect-uri "$public_url/auth/callback" \
-  --user "$demo_user:$demo_password:team-a,team-a-admins"
+audience="$public_url/api"
+cat >"$state/oidc-config.json" <<JSON
+{
+  "audience": "$audience",
+  "clients": [{
+    "client_id": "$client_id",
+    "client_secret": "$client_secret",
+    "redirect_uris": ["$public_url/auth/callback"],
+    "post_logout_redirect_uris": ["$public_url/"],
+    "grant_types": ["authorization_code"],
+    "response_types": ["code"]
+  }],
+  "users": [
+    {"id": "alice", "email": "$demo_user", "password": "$demo_password", "name": "Alice", "groups": ["team-a", "team-a-admins"]}
+  ]
+}
+JSON
+start oidc node "$root/tests/oidc/provider.mjs" --config "$state/oidc-config.json" --port "$oidc_port"
 wait_until "the OpenID provider" 30 grep -q '^READY ' "$logs/oidc.log"
 issuer="$(sed -n 's/^READY //p' "$logs/oidc.log" | head -n1)"
 start proxy node "$root/scripts/demo/proxy.mjs" --listen "127.0.0.1:$web_port" \
@@ -155,7 +170,7 @@ start proxy node "$root/scripts/demo/proxy.mjs" --listen "127.0.0.1:$web_port" \
 say "installing the Helm chart (release $release in $namespace)"
 if ! helm install "$release" "$root/charts/atelier" --namespace "$namespace" --create-namespace \
     -f "$root/examples/values-local.yaml" \
-    --set "api.oidc.issuerUrl=$issuer" --set "api.publicUrl=$public_url" \
+    --set "api.oidc.issuerUrl=$issuer" --set "api.oidc.audience=$audience" --set "api.publicUrl=$public_url" \
     --wait --timeout 5m >"$logs/helm-install.log" 2>&1; then
   cat "$logs/helm-install.log" >&2
   kubectl -n "$namespace" get pods -o wide >&2 || true
