@@ -61,7 +61,9 @@ if [ ! -d "$root/tests/oidc/node_modules" ]; then
   (cd "$root/tests/oidc" && npm ci --no-audit --no-fund >&2)
 fi
 
-state="$(mktemp -d "${TMPDIR:-/tmp}/atelier-demo.XXXXXX")"
+# The state directory (cluster data, node, volumes, logs) goes under ATELIER_DEMO_TMP (default
+# $TMPDIR). TMPDIR itself must stay the machine's: kubelets reserve pod IPs under it.
+state="$(mktemp -d "${ATELIER_DEMO_TMP:-${TMPDIR:-/tmp}}/atelier-demo.XXXXXX")"
 logs="$state/logs"
 mkdir -p "$logs"
 export KUBECONFIG="$state/cluster/kubeconfig"

@@ -606,8 +606,10 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     // CRD upgrade path (Helm never upgrades crds/): an outdated CRD comes back with the
     // documented command.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let remove_columns = json!([{"op": "remove", "path": "/spec/versions/0/additionalPrinterColumns"}]);
-    crds.patch("tenants.atelier.dev", &PatchParams::default(), &Patch::<Value>::Json(serde_json::from_value(remove_columns)?)).await?;
+    let remove_columns = r#"[{"op": "remove", "path": "/spec/versions/0/additionalPrinterColumns"}]"#;
+    kubectl(cluster, &["patch", "crd", "tenants.atelier.dev", "--type", "json", "-p", remove_columns], None).await?;
+    let outdated = crds.get("tenants.atelier.dev").await?;
+    ensure!(outdated.spec.versions[0].additional_printer_columns.is_none(), "the CRD was not made outdated");
     let crd_dir = chart_dir().join("crds").to_string_lossy().into_owned();
     kubectl(cluster, &["apply", "--server-side", "--force-conflicts", "-f", &crd_dir], None).await?;
     let restored = crds.get("tenants.atelier.dev").await?;
@@ -618,15 +620,15 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     let before = deployments.get("atelier-operator").await?.metadata.generation;
     helm(&[
         "upgrade", RELEASE, &chart, "--kubeconfig", &kubeconfig, "--namespace", RELEASE_NAMESPACE, "--reuse-values",
-        "--set", "logLevel=debug", "--wait", "--timeout", "5m",
+        "--set", "logLevel=info\\,atelier_operator=debug", "--wait", "--timeout", "5m",
     ])
     .await?;
     let after = deployments.get("atelier-operator").await?.metadata.generation;
     ensure!(after > before, "the operator Deployment did not change ({before:?} → {after:?})");
-    wait_for("operator pods with RUST_LOG=debug", SLOW, || async {
+    wait_for("operator pods with the new RUST_LOG", SLOW, || async {
         let pods = ready_pods(&client, "operator").await?;
         let rolled = pods.len() == 2 && pods.iter().all(|p| {
-            p.spec.as_ref().is_some_and(|s| s.containers[0].env.iter().flatten().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")))
+            p.spec.as_ref().is_some_and(|s| s.containers[0].env.iter().flatten().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info,atelier_operator=debug")))
         });
         Ok(rolled.then_some(()))
     })
@@ -658,5 +660,44 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     ensure!(Api::<Namespace>::all(client.clone()).get_opt(TENANT_NAMESPACE).await?.is_some(), "the tenant namespace stays");
     ensure!(png.exists(), "the image stays on the tenant volume");
     drop(oidc);
+    Ok(())
+}
+
+/// `scripts/demo.sh --no-wait` (what `make demo` runs, stopping right after its summary) works
+/// from scratch and leaves nothing behind.
+#[tokio::test]
+async fn the_demo_runs_and_cleans_up_after_itself() -> anyhow::Result<()> {
+    let script = paths::workspace_root().join("scripts/demo.sh");
+    let bin_dir = paths::default_bin_dir();
+    let target = bin_dir.parent().context("the bin dir is target/debug")?.to_string_lossy().into_owned();
+    let tmp = tempfile::tempdir()?;
+    let output = tokio::time::timeout(
+        Duration::from_secs(900),
+        tokio::process::Command::new("bash")
+            .arg(&script)
+            .env("ATELIER_DEMO_EXIT", "1")
+            .env("CARGO_TARGET_DIR", &target)
+            .env("ATELIER_DEMO_TMP", tmp.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the demo took more than 15 minutes")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "the demo failed ({}):\n{stdout}\n{stderr}", output.status);
+    let image = stdout.lines().find_map(|l| l.trim().strip_prefix("Image:")).context("no Image: line")?.trim();
+    ensure!(image.ends_with(".png"), "the demo printed no PNG path: {stdout}");
+    for expected in ["Web page:", "Login:", "lighthouse-at-dusk", "Succeeded", "atelier-operator", "team-a"] {
+        ensure!(stdout.contains(expected), "the summary lacks {expected:?}:\n{stdout}");
+    }
+    // Everything it started is gone with it: no state directory, no process of its own.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    ensure!(left.is_empty(), "the demo left {left:?}");
+    let processes = run(Path::new("ps"), &["-eo", "args"], None).await?;
+    let state = tmp.path().to_string_lossy().into_owned();
+    let stray: Vec<&str> = processes.lines().filter(|l| l.contains(&state)).collect();
+    ensure!(stray.is_empty(), "processes left running: {stray:?}");
     Ok(())
 }
