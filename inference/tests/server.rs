@@ -338,7 +338,7 @@ async fn shutdown_finishes_running_job_and_refuses_new_ones() {
 
 /// Steps of a job that must still be running when the test acts on it (cancel, timeout,
 /// capacity): far more than the tiny model needs to make a single step observable.
-const SLOW_STEPS: u32 = 200;
+const SLOW_STEPS: u32 = 100;
 /// Upper bound for any job of these tests to finish.
 const JOB_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -348,7 +348,7 @@ fn model_dir() -> &'static Path {
     MODEL
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            atelier_inference::tiny::make_tiny_model(dir.path(), 0).unwrap();
+            atelier_inference::tiny::make_tiny_model(dir.path(), 0, &atelier_inference::tiny::TinyModelOptions::tiny()).unwrap();
             dir
         })
         .path()

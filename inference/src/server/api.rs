@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -24,6 +24,7 @@ use super::metrics::InferenceMetrics;
 use super::warm::ModelState;
 use super::worker::{Command, ModelView, OffloadError};
 use crate::outputs;
+use crate::pipeline::{MAX_IMAGES, MAX_SIDE, MAX_STEPS};
 
 /// How long `DELETE /v1/jobs/{id}` waits for a running job to stop, so that the reply usually
 /// shows the final state. One denoising step is well below this on any supported hardware.
@@ -101,6 +102,12 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::InvalidRequest(rejection.body_text())
+    }
+}
+
 impl From<jobs::Error> for ApiError {
     fn from(e: jobs::Error) -> Self {
         match e {
@@ -152,15 +159,12 @@ pub const DEFAULT_SIZE: u32 = 1024;
 pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
 const MAX_ID_LEN: usize = 128;
 const MAX_PROMPT_BYTES: usize = 10_000;
-const MAX_SIZE: u32 = 2048;
-const MAX_STEPS: u32 = 200;
-const MAX_IMAGES: u32 = 8;
 const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
 
 impl JobRequest {
-    /// Validates and fills in defaults. Sizes follow the pipeline's constraint (multiples of 16:
-    /// 8× VAE downsampling, then 2×2 patches); the pipeline checks again and would fail the job
-    /// with `InvalidRequest`, but rejecting here answers the caller synchronously with a 400.
+    /// Validates and fills in defaults. The limits are the pipeline's own (it checks again and
+    /// would fail the job with `InvalidRequest`); checking here answers the caller at once with
+    /// a 400 instead of a job that fails later.
     pub fn into_spec(self, model: &ModelView) -> Result<JobSpec, ApiError> {
         let invalid = |m: String| Err(ApiError::InvalidRequest(m));
         if self.id.is_empty()
@@ -182,8 +186,8 @@ impl JobRequest {
         let width = self.width.unwrap_or(DEFAULT_SIZE);
         let height = self.height.unwrap_or(DEFAULT_SIZE);
         for (name, value) in [("width", width), ("height", height)] {
-            if value == 0 || value > MAX_SIZE || value % 16 != 0 {
-                return invalid(format!("{name} must be a multiple of 16 between 16 and {MAX_SIZE}, got {value}"));
+            if value == 0 || value > MAX_SIDE || value % 16 != 0 {
+                return invalid(format!("{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}"));
             }
         }
         let steps = self.steps.unwrap_or(model.default_steps);
@@ -191,8 +195,8 @@ impl JobRequest {
             return invalid(format!("steps must be between 1 and {MAX_STEPS}, got {steps}"));
         }
         let guidance = self.guidance.unwrap_or(model.default_guidance);
-        if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
-            return invalid(format!("guidance must be between 0 and 100, got {guidance}"));
+        if !guidance.is_finite() || guidance < 0.0 {
+            return invalid(format!("guidance must be a finite number >= 0, got {guidance}"));
         }
         let num_images = self.num_images.unwrap_or(1);
         if !(1..=MAX_IMAGES).contains(&num_images) {

@@ -52,13 +52,6 @@ pub struct ModelView {
     pub default_guidance: f32,
 }
 
-pub fn precision_name(precision: Precision) -> &'static str {
-    match precision {
-        Precision::Bf16 => "bf16",
-        Precision::Fp8 => "fp8",
-    }
-}
-
 pub struct WorkerConfig {
     pub model_dir: PathBuf,
     pub outputs_dir: PathBuf,
@@ -80,7 +73,7 @@ pub fn spawn(config: WorkerConfig, metrics: Arc<InferenceMetrics>) -> std::io::R
     let (model_tx, model_rx) = watch::channel(ModelView {
         name,
         state: ModelState::Loading,
-        precision: precision_name(config.precision),
+        precision: config.precision.as_str(),
         weight_bytes: 0,
         default_steps: 0,
         default_guidance: 0.0,
