@@ -64,7 +64,7 @@ k8s_ldflags() {
   minor="${v#v*.}"; minor="${minor%%.*}"
   local out=""
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    out+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    out+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.gitCommit="
   done
   echo "$out"
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -12,6 +13,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	utilerrors "k8s.io/apimachinery/pkg/util/errors"
 	"k8s.io/client-go/kubernetes"
@@ -90,7 +93,16 @@ func parseInto(component string, fss cliflag.NamedFlagSets, args []string) error
 
 // ---------------------------------------------------------------- etcd
 
-func startEtcd(dataDir string) (*embed.Etcd, string, error) {
+// etcdLogger writes etcd's warnings and errors as JSON lines into w.
+func etcdLogger(w io.Writer) *zap.Logger {
+	enc := zap.NewProductionEncoderConfig()
+	enc.TimeKey = "ts"
+	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.AddSync(w), zap.NewAtomicLevelAt(zap.WarnLevel))
+	return zap.New(core).Named("etcd")
+}
+
+func startEtcd(dataDir string, logw io.Writer) (*embed.Etcd, string, error) {
 	var lastErr error
 	// Ports are picked by probing; retry in the unlikely case another process
 	// grabs one in between.
@@ -119,8 +131,8 @@ func startEtcd(dataDir string) (*embed.Etcd, string, error) {
 		// Throw-away data: durability is not needed, speed is.
 		cfg.UnsafeNoFsync = true
 		cfg.Logger = "zap"
-		cfg.LogLevel = "error"
-		cfg.LogOutputs = []string{"stderr"}
+		cfg.LogLevel = "warn"
+		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(etcdLogger(logw))
 
 		e, err := embed.StartEtcd(cfg)
 		if err != nil {

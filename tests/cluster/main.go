@@ -98,6 +98,8 @@ func run() int {
 		kcmArgs        []string
 		schedulerArgs  []string
 		showVersion    bool
+		logFile        string
+		quiet          bool
 	)
 	fs := pflag.NewFlagSet("atelier-testcluster", pflag.ContinueOnError)
 	fs.StringVar(&dir, "dir", "", "Working directory (required): kubeconfig, ready file, PKI and the temporary etcd data go here.")
@@ -108,6 +110,8 @@ func run() int {
 	fs.StringArrayVar(&apiserverArgs, "apiserver-arg", nil, "Extra kube-apiserver flag, e.g. --apiserver-arg=--feature-gates=Foo=true (repeatable).")
 	fs.StringArrayVar(&kcmArgs, "controller-manager-arg", nil, "Extra kube-controller-manager flag (repeatable).")
 	fs.StringArrayVar(&schedulerArgs, "scheduler-arg", nil, "Extra kube-scheduler flag (repeatable).")
+	fs.StringVar(&logFile, "log-file", "cluster.log", "Copy of the complete log of all components; relative paths are inside --dir; empty disables.")
+	fs.BoolVar(&quiet, "quiet", true, "On stderr, show only warnings, errors and this program's own messages (the --log-file keeps everything).")
 	fs.BoolVar(&showVersion, "version", false, "Print the Kubernetes version and exit.")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
@@ -134,9 +138,24 @@ func run() int {
 	readyFile := filepath.Join(dir, "ready")
 	kubeconfig := filepath.Join(dir, "kubeconfig")
 
-	// Verbosity of klog; applied through the same API the components use.
+	// All components log through klog; route it through one sink that keeps
+	// stderr short and the log file complete.
+	if logFile != "" && !filepath.IsAbs(logFile) {
+		logFile = filepath.Join(dir, logFile)
+	}
+	sink, err := newLogSink(logFile, quiet)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "atelier-testcluster: %v\n", err)
+		return 1
+	}
+	defer sink.Close()
 	logCfg := logsapi.NewLoggingConfiguration()
 	logCfg.Verbosity = logsapi.VerbosityLevel(verbosity)
+	if err := logsapi.ValidateAndApplyWithOptions(logCfg, &logsapi.LoggingOptions{ErrorStream: sink, InfoStream: sink}, utilfeature.DefaultFeatureGate); err != nil {
+		fmt.Fprintf(os.Stderr, "atelier-testcluster: logging: %v\n", err)
+		return 1
+	}
+	klog.InfoS("starting", "version", version.Get().GitVersion, "dir", dir, "log", logFile)
 
 	sigCtx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stopSignals()
@@ -167,7 +186,7 @@ func run() int {
 		listener.Close()
 		return fail("creating etcd data dir: %v", err)
 	}
-	etcd, etcdURL, err := startEtcd(etcdDir)
+	etcd, etcdURL, err := startEtcd(etcdDir, sink)
 	if err != nil {
 		listener.Close()
 		os.RemoveAll(etcdDir)
@@ -181,6 +200,7 @@ func run() int {
 	ctlCtx, ctlCancel := context.WithCancel(context.Background())
 
 	shutdown := func() {
+		sink.stopping.Store(true)
 		os.Remove(readyFile)
 		ctlCancel()
 		kcm.wait(15 * time.Second)
@@ -217,9 +237,6 @@ func run() int {
 			return 1, err
 		}
 		if err := compatibility.DefaultComponentGlobalsRegistry.Set(); err != nil {
-			return 1, err
-		}
-		if err := logsapi.ValidateAndApply(logCfg, utilfeature.DefaultFeatureGate); err != nil {
 			return 1, err
 		}
 		return serve(sigCtx, stopSignals, begin, apiserver, kcm, scheduler,
