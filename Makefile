@@ -1,0 +1,42 @@
+# Atelier — build, test and demo entry points. See README.md.
+SHELL := /bin/bash
+export ATELIER_CACHE ?= $(HOME)/.cache/atelier
+# One target dir outside the clone, so that fresh clones (CI) reuse compiled dependencies.
+export CARGO_TARGET_DIR ?= $(ATELIER_CACHE)/target
+export PATH := $(ATELIER_CACHE)/bin:$(PATH)
+
+.PHONY: all build test lint unit e2e crds check-crds cluster demo parity bench bench-inference clean
+
+all: build
+
+build:
+	cargo build --workspace --locked --bins
+
+## Every test: formatting, lints, unit tests and the end-to-end tests against the real control plane.
+test: lint cluster build
+	cargo test --workspace --locked --no-fail-fast
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+## The test control plane, kubectl and helm, built from the Kubernetes Go modules into $(ATELIER_CACHE)/bin.
+cluster:
+	tests/cluster/build.sh
+
+## Regenerate the CRD YAML shipped with the chart from the Rust types.
+crds:
+	cargo run --locked -q -p atelier-crds --bin crdgen -- --out-dir charts/atelier/crds
+
+## Run the whole platform locally: control plane, kubelet, operator, API, OIDC provider, tiny model.
+demo: cluster build
+	scripts/demo.sh
+
+parity:
+	inference/parity/run.sh
+
+bench-inference:
+	inference/bench/bench.sh
+
+clean:
+	cargo clean

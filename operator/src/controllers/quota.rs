@@ -1,0 +1,112 @@
+//! Writes to the quota counters and demand in `Tenant.status`. Every write is a read-modify-write
+//! carrying the resourceVersion it read, retried on conflict: concurrent writers (this operator,
+//! the API's quota reset) can interleave but never lose or double an update, so 20 concurrent
+//! admissions against a quota of 5 admit exactly 5.
+
+use atelier_crds::{GenerationJobSpec, Tenant, TenantStatus};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, PostParams};
+
+use crate::core::admission::{self, Decision, TenantView};
+
+const MAX_CONFLICT_RETRIES: usize = 50;
+
+/// Decides admission against the freshest Tenant and, when admitted, reserves the job's images
+/// for `day`. Returns the decision and the day counted.
+pub async fn admit(
+    tenants: &Api<Tenant>,
+    tenant_name: &str,
+    job: &GenerationJobSpec,
+    queued_by_user: u32,
+    now: Timestamp,
+) -> kube::Result<Option<(Decision, String)>> {
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
+            return Ok(None);
+        };
+        let day = admission::quota_day(now, &tenant.spec.quota.time_zone);
+        let mut status = tenant.status.clone().unwrap_or_default();
+        roll_over(&mut status, &day);
+        let decision = admission::decide(job, &TenantView {
+            limits: &tenant.spec.limits,
+            quota: &tenant.spec.quota,
+            usage: &status.usage,
+            queued_by_user,
+        });
+        if decision != Decision::Admit {
+            return Ok(Some((decision, day)));
+        }
+        admission::reserve(&mut status.usage, &job.user, job.num_images);
+        tenant.status = Some(status);
+        match tenants.replace_status(tenant_name, &PostParams::default(), serde_json::to_vec(&tenant).map_err(kube::Error::SerdeError)?).await {
+            Ok(_) => return Ok(Some((decision, day))),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(conflict_exhausted())
+}
+
+/// Gives back `images` of `user` reserved on `day` (no-op once the day has rolled over).
+pub async fn release(tenants: &Api<Tenant>, tenant_name: &str, user: &str, images: u32, day: &str) -> kube::Result<()> {
+    update(tenants, tenant_name, |status| {
+        if status.usage_day.as_deref() != Some(day) {
+            return false;
+        }
+        let before = status.usage.clone();
+        admission::release(&mut status.usage, user, images);
+        status.usage != before
+    })
+    .await
+}
+
+/// Publishes the tenant's demand (queued and running jobs) for the tenant controller's scaling.
+pub async fn publish_demand(tenants: &Api<Tenant>, tenant_name: &str, queued: u32, running: u32, now: Timestamp) -> kube::Result<()> {
+    update(tenants, tenant_name, |status| {
+        if status.queued == queued && status.running == running {
+            return false;
+        }
+        let was_active = status.queued + status.running > 0;
+        status.queued = queued;
+        status.running = running;
+        // Idle time counts from the moment the last job left; also stamp the start of activity.
+        if was_active || queued + running > 0 {
+            status.last_active_time = Some(Time(now));
+        }
+        true
+    })
+    .await
+}
+
+/// Applies `change` to the latest status and writes it if `change` says something changed.
+async fn update(tenants: &Api<Tenant>, tenant_name: &str, change: impl Fn(&mut TenantStatus) -> bool) -> kube::Result<()> {
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
+            return Ok(());
+        };
+        let mut status = tenant.status.clone().unwrap_or_default();
+        if !change(&mut status) {
+            return Ok(());
+        }
+        tenant.status = Some(status);
+        match tenants.replace_status(tenant_name, &PostParams::default(), serde_json::to_vec(&tenant).map_err(kube::Error::SerdeError)?).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(conflict_exhausted())
+}
+
+/// Starts a fresh count when the stored day is not today.
+fn roll_over(status: &mut TenantStatus, day: &str) {
+    if status.usage_day.as_deref() != Some(day) {
+        status.usage_day = Some(day.to_string());
+        status.usage.clear();
+    }
+}
+
+fn conflict_exhausted() -> kube::Error {
+    kube::Error::Api(Box::new(kube::core::Status::failure("too many conflicting writes to the tenant status", "Conflict").with_code(409)))
+}

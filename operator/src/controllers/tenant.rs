@@ -1,0 +1,352 @@
+//! The Tenant controller: gives each tenant its namespace, quota, policies, volume, inference and
+//! outputs servers, keeps them as desired, scales inference with the queue, and cleans up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atelier_crds::conditions::{self, DEGRADED, PROGRESSING, READY};
+use atelier_crds::names::{INFERENCE, LABEL_COMPONENT, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM, TENANT_FINALIZER};
+use atelier_crds::{GenerationJob, Tenant, TenantPhase, TenantStatus};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Service,
+    ServiceAccount,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use super::Context;
+use super::apply::{Applied, ensure};
+use crate::core::desired::{SpecError, tenant_objects};
+use crate::core::scaling::{ScalingInput, desired_replicas, scale_down_due_in};
+
+const CONTROLLER: &str = "tenant";
+/// Periodic re-check even without events: catches drift in objects we do not watch.
+const RESYNC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("waiting for {0} jobs to stop before deleting the tenant")]
+    JobsStillRunning(usize),
+}
+
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let tenants = Api::<Tenant>::all(client.clone());
+    let owned = watcher::Config::default().labels(LABEL_TENANT);
+    Controller::new(tenants, watcher::Config::default())
+        .owns(Api::<Namespace>::all(client.clone()), owned.clone())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ResourceQuota>::all(client.clone()), owned.clone())
+        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "tenant reconcile failed");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api = Api::<Tenant>::all(ctx.client.clone());
+    let result = finalizer(&api, TENANT_FINALIZER, tenant, |event| async {
+        match event {
+            Finalizer::Apply(tenant) => apply(&tenant, &ctx).await,
+            Finalizer::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(CONTROLLER, result.is_ok(), started.elapsed());
+    result
+}
+
+fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(tenant = tenant.name_any(), %error, "tenant reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    let name = tenant.name_any();
+    let ns = tenant.namespace_name();
+    let now = ctx.clock.now();
+    let mut status = tenant.status.clone().unwrap_or_default();
+    let generation = tenant.metadata.generation;
+
+    if let Some(conflict) = namespace_conflict(tenant, ctx).await? {
+        set_degraded(&mut status, "NamespaceConflict", &conflict, generation);
+        write_status(tenant, status, ctx).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+
+    let inference_api = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+    let current_replicas = inference_api
+        .get_opt(INFERENCE)
+        .await?
+        .and_then(|d| d.spec.and_then(|s| s.replicas))
+        .unwrap_or(0) as u32;
+    let scaling = ScalingInput {
+        min_replicas: tenant.spec.inference.min_replicas,
+        ceiling: tenant.replica_ceiling(),
+        concurrency: tenant.spec.inference.concurrency,
+        demand: status.queued + status.running,
+        current: current_replicas,
+        last_active: status.last_active_time.as_ref().map(|t| t.0),
+        scale_down_after: tenant.spec.inference.scale_down_after.into(),
+        now,
+    };
+    let replicas = desired_replicas(&scaling);
+
+    let owner = owner_reference(tenant);
+    let objects = match tenant_objects(tenant, &owner, &ctx.settings, replicas) {
+        Ok(objects) => objects,
+        Err(error) => {
+            let reason = match error {
+                SpecError::GpuBudget { .. } => "InvalidGpuBudget",
+                SpecError::NoModelVolume => "NoModelVolume",
+            };
+            set_degraded(&mut status, reason, &error.to_string(), generation);
+            write_status(tenant, status, ctx).await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+
+    let client = &ctx.client;
+    let mut changes = Vec::new();
+    let mut track = |kind: &'static str, name: Option<String>, applied: Applied| {
+        if applied != Applied::Unchanged {
+            changes.push((kind, name.unwrap_or_default(), applied));
+        }
+    };
+    track("Namespace", objects.namespace.metadata.name.clone(), ensure(&Api::<Namespace>::all(client.clone()), &objects.namespace).await?);
+    track("ResourceQuota", objects.resource_quota.metadata.name.clone(), ensure(&Api::<ResourceQuota>::namespaced(client.clone(), &ns), &objects.resource_quota).await?);
+    track("LimitRange", objects.limit_range.metadata.name.clone(), ensure(&Api::<LimitRange>::namespaced(client.clone(), &ns), &objects.limit_range).await?);
+    for policy in &objects.network_policies {
+        track("NetworkPolicy", policy.metadata.name.clone(), ensure(&Api::<NetworkPolicy>::namespaced(client.clone(), &ns), policy).await?);
+    }
+    track("ServiceAccount", objects.service_account.metadata.name.clone(), ensure(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), &objects.service_account).await?);
+    for binding in &objects.role_bindings {
+        track("RoleBinding", binding.metadata.name.clone(), ensure(&Api::<RoleBinding>::namespaced(client.clone(), &ns), binding).await?);
+    }
+    for claim in &objects.claims {
+        track("PersistentVolumeClaim", claim.metadata.name.clone(), ensure(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns), claim).await?);
+    }
+    for service in &objects.services {
+        track("Service", service.metadata.name.clone(), ensure(&Api::<Service>::namespaced(client.clone(), &ns), service).await?);
+    }
+    track("Deployment", objects.outputs_deployment.metadata.name.clone(), ensure(&inference_api, &objects.outputs_deployment).await?);
+    track("Deployment", objects.inference_deployment.metadata.name.clone(), ensure(&inference_api, &objects.inference_deployment).await?);
+    for (kind, object, applied) in &changes {
+        let (reason, verb) = match applied {
+            Applied::Created => ("Created", "created"),
+            _ => ("Repaired", "restored the desired state of"),
+        };
+        publish(ctx, tenant, EventType::Normal, reason, format!("{verb} {kind} {ns}/{object}")).await;
+    }
+
+    observe_workloads(tenant, ctx, &mut status, replicas).await?;
+    write_status(tenant, status, ctx).await?;
+    let requeue = scale_down_due_in(&ScalingInput { current: replicas, ..scaling }).map_or(RESYNC, |due| due.min(RESYNC) + Duration::from_secs(1));
+    Ok(Action::requeue(requeue))
+}
+
+/// A namespace of the tenant's name that someone else created is not ours to take over.
+async fn namespace_conflict(tenant: &Tenant, ctx: &Context) -> Result<Option<String>, Error> {
+    let ns = tenant.namespace_name();
+    let Some(existing) = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns).await? else {
+        return Ok(None);
+    };
+    let uid = tenant.metadata.uid.as_deref();
+    let ours = existing.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid);
+    Ok((!ours).then(|| format!("namespace {ns} already exists and does not belong to tenant {}", tenant.name_any())))
+}
+
+/// Reads replicas and pod problems into the status conditions.
+async fn observe_workloads(tenant: &Tenant, ctx: &Context, status: &mut TenantStatus, desired: u32) -> Result<(), Error> {
+    let ns = tenant.namespace_name();
+    let generation = tenant.metadata.generation;
+    let now = Time(ctx.clock.now());
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+    let ready_of = |d: Option<Deployment>| d.and_then(|d| d.status).map_or((0, 0), |s| (s.replicas.unwrap_or(0) as u32, s.ready_replicas.unwrap_or(0) as u32));
+    let (replicas, ready) = ready_of(deployments.get_opt(INFERENCE).await?);
+    let (_, outputs_ready) = ready_of(deployments.get_opt(OUTPUTS).await?);
+    status.namespace = Some(ns.clone());
+    status.replicas = replicas;
+    status.ready_replicas = ready;
+    status.gpus_in_use = replicas * tenant.spec.gpus.per_replica;
+
+    let problem = pod_problem(tenant, ctx).await?;
+    let conditions = &mut status.conditions;
+    match &problem {
+        Some((reason, message)) => {
+            conditions::set_condition(conditions, DEGRADED, true, reason, message.clone(), generation, &now);
+        }
+        None => {
+            conditions::set_condition(conditions, DEGRADED, false, "AsExpected", "", generation, &now);
+        }
+    }
+    let rolling_out = ready < desired || outputs_ready < 1;
+    let progress_message = format!("{ready}/{desired} inference replicas ready, outputs server {}", if outputs_ready > 0 { "ready" } else { "starting" });
+    conditions::set_condition(conditions, PROGRESSING, rolling_out, if rolling_out { "RollingOut" } else { "Complete" }, progress_message, generation, &now);
+    let serving = outputs_ready > 0 && problem.is_none();
+    let (reason, message) = if serving {
+        ("Ready", format!("namespace {ns} provisioned; {ready} inference replicas ready"))
+    } else {
+        ("NotReady", "waiting for the tenant's pods".to_string())
+    };
+    conditions::set_condition(conditions, READY, serving, reason, message, generation, &now);
+    status.phase = Some(if problem.is_some() {
+        TenantPhase::Degraded
+    } else if serving {
+        TenantPhase::Ready
+    } else {
+        TenantPhase::Pending
+    });
+    status.observed_generation = generation;
+    Ok(())
+}
+
+/// The first reason a tenant pod cannot run, in the pods' own words.
+async fn pod_problem(tenant: &Tenant, ctx: &Context) -> Result<Option<(String, String)>, Error> {
+    let ns = tenant.namespace_name();
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default().labels(LABEL_COMPONENT)).await?;
+    for pod in &pods.items {
+        let Some(status) = &pod.status else { continue };
+        for condition in status.conditions.iter().flatten() {
+            if condition.type_ == "PodScheduled" && condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable") {
+                return Ok(Some(("Unschedulable".into(), format!("pod {}: {}", pod.name_any(), condition.message.clone().unwrap_or_default()))));
+            }
+        }
+        for container in status.container_statuses.iter().flatten() {
+            let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
+            if let Some(waiting) = waiting {
+                if matches!(waiting.reason.as_deref(), Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")) {
+                    return Ok(Some(("ImagePullFailed".into(), format!("pod {}: {}", pod.name_any(), waiting.message.clone().unwrap_or_default()))));
+                }
+            }
+        }
+    }
+    // Pods refused by the ResourceQuota never exist; their ReplicaSet says why.
+    let replica_sets = Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default().labels(LABEL_COMPONENT)).await?;
+    for rs in &replica_sets.items {
+        for condition in rs.status.iter().flat_map(|s| s.conditions.iter().flatten()) {
+            let message = condition.message.clone().unwrap_or_default();
+            if condition.type_ == "ReplicaFailure" && condition.status == "True" && message.contains("exceeded quota") {
+                return Ok(Some(("QuotaExceeded".into(), message)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn set_degraded(status: &mut TenantStatus, reason: &str, message: &str, generation: Option<i64>) {
+    let now = Time(Timestamp::now());
+    conditions::set_condition(&mut status.conditions, DEGRADED, true, reason, message, generation, &now);
+    conditions::set_condition(&mut status.conditions, READY, false, reason, message, generation, &now);
+    status.phase = Some(TenantPhase::Degraded);
+    status.observed_generation = generation;
+}
+
+/// Writes the fields this controller owns, only when they changed. A merge patch leaves the quota
+/// fields (written by the job controller) alone.
+async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> Result<(), Error> {
+    let current = tenant.status.clone().unwrap_or_default();
+    let mine = |s: &TenantStatus| (s.phase, s.conditions.clone(), s.observed_generation, s.namespace.clone(), s.replicas, s.ready_replicas, s.gpus_in_use);
+    if mine(&current) == mine(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "status": {
+        "phase": status.phase,
+        "conditions": status.conditions,
+        "observedGeneration": status.observed_generation,
+        "namespace": status.namespace,
+        "replicas": status.replicas,
+        "readyReplicas": status.ready_replicas,
+        "gpusInUse": status.gpus_in_use,
+    }});
+    Api::<Tenant>::all(ctx.client.clone()).patch_status(&tenant.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let ready = conditions::is_true(&status.conditions, READY);
+    for condition in [READY, PROGRESSING, DEGRADED] {
+        let labels = super::metrics::TenantConditionLabels { tenant: tenant.name_any(), condition };
+        let value = i64::from(conditions::is_true(&status.conditions, condition));
+        ctx.metrics.tenant_conditions.get_or_create(&labels).set(value);
+    }
+    tracing::info!(tenant = tenant.name_any(), phase = ?status.phase, ready, "tenant status updated");
+    Ok(())
+}
+
+/// Before the namespace goes: cancel running jobs, keep the output data if asked, then delete.
+async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    let ns = tenant.namespace_name();
+    let jobs = Api::<GenerationJob>::namespaced(ctx.client.clone(), &ns);
+    let active: Vec<GenerationJob> = match jobs.list(&ListParams::default()).await {
+        Ok(list) => list.items.into_iter().filter(|j| !j.phase().is_finished()).collect(),
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(error) => return Err(error.into()),
+    };
+    if !active.is_empty() {
+        for job in &active {
+            if !job.spec.cancel {
+                let patch = serde_json::json!({ "spec": { "cancel": true } });
+                jobs.patch(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+        }
+        return Err(Error::JobsStillRunning(active.len()));
+    }
+    if tenant.spec.storage.retain_on_delete {
+        retain_output_volume(tenant, ctx).await?;
+    }
+    let namespaces = Api::<Namespace>::all(ctx.client.clone());
+    if let Some(namespace) = namespaces.get_opt(&ns).await? {
+        if namespace.metadata.deletion_timestamp.is_none() {
+            namespaces.delete(&ns, &Default::default()).await?;
+            publish(ctx, tenant, EventType::Normal, "Deleting", format!("deleting namespace {ns}")).await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// Switches the outputs volume to `Retain` and labels it with the tenant, so the images outlive
+/// the namespace; docs/operations.md explains how to mount it again.
+async fn retain_output_volume(tenant: &Tenant, ctx: &Context) -> Result<(), Error> {
+    let ns = tenant.namespace_name();
+    let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    let Some(volume) = claims.get_opt(OUTPUTS_CLAIM).await?.and_then(|c| c.spec).and_then(|s| s.volume_name) else {
+        return Ok(());
+    };
+    let patch = serde_json::json!({
+        "metadata": { "labels": { LABEL_TENANT: tenant.name_any(), "atelier.dev/retained-from": ns } },
+        "spec": { "persistentVolumeReclaimPolicy": "Retain" },
+    });
+    Api::<PersistentVolume>::all(ctx.client.clone()).patch(&volume, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    publish(ctx, tenant, EventType::Normal, "VolumeRetained", format!("kept PersistentVolume {volume} with the tenant's images")).await;
+    Ok(())
+}
+
+fn owner_reference(tenant: &Tenant) -> OwnerReference {
+    tenant.controller_owner_ref(&()).expect("a Tenant from the API server has a name and uid")
+}
+
+async fn publish(ctx: &Context, tenant: &Tenant, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
+        tracing::warn!(%error, "could not publish an event");
+    }
+}

@@ -1,0 +1,7 @@
+//! The decision core: pure functions from observed state to decisions, unit-tested without a
+//! cluster. The controllers around it only read objects, call these, and write the result.
+
+pub mod admission;
+pub mod desired;
+pub mod queue;
+pub mod scaling;
