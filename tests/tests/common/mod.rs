@@ -1,0 +1,226 @@
+//! Shared by the operator's end-to-end tests: run the operator as a process, give tenants the
+//! tiny model, and build tenant manifests.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use atelier_crds::{GenerationJob, JobPhase, Tenant};
+use atelier_tests::{TestCluster, paths, unique_name, wait_for};
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+pub const INFERENCE_IMAGE: &str = "ghcr.io/atelier-dev/atelier-inference:test";
+
+/// The operator's controller, run as a local process with the admin kubeconfig.
+pub struct Operator {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(cluster: &TestCluster, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let log = cluster.dir().join(format!("{}.log", unique_name("operator")));
+        let out = std::fs::File::create(&log)?;
+        let mut command = Command::new(cluster.bin_dir().join("atelier-operator"));
+        command
+            .arg("controller")
+            .arg(format!("--inference-image={INFERENCE_IMAGE}"))
+            .arg("--platform-namespace=atelier-system")
+            .arg("--metrics-listen=127.0.0.1:0")
+            .args(extra_args)
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("RUST_LOG", "info,atelier_operator=debug")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out));
+        // The operator must not outlive a test process that is killed.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("starting atelier-operator (build it first)")?;
+        Ok(Self { child, log })
+    }
+
+    /// Kills the operator at once, as a crash or a lost node would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tiny random-weight Flux model directory, made once per test binary.
+pub async fn tiny_model(cluster: &TestCluster) -> &'static Path {
+    static MODEL: OnceCell<PathBuf> = OnceCell::const_new();
+    MODEL
+        .get_or_init(|| async {
+            let dir = std::env::temp_dir().join(unique_name("atelier-tiny-model"));
+            let status = Command::new(cluster.bin_dir().join("atelier-inference"))
+                .args(["make-tiny-model", "--out"])
+                .arg(&dir)
+                .status()
+                .expect("running atelier-inference make-tiny-model");
+            assert!(status.success(), "make-tiny-model failed");
+            dir
+        })
+        .await
+}
+
+/// A PersistentVolume holding the tiny model, for one tenant's `inference.model.volumeName`.
+pub async fn model_volume(cluster: &TestCluster) -> anyhow::Result<String> {
+    let dir = tiny_model(cluster).await;
+    let name = unique_name("model");
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadOnlyMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": { "path": dir.to_string_lossy(), "type": "Directory" },
+        },
+    }))?;
+    Api::<PersistentVolume>::all(cluster.client().await).create(&PostParams::default(), &volume).await?;
+    Ok(name)
+}
+
+/// A tenant spec in the shape of examples/tenant.yaml, merged with `overrides`.
+pub fn tenant_manifest(name: &str, model_volume: &str, overrides: Value) -> Tenant {
+    let mut spec = json!({
+        "displayName": "Test team",
+        "members": [
+            { "group": "team-users", "role": "user" },
+            { "group": "team-admins", "role": "admin" },
+        ],
+        "gpus": { "resourceName": "nvidia.com/gpu", "perReplica": 1, "max": 2 },
+        "inference": {
+            "model": { "volumeName": model_volume, "precision": "bf16" },
+            "cpu": "500m",
+            "memory": "1Gi",
+            "idleOffloadAfter": "1m",
+            "scaleDownAfter": "10m",
+        },
+        "storage": { "size": "1Gi" },
+        "quota": { "imagesPerUserPerDay": 50 },
+        "limits": { "maxSteps": 50, "maxWidth": 512, "maxHeight": 512 },
+    });
+    merge(&mut spec, overrides);
+    Tenant::new(name, serde_json::from_value(spec).expect("a valid tenant spec"))
+}
+
+pub fn merge(base: &mut Value, overrides: Value) {
+    match (base, overrides) {
+        (Value::Object(base), Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, value) => *base = value,
+    }
+}
+
+/// Creates a tenant and waits until its namespace exists.
+pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::Result<Tenant> {
+    let client = cluster.client().await;
+    let volume = model_volume(cluster).await?;
+    let tenant = tenant_manifest(&unique_name("tn"), &volume, overrides);
+    let tenants = Api::<Tenant>::all(client);
+    let created = tenants.create(&PostParams::default(), &tenant).await?;
+    Ok(created)
+}
+
+/// Waits until the tenant's status says Ready.
+pub async fn wait_tenant_ready(cluster: &TestCluster, name: &str, timeout: Duration) -> anyhow::Result<Tenant> {
+    let tenants = Api::<Tenant>::all(cluster.client().await);
+    wait_for(&format!("tenant {name} Ready"), timeout, || async {
+        let tenant = tenants.get(name).await?;
+        let ready = tenant.status.as_ref().is_some_and(|s| atelier_crds::conditions::is_true(&s.conditions, "Ready"));
+        Ok(ready.then_some(tenant))
+    })
+    .await
+}
+
+/// A job in the tenant's namespace for `user`, small enough for the tiny model.
+pub fn job_manifest(user: &str, overrides: Value) -> GenerationJob {
+    let mut spec = json!({ "prompt": "a red fox in the snow", "user": user, "width": 256, "height": 256, "steps": 4, "seed": 7 });
+    merge(&mut spec, overrides);
+    let mut job = GenerationJob::new("", serde_json::from_value(spec).expect("a valid job spec"));
+    job.metadata.name = None;
+    job.metadata.generate_name = Some("gen-".into());
+    job
+}
+
+pub async fn create_job(cluster: &TestCluster, namespace: &str, user: &str, overrides: Value) -> anyhow::Result<GenerationJob> {
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, namespace);
+    Ok(jobs.create(&PostParams::default(), &job_manifest(user, overrides)).await?)
+}
+
+/// Waits until the job reaches a finished phase and returns it.
+pub async fn wait_job_finished(cluster: &TestCluster, namespace: &str, name: &str, timeout: Duration) -> anyhow::Result<GenerationJob> {
+    wait_job(cluster, namespace, name, timeout, |job| job.phase().is_finished()).await
+}
+
+pub async fn wait_job(cluster: &TestCluster, namespace: &str, name: &str, timeout: Duration, done: impl Fn(&GenerationJob) -> bool) -> anyhow::Result<GenerationJob> {
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, namespace);
+    wait_for(&format!("job {namespace}/{name}"), timeout, || async {
+        let job = jobs.get(name).await?;
+        Ok(done(&job).then_some(job))
+    })
+    .await
+}
+
+pub fn phase(job: &GenerationJob) -> JobPhase {
+    job.phase()
+}
+
+/// Applies the chart's template `name` (e.g. `templates/tenant-clusterroles.yaml`) as rendered
+/// with default values, so tests use exactly what the chart ships.
+pub fn apply_chart_template(cluster: &TestCluster, template: &str) -> anyhow::Result<()> {
+    let chart = paths::workspace_root().join("charts/atelier");
+    let rendered = Command::new(paths::tool("helm"))
+        .args(["template", "atelier", "--namespace", "atelier-system", "--show-only", template])
+        .arg(&chart)
+        .output()?;
+    anyhow::ensure!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    let mut apply = Command::new(paths::tool("kubectl"))
+        .args(["apply", "--server-side", "-f", "-", "--kubeconfig"])
+        .arg(cluster.kubeconfig_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    apply.stdin.take().expect("piped stdin").write_all(&rendered.stdout)?;
+    let output = apply.wait_with_output()?;
+    anyhow::ensure!(output.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// The tenant's output directory on the local node: the hostPath of its outputs PV.
+pub async fn outputs_dir(cluster: &TestCluster, namespace: &str) -> anyhow::Result<PathBuf> {
+    let client = cluster.client().await;
+    let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), namespace).get("outputs").await?;
+    let volume_name = claim.spec.and_then(|s| s.volume_name).context("outputs claim not bound")?;
+    let volume = Api::<PersistentVolume>::all(client).get(&volume_name).await?;
+    let spec = volume.spec.context("PV without spec")?;
+    let path = spec.host_path.map(|h| h.path).or(spec.local.map(|l| l.path)).context("PV without a local path")?;
+    Ok(PathBuf::from(path))
+}
