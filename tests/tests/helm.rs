@@ -637,17 +637,19 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
 
     // helm uninstall leaves no platform object behind; tenants and their data stay.
     helm(&["uninstall", RELEASE, "--kubeconfig", &kubeconfig, "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "3m"]).await?;
+    // ReplicaSets and pods go by garbage collection, shortly after their Deployment.
     let selector = format!("app.kubernetes.io/instance={RELEASE}");
-    let leftovers = kubectl(
-        cluster,
-        &[
-            "get", "-A", "-l", &selector, "-o", "name",
-            "deployments,replicasets,services,serviceaccounts,secrets,configmaps,leases,networkpolicies,poddisruptionbudgets,roles,rolebindings,clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings,ingresses",
-        ],
-        None,
-    )
-    .await?;
-    ensure!(leftovers.trim().is_empty(), "helm uninstall left {leftovers}");
+    let kinds = "deployments,replicasets,pods,services,serviceaccounts,secrets,configmaps,leases,networkpolicies,poddisruptionbudgets,\
+                 roles,rolebindings,clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings,ingresses";
+    let left = wait_for("helm uninstall to leave nothing", SLOW, || async {
+        let left = kubectl(cluster, &["get", "-A", "-l", &selector, "-o", "name", kinds], None).await?;
+        Ok(left.trim().is_empty().then_some(()))
+    })
+    .await;
+    if let Err(error) = left {
+        let left = kubectl(cluster, &["get", "-A", "-l", &selector, "-o", "name", kinds], None).await.unwrap_or_default();
+        return Err(error.context(format!("left behind: {left}")));
+    }
     wait_for("the release's pods to go", SLOW, || async {
         let pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NAMESPACE).list(&ListParams::default()).await?;
         Ok(pods.items.is_empty().then_some(()))
