@@ -41,7 +41,7 @@ pub fn ready_in_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Endpoin
         else {
             continue;
         };
-        for endpoint in &slice.endpoints {
+        for endpoint in slice.endpoints.iter().flatten() {
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(false);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);

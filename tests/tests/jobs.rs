@@ -107,7 +107,7 @@ async fn a_quota_reset_admits_again() {
     let tenants = Api::<Tenant>::all(cluster.client().await);
     let mut current = tenants.get(&tenant.name_any()).await.unwrap();
     current.status.as_mut().unwrap().usage.retain(|u| u.user != "cyd@example.com");
-    tenants.replace_status(&tenant.name_any(), &PostParams::default(), serde_json::to_vec(&current).unwrap()).await.unwrap();
+    tenants.replace_status(&tenant.name_any(), &PostParams::default(), &current).await.unwrap();
     let again = create_job(cluster, &ns, "cyd@example.com", json!({})).await.unwrap();
     let again = wait_job(cluster, &ns, &again.name_any(), TIMEOUT, |j| j.phase() != JobPhase::Pending).await.unwrap();
     assert_eq!(again.phase(), JobPhase::Queued);

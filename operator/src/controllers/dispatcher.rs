@@ -162,7 +162,7 @@ impl Dispatcher {
 
     /// Hands queued jobs to endpoints with free slots, in queue order. Returns how many started.
     async fn dispatch(&self, tenant: &Tenant, all: &[Arc<GenerationJob>], queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) -> usize {
-        self.adopt(tenant, queued, endpoints).await;
+        self.adopt(queued, endpoints).await;
         let now = self.ctx.clock.now();
         let mut recent: HashMap<&str, u32> = HashMap::new();
         for job in all {
@@ -228,7 +228,7 @@ impl Dispatcher {
     }
 
     /// Once per endpoint after start-up: jobs the pod already holds are adopted, not resent.
-    async fn adopt(&self, tenant: &Tenant, queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) {
+    async fn adopt(&self, queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) {
         for endpoint in endpoints {
             if self.memory.lock().await.adopted_from.contains(&endpoint.address) {
                 continue;
@@ -427,7 +427,6 @@ impl Dispatcher {
     }
 
     async fn end(&self, job: &GenerationJob, phase: JobPhase, reason: &str, message: &str, update: Option<&(dyn Fn(&mut atelier_crds::GenerationJobStatus) + Sync)>) {
-        let update = update.map(|f| f as &dyn Fn(&mut atelier_crds::GenerationJobStatus));
         match finish(job, &self.ctx, phase, reason, message, update).await {
             Ok(()) => webhook::notify(&self.ctx, job, WebhookEvent::Completed, phase.as_str()),
             Err(error) => tracing::warn!(job = job.name_any(), %error, "could not record the end of a job"),

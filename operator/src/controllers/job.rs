@@ -150,7 +150,7 @@ pub async fn release_reservation(job: &GenerationJob, ctx: &Context) -> kube::Re
 }
 
 /// Moves a job to a final phase with a reason, condition and Event.
-pub async fn finish(job: &GenerationJob, ctx: &Context, phase: JobPhase, reason: &str, message: &str, update: Option<&dyn Fn(&mut GenerationJobStatus)>) -> kube::Result<()> {
+pub async fn finish(job: &GenerationJob, ctx: &Context, phase: JobPhase, reason: &str, message: &str, update: Option<&(dyn Fn(&mut GenerationJobStatus) + Sync)>) -> kube::Result<()> {
     let now = Time(ctx.clock.now());
     let mut status = job.status.clone().unwrap_or_default();
     status.phase = Some(phase);

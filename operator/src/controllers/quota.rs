@@ -39,7 +39,7 @@ pub async fn admit(
         }
         admission::reserve(&mut status.usage, &job.user, job.num_images);
         tenant.status = Some(status);
-        match tenants.replace_status(tenant_name, &PostParams::default(), serde_json::to_vec(&tenant).map_err(kube::Error::SerdeError)?).await {
+        match tenants.replace_status(tenant_name, &PostParams::default(), &tenant).await {
             Ok(_) => return Ok(Some((decision, day))),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(error) => return Err(error),
@@ -90,7 +90,7 @@ async fn update(tenants: &Api<Tenant>, tenant_name: &str, change: impl Fn(&mut T
             return Ok(());
         }
         tenant.status = Some(status);
-        match tenants.replace_status(tenant_name, &PostParams::default(), serde_json::to_vec(&tenant).map_err(kube::Error::SerdeError)?).await {
+        match tenants.replace_status(tenant_name, &PostParams::default(), &tenant).await {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(error) => return Err(error),

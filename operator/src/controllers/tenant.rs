@@ -84,7 +84,6 @@ fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Actio
 }
 
 async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
-    let name = tenant.name_any();
     let ns = tenant.namespace_name();
     let now = ctx.clock.now();
     let mut status = tenant.status.clone().unwrap_or_default();

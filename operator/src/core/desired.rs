@@ -422,12 +422,13 @@ mod tests {
     }
 
     fn merge(base: &mut Value, extra: Value) {
-        if let (Value::Object(base), Value::Object(extra)) = (base, extra) {
-            for (k, v) in extra {
-                merge(base.entry(k).or_insert(Value::Null), v);
+        match (base, extra) {
+            (Value::Object(base), Value::Object(extra)) => {
+                for (k, v) in extra {
+                    merge(base.entry(k).or_insert(Value::Null), v);
+                }
             }
-        } else if !extra.is_null() {
-            unreachable!("merge only objects")
+            (base, value) => *base = value,
         }
     }
 
