@@ -289,7 +289,8 @@ fn key_algorithm(jwk: &Jwk) -> Option<Algorithm> {
             _ => return None,
         },
         AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
-        AlgorithmParameters::OctetKey(_) | AlgorithmParameters::Other(_) => return None,
+        // Symmetric keys, and key types this crate does not know.
+        _ => return None,
     };
     let Some(named) = jwk.common.key_algorithm else {
         return Some(from_type);

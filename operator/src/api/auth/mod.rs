@@ -176,6 +176,8 @@ pub struct CallbackQuery {
     code: Option<String>,
     state: Option<String>,
     error: Option<String>,
+    /// RFC 9207: the issuer that answered, against mix-up attacks.
+    iss: Option<String>,
 }
 
 /// `GET /auth/callback`: the provider sends the browser back here with a code.
@@ -199,6 +201,9 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
     if let Some(error) = query.error {
         // The provider's error code is a fixed vocabulary (access_denied, login_required...).
         return fail("provider_refused", &error);
+    }
+    if query.iss.as_ref().is_some_and(|iss| *iss != state.oidc.settings().issuer) {
+        return fail("issuer_mismatch", "the answer names another issuer");
     }
     let (Some(code), Some(returned_state)) = (query.code, query.state) else {
         return fail("malformed_callback", "code or state missing");
@@ -253,8 +258,8 @@ pub async fn session_info(State(state): State<Arc<AppState>>, headers: HeaderMap
     response
 }
 
-#[derive(Deserialize, Default)]
-pub struct LogoutForm {
+/// The logout form: only its CSRF token matters.
+struct LogoutForm {
     csrf: Option<String>,
 }
 
@@ -269,7 +274,7 @@ pub async fn logout(State(state): State<Arc<AppState>>, parts: Parts, body: axum
     let Some(current) = state.sessions.get(&id) else {
         return with_cookie(Redirect::to("/").into_response(), session::set_cookie(secure, None, SESSION_TTL));
     };
-    let form: LogoutForm = serde_urlencoded_form(&body);
+    let form = parse_logout_form(&body);
     let sent = parts
         .headers
         .get(CSRF_HEADER)
@@ -287,7 +292,7 @@ pub async fn logout(State(state): State<Arc<AppState>>, parts: Parts, body: axum
     with_cookie(Redirect::to(&target).into_response(), session::set_cookie(secure, None, SESSION_TTL))
 }
 
-fn serde_urlencoded_form(body: &[u8]) -> LogoutForm {
+fn parse_logout_form(body: &[u8]) -> LogoutForm {
     let csrf = openidconnect::url::form_urlencoded::parse(body)
         .find(|(key, _)| key == "csrf")
         .map(|(_, value)| value.into_owned());
@@ -331,7 +336,7 @@ mod tests {
 
     #[test]
     fn logout_form() {
-        assert_eq!(serde_urlencoded_form(b"csrf=a%2Bb&x=1").csrf.as_deref(), Some("a+b"));
-        assert!(serde_urlencoded_form(b"").csrf.is_none());
+        assert_eq!(parse_logout_form(b"csrf=a%2Bb&x=1").csrf.as_deref(), Some("a+b"));
+        assert!(parse_logout_form(b"").csrf.is_none());
     }
 }

@@ -282,13 +282,12 @@ fn verify(
     let verifier = discovered.client.id_token_verifier();
     let claims = id_token.claims(&verifier, nonce)?.clone();
     if let Some(expected) = claims.access_token_hash() {
-        let signing = |e| ClaimsVerificationError::SignatureVerification(e);
         let actual = AccessTokenHash::from_token(
             access_token,
-            id_token.signing_alg().map_err(signing)?,
-            id_token.signing_key(&verifier).map_err(signing)?,
+            id_token.signing_alg().map_err(ClaimsVerificationError::SignatureVerification)?,
+            id_token.signing_key(&verifier).map_err(ClaimsVerificationError::SignatureVerification)?,
         )
-        .map_err(signing)?;
+        .map_err(|error| ClaimsVerificationError::Other(error.to_string()))?;
         if actual != *expected {
             return Err(ClaimsVerificationError::Other("the access token does not match at_hash".into()));
         }

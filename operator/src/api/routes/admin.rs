@@ -270,7 +270,7 @@ pub async fn restart(
     let pods: Api<Pod> = Api::namespaced(state.kube.clone(), &access.namespace);
     let selector = ListParams::default().labels(&format!("{LABEL_COMPONENT}={INFERENCE}"));
     // `Right` means the API server deleted them without listing them back.
-    let deleted = (pods.delete_collection(&DeleteParams::default(), &selector).await?)
+    let deleted: Vec<String> = (pods.delete_collection(&DeleteParams::default(), &selector).await?)
         .left()
         .map(|list| list.items.iter().map(|pod| pod.name_any()).collect())
         .unwrap_or_default();
@@ -407,7 +407,10 @@ pub fn usage_csv(rows: &[UsageRow]) -> String {
     get, path = "/api/v1/tenants/{tenant}/usage", tag = "admin",
     params(("tenant" = String, Path, description = "Tenant name"), UsageQuery),
     responses(
-        (status = 200, description = "Rows by day and user", body = UsageReport, content_type = ["application/json", "text/csv"]),
+        (status = 200, description = "Rows by day and user", content(
+            (UsageReport = "application/json"),
+            (String = "text/csv"),
+        )),
         (status = 403, description = "Not an admin of the tenant", body = ErrorBody),
     ),
     security(("bearer" = []), ("session" = []))

@@ -130,7 +130,7 @@ async fn forged_tokens_are_refused() {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("a".into());
     let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(PUB_A).unwrap();
-    let hmac = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&public)).unwrap();
+    let hmac = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&public).unwrap()).unwrap();
     assert_eq!(v.validate(&hmac).await, Err(TokenError::UnsupportedAlgorithm("HS256".into())));
     // Signed by another key under a known kid.
     assert_eq!(v.validate(&sign(KEY_B, "a", &claims)).await, Err(TokenError::BadSignature));
@@ -152,7 +152,7 @@ async fn symmetric_keys_in_the_jwks_are_never_used() {
     let v = validator(source, Duration::from_secs(300));
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("h".into());
-    let token = jsonwebtoken::encode(&header, &good_claims(), &EncodingKey::from_secret(b"shared-secret-shared-secret-1234"))
+    let token = jsonwebtoken::encode(&header, &good_claims(), &EncodingKey::from_secret(b"shared-secret-shared-secret-1234").unwrap())
         .unwrap();
     assert!(v.validate(&token).await.is_err());
 }
