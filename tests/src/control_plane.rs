@@ -19,8 +19,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(crate) struct ControlPlane {
     process: Child,
-    /// `https://127.0.0.1:PORT` as printed by the binary.
-    pub(crate) server_url: String,
+    /// Where the API server listens (`READY https://127.0.0.1:PORT`).
     pub(crate) address: SocketAddr,
 }
 
@@ -83,11 +82,7 @@ impl ControlPlane {
             .strip_prefix("https://")
             .and_then(|rest| rest.trim_end_matches('/').parse().ok())
             .ok_or_else(|| anyhow!("unexpected server URL {server_url:?}"))?;
-        Ok(Self {
-            process,
-            server_url,
-            address,
-        })
+        Ok(Self { process, address })
     }
 
     /// SIGTERM, then SIGKILL if it has not stopped in time.

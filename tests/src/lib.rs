@@ -7,6 +7,25 @@
 //! - [`provisioner`]: the `local` StorageClass, backed by directories.
 //! - fault injection on [`TestCluster`]: kill a pod's process, make a node NotReady, pause the
 //!   API server.
+//!
+//! A test binary shares one cluster; each test works in namespaces of its own and makes its
+//! own clients (a `kube::Client` is bound to the runtime that made it, and every
+//! `#[tokio::test]` has its own):
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use atelier_tests::TestCluster;
+//! let cluster = TestCluster::shared().await;
+//! let client = cluster.client().await;
+//! let namespace = cluster.create_namespace("my-test").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Container images run as the binary named like the image's last path segment
+//! (`ghcr.io/atelier/atelier-operator:0.1.0` → `atelier-operator`) from the cargo output
+//! directory of the test (`target/debug`, or `$ATELIER_BIN_DIR`): build the binaries a test
+//! deploys before running it (`cargo build -p atelier-operator -p atelier-inference`). The
+//! control plane binary comes from `tests/cluster/build.sh` (`$ATELIER_TESTCLUSTER` overrides).
 
 mod child;
 pub mod cluster;

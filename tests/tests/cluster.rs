@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -149,7 +149,7 @@ async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away()
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
     wait_for("the EndpointSlice of web to list the pod as ready", DEFAULT_TIMEOUT, || async {
         let list = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web")).await?;
-        let listed = list.items.iter().flat_map(|slice| &slice.endpoints).any(|endpoint| {
+        let listed = list.items.iter().flat_map(|slice| slice.endpoints.iter().flatten()).any(|endpoint| {
             endpoint.addresses.contains(&ip)
                 && endpoint.conditions.as_ref().and_then(|conditions| conditions.ready) == Some(true)
         });
@@ -213,11 +213,11 @@ async fn unknown_images_and_exiting_containers_are_reported() -> anyhow::Result<
             == Some("ErrImagePull".into())
     })
     .await?;
+    assert!(!is_ready(&missing));
     let status = missing.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Pending"));
     let waiting = status.container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
     assert!(waiting.message.unwrap().contains("no-such-binary"));
-    assert!(!is_ready(&missing));
 
     let failed = wait_for_pod(cluster, &pods, "fails", "Failed", |pod| {
         pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Failed")

@@ -91,15 +91,16 @@ impl ContainerRun {
                 record.last_state = Some(terminated.clone());
                 record.ready = false;
             });
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.stop.wait_for(Option::is_some) => {
-                    self.update(|record| {
-                        record.state = terminated;
-                        record.finished = true;
-                    });
-                    return;
-                }
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(backoff) => false,
+                _ = self.stop.wait_for(Option::is_some) => true,
+            };
+            if stopped {
+                self.update(|record| {
+                    record.state = terminated;
+                    record.finished = true;
+                });
+                return;
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
             self.update(|record| record.restart_count += 1);
@@ -136,13 +137,14 @@ impl ContainerRun {
             record.container_id = Some(container_id.clone());
         });
         let mut stop = self.stop.clone();
-        let (status, stopped) = tokio::select! {
-            status = child.wait() => (status, false),
-            grace = stop.wait_for(Option::is_some) => {
-                let grace = grace.ok().and_then(|grace| *grace).unwrap_or_default();
-                (terminate(&mut child, pid, grace).await, true)
-            }
+        let ended = tokio::select! {
+            status = child.wait() => Ok(status),
+            grace = stop.wait_for(Option::is_some) => Err(grace.ok().and_then(|grace| *grace).unwrap_or_default()),
             () = self.probe(pid) => unreachable!("probing never ends"),
+        };
+        let (status, stopped) = match ended {
+            Ok(status) => (status, false),
+            Err(grace) => (terminate(&mut child, pid, grace).await, true),
         };
         // The process group may outlive its leader (a shell's children): end it too.
         let _ = signal_group(pid, libc::SIGKILL);

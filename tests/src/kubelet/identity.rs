@@ -74,8 +74,8 @@ pub(crate) async fn request_token(
     let namespace = pod.namespace().unwrap_or_default();
     let account = service_account_name(pod);
     let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences,
+        spec: Some(TokenRequestSpec {
+            audiences: Some(audiences).filter(|audiences| !audiences.is_empty()),
             expiration_seconds,
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
@@ -83,7 +83,7 @@ pub(crate) async fn request_token(
                 name: Some(pod.name_any()),
                 uid: pod.uid(),
             }),
-        },
+        }),
         ..TokenRequest::default()
     };
     let response = Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
@@ -92,7 +92,7 @@ pub(crate) async fn request_token(
         .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{account}"))?;
     response
         .status
-        .map(|status| status.token)
+        .and_then(|status| status.token)
         .ok_or_else(|| anyhow!("the TokenRequest for {namespace}/{account} returned no token"))
 }
 

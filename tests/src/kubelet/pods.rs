@@ -26,6 +26,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         .boxed();
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
     let (finished_sender, mut finished) = mpsc::unbounded_channel::<String>();
+    let workers_shutdown = shutdown.clone();
     // UIDs seen during a relist; workers of pods missing from it have lost their pod.
     let mut relisted: Option<HashSet<String>> = None;
     loop {
@@ -44,7 +45,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                         }
                         None => {
                             let (updates, receiver) = watch::channel(PodUpdate::Present(Box::new(pod)));
-                            let task = tokio::spawn(worker::run(shared.clone(), receiver, shutdown.clone(), finished_sender.clone()));
+                            let task = tokio::spawn(worker::run(shared.clone(), receiver, workers_shutdown.clone(), finished_sender.clone()));
                             workers.insert(uid, WorkerHandle { updates, task });
                         }
                     }

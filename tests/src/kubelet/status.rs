@@ -278,7 +278,7 @@ mod tests {
         );
         let ready = status.conditions.as_ref().unwrap().iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.message.as_deref(), Some("containers with unready status: [b]"));
-        assert_eq!(status.pod_ips.unwrap()[0].ip, "127.0.0.2");
+        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "127.0.0.2");
 
         // Transition times survive while a condition keeps its status.
         let containers = [running("a", true), running("b", true)];

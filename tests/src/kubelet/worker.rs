@@ -139,17 +139,18 @@ impl PodWorker {
             } else {
                 self.progress().await;
             }
-            tokio::select! {
-                changed = updates.changed() => if changed.is_err() {
-                    // The pod manager is gone: the kubelet is shutting down.
-                    self.stop(SHUTDOWN_GRACE).await;
-                    self.release_ip();
-                    return;
-                },
-                () = self.changed.notified() => {}
-                () = sleep_until(self.retry_at) => {}
-                () = readiness_change(&mut self.node_ready) => {}
-                _ = shutdown.wait_for(|stop| *stop) => {}
+            let manager_gone = tokio::select! {
+                changed = updates.changed() => changed.is_err(),
+                () = self.changed.notified() => false,
+                () = sleep_until(self.retry_at) => false,
+                () = readiness_change(&mut self.node_ready) => false,
+                _ = shutdown.wait_for(|stop| *stop) => false,
+            };
+            if manager_gone {
+                // Only when the kubelet is shutting down.
+                self.stop(SHUTDOWN_GRACE).await;
+                self.release_ip();
+                return;
             }
         }
     }
@@ -417,10 +418,12 @@ impl PodWorker {
 }
 
 async fn readiness_change(ready: &mut Option<watch::Receiver<bool>>) {
-    match ready {
-        Some(ready) if ready.changed().await.is_ok() => {}
-        _ => std::future::pending().await,
+    if let Some(ready) = ready.as_mut()
+        && ready.changed().await.is_ok()
+    {
+        return;
     }
+    std::future::pending().await
 }
 
 async fn sleep_until(at: Option<Instant>) {
