@@ -34,7 +34,8 @@ const PLATFORM_ADMINS: &str = "platform-admins";
 
 fn users() -> Value {
     let user = |id: &str, groups: Option<&[&str]>| {
-        let mut user = json!({"id": id, "email": format!("{id}@example.com"), "password": format!("{id}-pw")});
+        let mut user =
+            json!({"id": id, "email": format!("{id}@example.com"), "password": format!("{id}-pw")});
         if let Some(groups) = groups {
             user["groups"] = json!(groups);
         }
@@ -57,7 +58,10 @@ fn users() -> Value {
 /// Starts `command` from a thread that lives as long as the test process, so that the child's
 /// death signal (sent when the spawning thread exits) fires only when the whole test binary
 /// ends. Returns the child's stdout when `capture_stdout`.
-fn spawn(mut command: Command, capture_stdout: bool) -> anyhow::Result<(u32, Option<std::process::ChildStdout>)> {
+fn spawn(
+    mut command: Command,
+    capture_stdout: bool,
+) -> anyhow::Result<(u32, Option<std::process::ChildStdout>)> {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -85,13 +89,20 @@ fn spawn(mut command: Command, capture_stdout: bool) -> anyhow::Result<(u32, Opt
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = paths::default_bin_dir().join(name);
     if !path.exists() {
-        bail!("{} is missing: run `make build` (cargo build --workspace --bins) first", path.display());
+        bail!(
+            "{} is missing: run `make build` (cargo build --workspace --bins) first",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -139,16 +150,19 @@ impl Provider {
             .args(["--port", "0"])
             .stderr(log);
         let (_, stdout) = spawn(command, true)?;
-        let mut lines = BufReader::new(stdout.expect("captured")).lines();
+        let lines = BufReader::new(stdout.expect("captured")).lines();
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in lines.by_ref().map_while(Result::ok) {
+            // Keeps reading after READY so that the provider never blocks on a full pipe.
+            for line in lines.map_while(Result::ok) {
                 if let Some(issuer) = line.strip_prefix("READY ") {
                     let _ = sender.send(issuer.to_string());
                 }
             }
         });
-        let issuer = receiver.recv_timeout(Duration::from_secs(30)).context("the OpenID provider did not start")?;
+        let issuer = receiver
+            .recv_timeout(Duration::from_secs(30))
+            .context("the OpenID provider did not start")?;
         Ok(Self { issuer })
     }
 }
@@ -160,15 +174,34 @@ struct ApiProcess {
 }
 
 impl ApiProcess {
-    async fn start(cluster: &TestCluster, dir: &Path, port: u16, issuer: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    async fn start(
+        cluster: &TestCluster,
+        dir: &Path,
+        port: u16,
+        issuer: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let url = format!("http://127.0.0.1:{port}");
         let log = dir.join(format!("api-{port}.log"));
         let file = std::fs::File::create(&log)?;
         let mut command = Command::new(binary("atelier-operator")?);
         command
             .args(["api", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--issuer-url", issuer, "--client-id", "atelier-api", "--audience", AUDIENCE])
-            .args(["--public-url", &url, "--insecure-cookies", "--platform-admin-group", PLATFORM_ADMINS])
+            .args([
+                "--issuer-url",
+                issuer,
+                "--client-id",
+                "atelier-api",
+                "--audience",
+                AUDIENCE,
+            ])
+            .args([
+                "--public-url",
+                &url,
+                "--insecure-cookies",
+                "--platform-admin-group",
+                PLATFORM_ADMINS,
+            ])
             .args(extra)
             .env("ATELIER_OIDC_CLIENT_SECRET", "test-secret")
             .env("KUBECONFIG", cluster.kubeconfig_path())
@@ -179,7 +212,13 @@ impl ApiProcess {
         let http = reqwest::Client::new();
         let ready = format!("{url}/readyz");
         wait_for("the API to be ready", DEFAULT_TIMEOUT, || async {
-            Ok(http.get(&ready).send().await?.status().is_success().then_some(()))
+            Ok(http
+                .get(&ready)
+                .send()
+                .await?
+                .status()
+                .is_success()
+                .then_some(()))
         })
         .await
         .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
@@ -199,10 +238,17 @@ impl ApiProcess {
     /// Waits for an audit event with all the given fields.
     async fn expect_audit(&self, fields: Value) -> anyhow::Result<Value> {
         let wanted = fields.as_object().expect("an object").clone();
-        wait_for(&format!("audit event {fields}"), Duration::from_secs(10), || {
-            let found = self.audit().into_iter().find(|event| wanted.iter().all(|(k, v)| &event[k] == v));
-            async move { Ok(found) }
-        })
+        wait_for(
+            &format!("audit event {fields}"),
+            Duration::from_secs(10),
+            || {
+                let found = self
+                    .audit()
+                    .into_iter()
+                    .find(|event| wanted.iter().all(|(k, v)| &event[k] == v));
+                async move { Ok(found) }
+            },
+        )
         .await
     }
 }
@@ -223,35 +269,84 @@ struct Env {
 
 async fn env() -> &'static Env {
     static ENV: OnceCell<Env> = OnceCell::const_new();
-    ENV.get_or_try_init(start_env).await.unwrap_or_else(|error| panic!("starting the API test environment: {error:#}"))
+    ENV.get_or_try_init(start_env)
+        .await
+        .unwrap_or_else(|error| panic!("starting the API test environment: {error:#}"))
 }
 
 async fn start_env() -> anyhow::Result<Env> {
     let cluster = TestCluster::shared().await;
-    let dir = tempfile::Builder::new().prefix("atelier-api-").tempdir()?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix("atelier-api-")
+        .tempdir()?
+        .keep();
     let port = free_port();
     let provider = Provider::start(&dir, &format!("http://127.0.0.1:{port}"))?;
-    let api = ApiProcess::start(cluster, &dir, port, &provider.issuer, &["--rate-limit-per-minute", "1000"]).await?;
+    let api = ApiProcess::start(
+        cluster,
+        &dir,
+        port,
+        &provider.issuer,
+        &["--rate-limit-per-minute", "1000"],
+    )
+    .await?;
     let client = cluster.client().await;
     let x = unique_name("api-x");
     let y = unique_name("api-y");
     let q = unique_name("api-q");
-    create_tenant(&client, &x, json!([{"group": "team-x", "role": "user"}, {"group": "team-x-admins", "role": "admin"}]), json!({})).await?;
-    create_tenant(&client, &y, json!([{"group": "team-y", "role": "user"}, {"user": "frank@example.com", "role": "user"}]), json!({})).await?;
-    create_tenant(&client, &q, json!([{"group": "team-q", "role": "user"}]), json!({"imagesPerUserPerDay": 2})).await?;
+    create_tenant(
+        &client,
+        &x,
+        json!([{"group": "team-x", "role": "user"}, {"group": "team-x-admins", "role": "admin"}]),
+        json!({}),
+    )
+    .await?;
+    create_tenant(
+        &client,
+        &y,
+        json!([{"group": "team-y", "role": "user"}, {"user": "frank@example.com", "role": "user"}]),
+        json!({}),
+    )
+    .await?;
+    create_tenant(
+        &client,
+        &q,
+        json!([{"group": "team-q", "role": "user"}]),
+        json!({"imagesPerUserPerDay": 2}),
+    )
+    .await?;
     start_outputs_server(&client, &dir, &atelier_crds::tenant::namespace_for(&x)).await?;
-    Ok(Env { dir, provider, api, x, y, q })
+    Ok(Env {
+        dir,
+        provider,
+        api,
+        x,
+        y,
+        q,
+    })
 }
 
-async fn create_tenant(client: &Client, name: &str, members: Value, quota: Value) -> anyhow::Result<()> {
+async fn create_tenant(
+    client: &Client,
+    name: &str,
+    members: Value,
+    quota: Value,
+) -> anyhow::Result<()> {
     let tenant: Tenant = serde_json::from_value(json!({
         "apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name},
         "spec": {"members": members, "quota": quota, "limits": {"maxSteps": 50, "maxImages": 4}},
     }))?;
-    Api::<Tenant>::all(client.clone()).create(&PostParams::default(), &tenant).await.context("creating a Tenant")?;
+    Api::<Tenant>::all(client.clone())
+        .create(&PostParams::default(), &tenant)
+        .await
+        .context("creating a Tenant")?;
     // The tenant controller would create the namespace; none runs in these tests.
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": atelier_crds::tenant::namespace_for(name)}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await?;
+    let namespace: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": atelier_crds::tenant::namespace_for(name)}}),
+    )?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
     Ok(())
 }
 
@@ -259,14 +354,20 @@ async fn create_tenant(client: &Client, name: &str, members: Value, quota: Value
 /// API finds it: an EndpointSlice of the `outputs` Service.
 async fn start_outputs_server(client: &Client, dir: &Path, namespace: &str) -> anyhow::Result<()> {
     let outputs = dir.join("outputs");
-    for (user, stem, seed) in [("alice", "20261129_100000_11_aaaaaaaa", 11), ("bob", "20261129_100001_22_bbbbbbbb", 22)] {
+    for (user, stem, seed) in [
+        ("alice", "20261129_100000_11_aaaaaaaa", 11),
+        ("bob", "20261129_100001_22_bbbbbbbb", 22),
+    ] {
         let user_dir = outputs.join(format!("{user}@example.com"));
         std::fs::create_dir_all(&user_dir)?;
         std::fs::write(user_dir.join(format!("{stem}.png")), png_bytes(user))?;
         let metadata = json!({"prompt": format!("{user}'s secret fox"), "seed": seed, "steps": 4, "guidance": 3.5,
             "width": 256, "height": 256, "model": "tiny", "user": format!("{user}@example.com"), "jobId": stem,
             "index": 0, "createdAt": "2026-11-29T10:00:00Z", "sha256": "00"});
-        std::fs::write(user_dir.join(format!("{stem}.json")), serde_json::to_vec(&metadata)?)?;
+        std::fs::write(
+            user_dir.join(format!("{stem}.json")),
+            serde_json::to_vec(&metadata)?,
+        )?;
     }
     let port = free_port();
     let mut command = Command::new(binary("atelier-inference")?);
@@ -279,7 +380,13 @@ async fn start_outputs_server(client: &Client, dir: &Path, namespace: &str) -> a
     spawn(command, false)?;
     let http = reqwest::Client::new();
     wait_for("the outputs server", DEFAULT_TIMEOUT, || async {
-        Ok(http.get(format!("http://127.0.0.1:{port}/readyz")).send().await?.status().is_success().then_some(()))
+        Ok(http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await?
+            .status()
+            .is_success()
+            .then_some(()))
     })
     .await?;
     let slice: EndpointSlice = serde_json::from_value(json!({
@@ -288,7 +395,9 @@ async fn start_outputs_server(client: &Client, dir: &Path, namespace: &str) -> a
         "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
     }))?;
-    Api::<EndpointSlice>::namespaced(client.clone(), namespace).create(&PostParams::default(), &slice).await?;
+    Api::<EndpointSlice>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &slice)
+        .await?;
     Ok(())
 }
 
@@ -309,21 +418,42 @@ struct Browser {
 }
 
 fn origin(url: &reqwest::Url) -> String {
-    format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or_default())
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
 }
 
 impl Browser {
     fn new() -> Self {
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        Self { http, cookies: HashMap::new(), set_cookies: Vec::new() }
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Self {
+            http,
+            cookies: HashMap::new(),
+            set_cookies: Vec::new(),
+        }
     }
 
-    async fn send(&mut self, method: reqwest::Method, url: &str, form: Option<&[(&str, &str)]>, headers: HeaderMap) -> anyhow::Result<reqwest::Response> {
+    async fn send(
+        &mut self,
+        method: reqwest::Method,
+        url: &str,
+        form: Option<&[(&str, &str)]>,
+        headers: HeaderMap,
+    ) -> anyhow::Result<reqwest::Response> {
         let parsed = reqwest::Url::parse(url)?;
         let jar = self.cookies.entry(origin(&parsed)).or_default();
         let mut request = self.http.request(method, parsed.clone()).headers(headers);
         if !jar.is_empty() {
-            let cookie = jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
+            let cookie = jar
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             request = request.header(reqwest::header::COOKIE, cookie);
         }
         if let Some(form) = form {
@@ -332,7 +462,12 @@ impl Browser {
                 .map(|(k, v)| format!("{k}={}", form_encode(v)))
                 .collect::<Vec<_>>()
                 .join("&");
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
+            request = request
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body);
         }
         let response = request.send().await?;
         for value in response.headers().get_all(SET_COOKIE) {
@@ -353,10 +488,16 @@ impl Browser {
 
     /// GETs `url` and follows redirects until an answer that is not one, or until the next
     /// location starts with `stop_at`; returns the last URL and response.
-    async fn navigate(&mut self, url: &str, stop_at: Option<&str>) -> anyhow::Result<(String, reqwest::Response)> {
+    async fn navigate(
+        &mut self,
+        url: &str,
+        stop_at: Option<&str>,
+    ) -> anyhow::Result<(String, reqwest::Response)> {
         let mut url = url.to_string();
         for _ in 0..20 {
-            let response = self.send(reqwest::Method::GET, &url, None, HeaderMap::new()).await?;
+            let response = self
+                .send(reqwest::Method::GET, &url, None, HeaderMap::new())
+                .await?;
             if !response.status().is_redirection() {
                 return Ok((url, response));
             }
@@ -370,10 +511,21 @@ impl Browser {
     }
 
     /// Fills the provider's login form at `form_url` and follows the redirects.
-    async fn sign_in(&mut self, form_url: &str, user: &str, password: &str, stop_at: Option<&str>) -> anyhow::Result<(String, reqwest::Response)> {
+    async fn sign_in(
+        &mut self,
+        form_url: &str,
+        user: &str,
+        password: &str,
+        stop_at: Option<&str>,
+    ) -> anyhow::Result<(String, reqwest::Response)> {
         let action = format!("{form_url}/login");
         let response = self
-            .send(reqwest::Method::POST, &action, Some(&[("login", user), ("password", password)]), HeaderMap::new())
+            .send(
+                reqwest::Method::POST,
+                &action,
+                Some(&[("login", user), ("password", password)]),
+                HeaderMap::new(),
+            )
             .await?;
         if !response.status().is_redirection() {
             return Ok((action, response));
@@ -384,11 +536,24 @@ impl Browser {
 }
 
 fn form_encode(value: &str) -> String {
-    value.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn location(base: &str, response: &reqwest::Response) -> anyhow::Result<String> {
-    let location = response.headers().get(LOCATION).ok_or_else(|| anyhow!("redirect without Location"))?.to_str()?;
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .ok_or_else(|| anyhow!("redirect without Location"))?
+        .to_str()?;
     Ok(reqwest::Url::parse(base)?.join(location)?.to_string())
 }
 
@@ -396,13 +561,39 @@ fn location(base: &str, response: &reqwest::Response) -> anyhow::Result<String> 
 /// token.
 async fn browser_login(env: &Env, user: &str) -> anyhow::Result<(Browser, String)> {
     let mut browser = Browser::new();
-    let (form_url, response) = browser.navigate(&format!("{}/auth/login", env.api.url), None).await?;
-    assert_eq!(response.status(), StatusCode::OK, "the provider's login form");
+    let (form_url, response) = browser
+        .navigate(&format!("{}/auth/login", env.api.url), None)
+        .await?;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the provider's login form"
+    );
     assert!(form_url.contains("/interaction/"), "{form_url}");
-    let (landed, response) = browser.sign_in(&form_url, &format!("{user}@example.com"), &format!("{user}-pw"), None).await?;
+    let (landed, response) = browser
+        .sign_in(
+            &form_url,
+            &format!("{user}@example.com"),
+            &format!("{user}-pw"),
+            None,
+        )
+        .await?;
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(landed, format!("{}/", env.api.url), "back on the page after login");
-    let session: Value = browser.send(reqwest::Method::GET, &format!("{}/auth/session", env.api.url), None, HeaderMap::new()).await?.json().await?;
+    assert_eq!(
+        landed,
+        format!("{}/", env.api.url),
+        "back on the page after login"
+    );
+    let session: Value = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{}/auth/session", env.api.url),
+            None,
+            HeaderMap::new(),
+        )
+        .await?
+        .json()
+        .await?;
     assert_eq!(session["authenticated"], true, "{session}");
     let csrf = session["csrfToken"].as_str().unwrap().to_string();
     Ok((browser, csrf))
@@ -412,7 +603,8 @@ async fn browser_login(env: &Env, user: &str) -> anyhow::Result<(Browser, String
 /// command-line client, with the API as resource (so the provider issues a JWT for it).
 async fn access_token(env: &Env, user: &str) -> anyhow::Result<String> {
     let verifier = format!("verifier-{}-{}", unique_name(user), "x".repeat(20));
-    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
     let mut url = reqwest::Url::parse(&format!("{}/auth", env.provider.issuer))?;
     url.query_pairs_mut()
         .append_pair("client_id", "atelier-cli")
@@ -425,9 +617,15 @@ async fn access_token(env: &Env, user: &str) -> anyhow::Result<String> {
         .append_pair("resource", AUDIENCE);
     let mut browser = Browser::new();
     let (form_url, _) = browser.navigate(url.as_str(), Some(CLI_REDIRECT)).await?;
-    let (callback, _) = browser.sign_in(&form_url, user, &format!("{user}-pw"), Some(CLI_REDIRECT)).await?;
+    let (callback, _) = browser
+        .sign_in(&form_url, user, &format!("{user}-pw"), Some(CLI_REDIRECT))
+        .await?;
     let callback = reqwest::Url::parse(&callback)?;
-    let code = callback.query_pairs().find(|(k, _)| k == "code").map(|(_, v)| v.into_owned()).ok_or_else(|| anyhow!("no code in {callback}"))?;
+    let code = callback
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| anyhow!("no code in {callback}"))?;
     let response = reqwest::Client::new()
         .post(format!("{}/token", env.provider.issuer))
         .form(&[
@@ -441,13 +639,20 @@ async fn access_token(env: &Env, user: &str) -> anyhow::Result<String> {
         .send()
         .await?;
     let body: Value = response.json().await?;
-    let token = body["access_token"].as_str().ok_or_else(|| anyhow!("no access token: {body}"))?;
+    let token = body["access_token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no access token: {body}"))?;
     assert_eq!(token.split('.').count(), 3, "a JWT access token");
     Ok(token.to_string())
 }
 
 /// A token made by the provider's test endpoint (`mode`: sign, none, hmac, foreign).
-async fn minted(issuer: &str, mode: &str, claims: Value, kid: Option<&str>) -> anyhow::Result<String> {
+async fn minted(
+    issuer: &str,
+    mode: &str,
+    claims: Value,
+    kid: Option<&str>,
+) -> anyhow::Result<String> {
     let body: Value = reqwest::Client::new()
         .post(format!("{issuer}/__test/mint"))
         .json(&json!({"mode": mode, "claims": claims, "kid": kid}))
@@ -467,18 +672,33 @@ struct Bearer {
 
 impl Bearer {
     fn new(base: &str, token: &str) -> Self {
-        Self { http: reqwest::Client::new(), base: base.to_string(), token: token.to_string() }
+        Self {
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+            token: token.to_string(),
+        }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await?;
         let status = response.status();
         let text = response.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
@@ -512,67 +732,166 @@ fn job_body() -> Value {
 async fn browser_login_sets_a_session_cookie_and_requires_csrf() -> anyhow::Result<()> {
     let env = env().await;
     let (mut browser, csrf) = browser_login(env, "alice").await?;
-    let cookie = browser.set_cookies.iter().rev().find(|c| c.starts_with("atelier_session=")).expect("a session cookie");
+    let cookie = browser
+        .set_cookies
+        .iter()
+        .rev()
+        .find(|c| c.starts_with("atelier_session="))
+        .expect("a session cookie");
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
     let api = &env.api.url;
-    let me: Value = browser.send(reqwest::Method::GET, &format!("{api}/api/v1/me"), None, HeaderMap::new()).await?.json().await?;
+    let me: Value = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{api}/api/v1/me"),
+            None,
+            HeaderMap::new(),
+        )
+        .await?
+        .json()
+        .await?;
     assert_eq!(me["user"], "alice@example.com");
-    let x = me["tenants"].as_array().unwrap().iter().find(|t| t["name"] == env.x.as_str()).expect("member of X");
+    let x = me["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == env.x.as_str())
+        .expect("member of X");
     assert_eq!(x["role"], "user");
 
     // A cookie alone does not change anything: the CSRF header is required.
     let url = format!("{api}/api/v1/tenants/{}/generations", env.x);
     let mut headers = HeaderMap::new();
     headers.insert(reqwest::header::CONTENT_TYPE, "application/json".parse()?);
-    let refused = browser.http.post(&url).headers(headers.clone()).header("cookie", session_cookie(&browser, api)).body(job_body().to_string()).send().await?;
+    let refused = browser
+        .http
+        .post(&url)
+        .headers(headers.clone())
+        .header("cookie", session_cookie(&browser, api))
+        .body(job_body().to_string())
+        .send()
+        .await?;
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     let body: Value = refused.json().await?;
     assert_eq!(reason(&body), "csrf_failed");
-    env.api.expect_audit(json!({"action": "authenticate", "outcome": "denied", "reason": "csrf_failed"})).await?;
+    env.api
+        .expect_audit(
+            json!({"action": "authenticate", "outcome": "denied", "reason": "csrf_failed"}),
+        )
+        .await?;
     headers.insert("x-csrf-token", csrf.parse()?);
-    let created = browser.http.post(&url).headers(headers).header("cookie", session_cookie(&browser, api)).body(job_body().to_string()).send().await?;
+    let created = browser
+        .http
+        .post(&url)
+        .headers(headers)
+        .header("cookie", session_cookie(&browser, api))
+        .body(job_body().to_string())
+        .send()
+        .await?;
     assert_eq!(created.status(), StatusCode::CREATED);
-    env.api.expect_audit(json!({"action": "login", "outcome": "success", "user": "alice@example.com"})).await?;
+    env.api
+        .expect_audit(json!({"action": "login", "outcome": "success", "user": "alice@example.com"}))
+        .await?;
 
     // Logout ends the session here and sends the browser to the provider's end_session_endpoint.
-    let logout = browser.send(reqwest::Method::POST, &format!("{api}/auth/logout"), Some(&[("csrf", &csrf)]), HeaderMap::new()).await?;
+    let logout = browser
+        .send(
+            reqwest::Method::POST,
+            &format!("{api}/auth/logout"),
+            Some(&[("csrf", &csrf)]),
+            HeaderMap::new(),
+        )
+        .await?;
     assert_eq!(logout.status(), StatusCode::SEE_OTHER);
     let target = location(api, &logout)?;
-    assert!(target.starts_with(&format!("{}/session/end", env.provider.issuer)), "{target}");
+    assert!(
+        target.starts_with(&format!("{}/session/end", env.provider.issuer)),
+        "{target}"
+    );
     assert!(target.contains("id_token_hint="), "{target}");
-    let session: Value = browser.send(reqwest::Method::GET, &format!("{api}/auth/session"), None, HeaderMap::new()).await?.json().await?;
+    let session: Value = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{api}/auth/session"),
+            None,
+            HeaderMap::new(),
+        )
+        .await?
+        .json()
+        .await?;
     assert_eq!(session["authenticated"], false);
-    let after = browser.send(reqwest::Method::GET, &format!("{api}/api/v1/me"), None, HeaderMap::new()).await?;
+    let after = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{api}/api/v1/me"),
+            None,
+            HeaderMap::new(),
+        )
+        .await?;
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
     Ok(())
 }
 
 fn session_cookie(browser: &Browser, api: &str) -> String {
     let origin = origin(&reqwest::Url::parse(api).unwrap());
-    format!("atelier_session={}", browser.cookies[&origin]["atelier_session"])
+    format!(
+        "atelier_session={}",
+        browser.cookies[&origin]["atelier_session"]
+    )
 }
 
 #[tokio::test]
 async fn failed_logins_are_refused_and_audited() -> anyhow::Result<()> {
     let env = env().await;
     let mut browser = Browser::new();
-    let (form_url, _) = browser.navigate(&format!("{}/auth/login", env.api.url), None).await?;
-    let (_, response) = browser.sign_in(&form_url, "alice@example.com", "wrong", None).await?;
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "the provider checks the password");
-    assert!(response.text().await?.contains("Invalid e-mail or password"));
+    let (form_url, _) = browser
+        .navigate(&format!("{}/auth/login", env.api.url), None)
+        .await?;
+    let (_, response) = browser
+        .sign_in(&form_url, "alice@example.com", "wrong", None)
+        .await?;
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "the provider checks the password"
+    );
+    assert!(
+        response
+            .text()
+            .await?
+            .contains("Invalid e-mail or password")
+    );
     // A callback that no login started here (forged or replayed) is refused.
     let mut stranger = Browser::new();
-    let (landed, _) = stranger.navigate(&format!("{}/auth/callback?code=abc&state=def", env.api.url), None).await?;
+    let (landed, _) = stranger
+        .navigate(
+            &format!("{}/auth/callback?code=abc&state=def", env.api.url),
+            None,
+        )
+        .await?;
     assert!(landed.ends_with("/?error=no_login_in_progress"), "{landed}");
-    env.api.expect_audit(json!({"action": "login", "outcome": "failure", "reason": "no_login_in_progress"})).await?;
+    env.api
+        .expect_audit(
+            json!({"action": "login", "outcome": "failure", "reason": "no_login_in_progress"}),
+        )
+        .await?;
     // A callback with the wrong state for this browser's login.
-    let (form_url, _) = browser.navigate(&format!("{}/auth/login", env.api.url), None).await?;
+    let (form_url, _) = browser
+        .navigate(&format!("{}/auth/login", env.api.url), None)
+        .await?;
     assert!(form_url.contains("/interaction/"));
-    let (landed, _) = browser.navigate(&format!("{}/auth/callback?code=abc&state=forged", env.api.url), None).await?;
+    let (landed, _) = browser
+        .navigate(
+            &format!("{}/auth/callback?code=abc&state=forged", env.api.url),
+            None,
+        )
+        .await?;
     assert!(landed.ends_with("/?error=state_mismatch"), "{landed}");
-    env.api.expect_audit(json!({"action": "login", "outcome": "failure", "reason": "state_mismatch"})).await?;
+    env.api
+        .expect_audit(json!({"action": "login", "outcome": "failure", "reason": "state_mismatch"}))
+        .await?;
     Ok(())
 }
 
@@ -590,21 +909,86 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
         }
         claims
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let cases = [
         ("sign", with(json!({})), None, StatusCode::OK, ""),
-        ("sign", with(json!({"exp": now - 120, "iat": now - 900})), None, StatusCode::UNAUTHORIZED, "expired"),
-        ("sign", with(json!({"nbf": now + 600})), None, StatusCode::UNAUTHORIZED, "not_yet_valid"),
-        ("sign", with(json!({"aud": "another-api"})), None, StatusCode::UNAUTHORIZED, "wrong_audience"),
-        ("sign", with(json!({"iss": "https://evil.example.com"})), None, StatusCode::UNAUTHORIZED, "wrong_issuer"),
-        ("sign", with(json!({"sub": null})), None, StatusCode::UNAUTHORIZED, "missing_claim"),
-        ("sign", with(json!({"email": null})), None, StatusCode::UNAUTHORIZED, "missing_claim"),
-        ("none", with(json!({})), None, StatusCode::UNAUTHORIZED, "unsupported_alg"),
-        ("hmac", with(json!({})), None, StatusCode::UNAUTHORIZED, "unsupported_alg"),
-        ("foreign", with(json!({})), Some("use-a-known-kid"), StatusCode::UNAUTHORIZED, "unknown_key"),
-        ("foreign", with(json!({})), None, StatusCode::UNAUTHORIZED, "unknown_key"),
+        (
+            "sign",
+            with(json!({"exp": now - 120, "iat": now - 900})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "expired",
+        ),
+        (
+            "sign",
+            with(json!({"nbf": now + 600})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "not_yet_valid",
+        ),
+        (
+            "sign",
+            with(json!({"aud": "another-api"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "wrong_audience",
+        ),
+        (
+            "sign",
+            with(json!({"iss": "https://evil.example.com"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "wrong_issuer",
+        ),
+        (
+            "sign",
+            with(json!({"sub": null})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "missing_claim",
+        ),
+        (
+            "sign",
+            with(json!({"email": null})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "missing_claim",
+        ),
+        (
+            "none",
+            with(json!({})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unsupported_alg",
+        ),
+        (
+            "hmac",
+            with(json!({})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unsupported_alg",
+        ),
+        (
+            "foreign",
+            with(json!({})),
+            Some("use-a-known-kid"),
+            StatusCode::UNAUTHORIZED,
+            "unknown_key",
+        ),
+        (
+            "foreign",
+            with(json!({})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unknown_key",
+        ),
     ];
-    let kids: Value = reqwest::get(format!("{issuer}/__test/keys")).await?.json().await?;
+    let kids: Value = reqwest::get(format!("{issuer}/__test/keys"))
+        .await?
+        .json()
+        .await?;
     let current_kid = kids["kids"][0].as_str().unwrap().to_string();
     let mut tokens = Vec::new();
     for (mode, claims, kid, status, expected) in cases {
@@ -612,11 +996,19 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
         let kid = kid.map(|_| current_kid.as_str());
         let token = minted(issuer, mode, claims.clone(), kid).await?;
         let (got, body) = Bearer::new(&env.api.url, &token).get("/api/v1/me").await?;
-        let expected = if kid.is_some() { "bad_signature" } else { expected };
+        let expected = if kid.is_some() {
+            "bad_signature"
+        } else {
+            expected
+        };
         assert_eq!(got, status, "{mode} {claims}: {body}");
         assert_eq!(reason(&body), expected, "{mode} {claims}: {body}");
         if !expected.is_empty() {
-            env.api.expect_audit(json!({"action": "authenticate", "outcome": "denied", "reason": expected})).await?;
+            env.api
+                .expect_audit(
+                    json!({"action": "authenticate", "outcome": "denied", "reason": expected}),
+                )
+                .await?;
         }
         tokens.push(token);
     }
@@ -624,15 +1016,25 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
         let (status, body) = Bearer::new(&env.api.url, garbage).get("/api/v1/me").await?;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{garbage:?}: {body}");
     }
-    let (status, body) = Bearer::new(&env.api.url, "").http.get(format!("{}/api/v1/me", env.api.url)).send().await.map(|r| (r.status(), r))?;
+    let (status, body) = Bearer::new(&env.api.url, "")
+        .http
+        .get(format!("{}/api/v1/me", env.api.url))
+        .send()
+        .await
+        .map(|r| (r.status(), r))?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body.headers()["www-authenticate"], "Bearer");
-    env.api.expect_audit(json!({"action": "authenticate", "reason": "missing_credentials"})).await?;
+    env.api
+        .expect_audit(json!({"action": "authenticate", "reason": "missing_credentials"}))
+        .await?;
     // Tokens never reach the logs.
     let log = std::fs::read_to_string(&env.api.log)?;
     for token in tokens.iter().chain([&good.token]) {
         let signature = token.rsplit('.').next().unwrap();
-        assert!(signature.is_empty() || !log.contains(signature), "a token signature was logged");
+        assert!(
+            signature.is_empty() || !log.contains(signature),
+            "a token signature was logged"
+        );
     }
     Ok(())
 }
@@ -644,10 +1046,24 @@ async fn missing_groups_claim_means_no_group_membership() -> anyhow::Result<()> 
     let (status, me) = frank.get("/api/v1/me").await?;
     assert_eq!(status, StatusCode::OK, "{me}");
     assert_eq!(me["groups"], json!([]));
-    let names: Vec<&str> = me["tenants"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, vec![env.y.as_str()], "only the tenant naming frank directly");
-    let (status, body) = frank.get(&format!("/api/v1/tenants/{}/generations", env.x)).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "NotAMember"));
+    let names: Vec<&str> = me["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![env.y.as_str()],
+        "only the tenant naming frank directly"
+    );
+    let (status, body) = frank
+        .get(&format!("/api/v1/tenants/{}/generations", env.x))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "NotAMember")
+    );
     env.api.expect_audit(json!({"action": "list", "outcome": "denied", "reason": "NotAMember", "user": "frank@example.com", "tenant": env.x})).await?;
     Ok(())
 }
@@ -666,8 +1082,14 @@ async fn users_cannot_see_each_others_jobs_or_images() -> anyhow::Result<()> {
     let jobs = format!("/api/v1/tenants/{x}/generations");
 
     // The body cannot choose the user; the job is filed under the token's user.
-    let (status, body) = alice.post(&jobs, json!({"prompt": "fox", "user": "bob@example.com"})).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::BAD_REQUEST, "InvalidRequest"), "{body}");
+    let (status, body) = alice
+        .post(&jobs, json!({"prompt": "fox", "user": "bob@example.com"}))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::BAD_REQUEST, "InvalidRequest"),
+        "{body}"
+    );
     let (status, job) = alice.post(&jobs, job_body()).await?;
     assert_eq!(status, StatusCode::CREATED, "{job}");
     assert_eq!(job["user"], "alice@example.com");
@@ -675,57 +1097,146 @@ async fn users_cannot_see_each_others_jobs_or_images() -> anyhow::Result<()> {
     let name = job["name"].as_str().unwrap().to_string();
     assert!(name.starts_with("gen-"));
     env.api.expect_audit(json!({"action": "generate", "outcome": "success", "user": "alice@example.com", "object": name})).await?;
-    let stored = Api::<GenerationJob>::namespaced(TestCluster::shared().await.client().await, &atelier_crds::tenant::namespace_for(x)).get(&name).await?;
+    let stored = Api::<GenerationJob>::namespaced(
+        TestCluster::shared().await.client().await,
+        &atelier_crds::tenant::namespace_for(x),
+    )
+    .get(&name)
+    .await?;
     assert_eq!(stored.spec.user, "alice@example.com");
 
     // Bob sees nothing of alice's.
     let (_, list) = bob.get(&jobs).await?;
-    assert!(list["items"].as_array().unwrap().iter().all(|j| j["user"] == "bob@example.com"), "{list}");
-    assert_eq!(bob.get(&format!("{jobs}/{name}")).await?.0, StatusCode::NOT_FOUND);
-    assert_eq!(bob.get(&format!("{jobs}/{name}/events")).await?.0, StatusCode::NOT_FOUND);
-    assert_eq!(bob.delete(&format!("{jobs}/{name}")).await?.0, StatusCode::NOT_FOUND);
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["user"] == "bob@example.com"),
+        "{list}"
+    );
+    assert_eq!(
+        bob.get(&format!("{jobs}/{name}")).await?.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        bob.get(&format!("{jobs}/{name}/events")).await?.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        bob.delete(&format!("{jobs}/{name}")).await?.0,
+        StatusCode::NOT_FOUND
+    );
     env.api.expect_audit(json!({"action": "cancel", "outcome": "denied", "reason": "NotOwner", "user": "bob@example.com", "object": name})).await?;
     let (status, body) = bob.get(&format!("{jobs}?user=alice@example.com")).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "AdminRequired"));
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "AdminRequired")
+    );
 
     // Images: each user sees only their own history; guessing a file name does not help.
     let images = format!("/api/v1/tenants/{x}/images");
     let (status, page) = alice.get(&images).await?;
     assert_eq!(status, StatusCode::OK, "{page}");
-    let files: Vec<&str> = page["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect();
+    let files: Vec<&str> = page["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["file"].as_str().unwrap())
+        .collect();
     assert_eq!(files, vec!["20261129_100000_11_aaaaaaaa.png"]);
-    assert_eq!(page["images"][0]["metadata"]["prompt"], "alice's secret fox");
+    assert_eq!(
+        page["images"][0]["metadata"]["prompt"],
+        "alice's secret fox"
+    );
     let alice_file = format!("{images}/20261129_100000_11_aaaaaaaa.png");
-    let png = alice.http.get(format!("{}{alice_file}", env.api.url)).bearer_auth(&alice.token).send().await?;
+    let png = alice
+        .http
+        .get(format!("{}{alice_file}", env.api.url))
+        .bearer_auth(&alice.token)
+        .send()
+        .await?;
     assert_eq!(png.status(), StatusCode::OK);
     assert_eq!(png.headers()["content-type"], "image/png");
     assert_eq!(png.bytes().await?.as_ref(), png_bytes("alice").as_slice());
     let (_, page) = bob.get(&images).await?;
-    assert!(page.to_string().contains("bbbbbbbb") && !page.to_string().contains("aaaaaaaa"), "{page}");
-    assert_eq!(bob.get(&alice_file).await?.0, StatusCode::NOT_FOUND, "not in bob's folder");
-    assert_eq!(bob.get(&format!("{alice_file}?user=alice@example.com")).await?.0, StatusCode::FORBIDDEN);
-    for traversal in ["..%2Falice@example.com%2F20261129_100000_11_aaaaaaaa.png", "%2E%2E", "x.png"] {
+    assert!(
+        page.to_string().contains("bbbbbbbb") && !page.to_string().contains("aaaaaaaa"),
+        "{page}"
+    );
+    assert_eq!(
+        bob.get(&alice_file).await?.0,
+        StatusCode::NOT_FOUND,
+        "not in bob's folder"
+    );
+    assert_eq!(
+        bob.get(&format!("{alice_file}?user=alice@example.com"))
+            .await?
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    for traversal in [
+        "..%2Falice@example.com%2F20261129_100000_11_aaaaaaaa.png",
+        "%2E%2E",
+        "x.png",
+    ] {
         let (status, _) = bob.get(&format!("{images}/{traversal}")).await?;
-        assert!(matches!(status, StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND), "{traversal}: {status}");
+        assert!(
+            matches!(status, StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND),
+            "{traversal}: {status}"
+        );
     }
     let (status, _) = bob.get(&format!("{images}?before=../../etc")).await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Members of another tenant get 403; the platform admin and the tenant admin get in.
     let (status, body) = dave.get(&jobs).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "NotAMember"));
-    let (status, _) = dave.get(&format!("/api/v1/tenants/{}/generations", env.y)).await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "NotAMember")
+    );
+    let (status, _) = dave
+        .get(&format!("/api/v1/tenants/{}/generations", env.y))
+        .await?;
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = alice.get(&format!("/api/v1/tenants/{}/generations", env.y)).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "NotAMember"));
+    let (status, body) = alice
+        .get(&format!("/api/v1/tenants/{}/generations", env.y))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "NotAMember")
+    );
     let (status, list) = erin.get(&jobs).await?;
     assert_eq!(status, StatusCode::OK);
-    assert!(list["items"].as_array().unwrap().iter().any(|j| j["name"] == name.as_str()));
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["name"] == name.as_str())
+    );
     let (status, list) = carol.get(&format!("{jobs}?user=alice@example.com")).await?;
     assert_eq!(status, StatusCode::OK);
-    assert!(list["items"].as_array().unwrap().iter().all(|j| j["user"] == "alice@example.com"));
-    assert_eq!(carol.get(&format!("{jobs}/{name}")).await?.0, StatusCode::OK);
-    let png = carol.http.get(format!("{}{alice_file}?user=alice%40example.com", env.api.url)).bearer_auth(&carol.token).send().await?;
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["user"] == "alice@example.com")
+    );
+    assert_eq!(
+        carol.get(&format!("{jobs}/{name}")).await?.0,
+        StatusCode::OK
+    );
+    let png = carol
+        .http
+        .get(format!(
+            "{}{alice_file}?user=alice%40example.com",
+            env.api.url
+        ))
+        .bearer_auth(&carol.token)
+        .send()
+        .await?;
     assert_eq!(png.status(), StatusCode::OK);
     assert_eq!(png.bytes().await?.as_ref(), png_bytes("alice").as_slice());
     let (status, cancelled) = carol.delete(&format!("{jobs}/{name}")).await?;
@@ -735,8 +1246,13 @@ async fn users_cannot_see_each_others_jobs_or_images() -> anyhow::Result<()> {
 
     // Alice cancels her own.
     let (_, own) = alice.post(&jobs, job_body()).await?;
-    let (status, cancelled) = alice.delete(&format!("{jobs}/{}", own["name"].as_str().unwrap())).await?;
-    assert_eq!((status, &cancelled["cancelRequested"]), (StatusCode::ACCEPTED, &json!(true)));
+    let (status, cancelled) = alice
+        .delete(&format!("{jobs}/{}", own["name"].as_str().unwrap()))
+        .await?;
+    assert_eq!(
+        (status, &cancelled["cancelRequested"]),
+        (StatusCode::ACCEPTED, &json!(true))
+    );
     Ok(())
 }
 
@@ -749,23 +1265,43 @@ async fn quota_is_checked_at_once_and_reset_by_admins() -> anyhow::Result<()> {
     // The controller counts reservations in the status; pretend gina used her 2 images today
     // (the day as the API counts it, in the tenant's time zone).
     let (_, me) = gina.get("/api/v1/me").await?;
-    let today = me["tenants"][0]["quota"]["day"].as_str().unwrap().to_string();
+    let today = me["tenants"][0]["quota"]["day"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let tenants = Api::<Tenant>::all(client.clone());
     let status = json!({"status": {"usageDay": today, "usage": [{"user": "gina@example.com", "images": 2}, {"user": "other@example.com", "images": 1}]}});
-    tenants.patch_status(q, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    tenants
+        .patch_status(q, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
 
     let jobs = format!("/api/v1/tenants/{q}/generations");
     let (status, body) = gina.post(&jobs, job_body()).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::TOO_MANY_REQUESTS, "QuotaExceeded"), "{body}");
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "QuotaExceeded"),
+        "{body}"
+    );
     env.api.expect_audit(json!({"action": "generate", "outcome": "denied", "reason": "QuotaExceeded", "user": "gina@example.com"})).await?;
     let (_, me) = gina.get("/api/v1/me").await?;
     assert_eq!(me["tenants"][0]["quota"]["remaining"], 0);
 
     let reset = format!("/api/v1/tenants/{q}/quota/reset");
-    let (status, body) = gina.post(&reset, json!({"user": "gina@example.com"})).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "AdminRequired"));
-    env.api.expect_audit(json!({"action": "quota_reset", "outcome": "denied", "user": "gina@example.com"})).await?;
-    let (status, body) = erin.post(&reset, json!({"user": "gina@example.com"})).await?;
+    let (status, body) = gina
+        .post(&reset, json!({"user": "gina@example.com"}))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "AdminRequired")
+    );
+    env.api
+        .expect_audit(
+            json!({"action": "quota_reset", "outcome": "denied", "user": "gina@example.com"}),
+        )
+        .await?;
+    let (status, body) = erin
+        .post(&reset, json!({"user": "gina@example.com"}))
+        .await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["removedImages"], 2);
     env.api.expect_audit(json!({"action": "quota_reset", "outcome": "success", "user": "erin@example.com", "object": "gina@example.com"})).await?;
@@ -781,12 +1317,24 @@ async fn the_rate_limit_answers_429_with_retry_after() -> anyhow::Result<()> {
     let env = env().await;
     let cluster = TestCluster::shared().await;
     // Its own API process with a tiny budget, so that other tests are not limited.
-    let limited = ApiProcess::start(cluster, &env.dir, free_port(), &env.provider.issuer, &["--rate-limit-per-minute", "3"]).await?;
+    let limited = ApiProcess::start(
+        cluster,
+        &env.dir,
+        free_port(),
+        &env.provider.issuer,
+        &["--rate-limit-per-minute", "3"],
+    )
+    .await?;
     let hank = Bearer::new(&limited.url, &access_token(env, "hank").await?);
     for _ in 0..3 {
         assert_eq!(hank.get("/api/v1/me").await?.0, StatusCode::OK);
     }
-    let response = hank.http.get(format!("{}/api/v1/me", limited.url)).bearer_auth(&hank.token).send().await?;
+    let response = hank
+        .http
+        .get(format!("{}/api/v1/me", limited.url))
+        .bearer_auth(&hank.token)
+        .send()
+        .await?;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = response.headers()["retry-after"].to_str()?.parse()?;
     assert!((1..=20).contains(&retry), "{retry}");
@@ -806,27 +1354,57 @@ async fn key_rotation_needs_no_restart() -> anyhow::Result<()> {
     // other tests.
     let port = free_port();
     let provider = Provider::start(&env.dir, &format!("http://127.0.0.1:{port}"))?;
-    let api = ApiProcess::start(cluster, &env.dir, port, &provider.issuer, &["--jwks-max-age-seconds", "2"]).await?;
-    let own = Env { dir: env.dir.clone(), provider, api, x: env.x.clone(), y: env.y.clone(), q: env.q.clone() };
+    let api = ApiProcess::start(
+        cluster,
+        &env.dir,
+        port,
+        &provider.issuer,
+        &["--jwks-max-age-seconds", "2"],
+    )
+    .await?;
+    let own = Env {
+        dir: env.dir.clone(),
+        provider,
+        api,
+        x: env.x.clone(),
+        y: env.y.clone(),
+        q: env.q.clone(),
+    };
     let old = Bearer::new(&own.api.url, &access_token(&own, "alice").await?);
     assert_eq!(old.get("/api/v1/me").await?.0, StatusCode::OK);
 
     let http = reqwest::Client::new();
-    http.post(format!("{}/__test/rotate", own.provider.issuer)).send().await?.error_for_status()?;
+    http.post(format!("{}/__test/rotate", own.provider.issuer))
+        .send()
+        .await?
+        .error_for_status()?;
     let new = Bearer::new(&own.api.url, &access_token(&own, "alice").await?);
     assert_ne!(kid(&new.token), kid(&old.token));
     // The unknown kid makes the API fetch the keys again (at most every few seconds).
-    wait_for("the new key to be accepted", Duration::from_secs(20), || async {
-        Ok((new.get("/api/v1/me").await?.0 == StatusCode::OK).then_some(()))
-    })
+    wait_for(
+        "the new key to be accepted",
+        Duration::from_secs(20),
+        || async { Ok((new.get("/api/v1/me").await?.0 == StatusCode::OK).then_some(())) },
+    )
     .await?;
-    assert_eq!(old.get("/api/v1/me").await?.0, StatusCode::OK, "the old key is still published");
+    assert_eq!(
+        old.get("/api/v1/me").await?.0,
+        StatusCode::OK,
+        "the old key is still published"
+    );
 
-    http.post(format!("{}/__test/retire", own.provider.issuer)).send().await?.error_for_status()?;
-    let refused = wait_for("the retired key to be refused", Duration::from_secs(20), || async {
-        let (status, body) = old.get("/api/v1/me").await?;
-        Ok((status == StatusCode::UNAUTHORIZED).then_some(body))
-    })
+    http.post(format!("{}/__test/retire", own.provider.issuer))
+        .send()
+        .await?
+        .error_for_status()?;
+    let refused = wait_for(
+        "the retired key to be refused",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = old.get("/api/v1/me").await?;
+            Ok((status == StatusCode::UNAUTHORIZED).then_some(body))
+        },
+    )
     .await?;
     assert_eq!(reason(&refused), "unknown_key");
     assert_eq!(new.get("/api/v1/me").await?.0, StatusCode::OK);
@@ -834,8 +1412,13 @@ async fn key_rotation_needs_no_restart() -> anyhow::Result<()> {
 }
 
 fn kid(token: &str) -> String {
-    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap();
-    serde_json::from_slice::<Value>(&header).unwrap()["kid"].as_str().unwrap().to_string()
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.split('.').next().unwrap())
+        .unwrap();
+    serde_json::from_slice::<Value>(&header).unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
@@ -854,7 +1437,10 @@ async fn events_follow_a_job_until_it_finishes() -> anyhow::Result<()> {
         .error_for_status()?;
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     // Play the controller: running with progress, then done with an output.
-    let api = Api::<GenerationJob>::namespaced(TestCluster::shared().await.client().await, &atelier_crds::tenant::namespace_for(&env.x));
+    let api = Api::<GenerationJob>::namespaced(
+        TestCluster::shared().await.client().await,
+        &atelier_crds::tenant::namespace_for(&env.x),
+    );
     let mut seen = String::new();
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + DEFAULT_TIMEOUT;
@@ -873,64 +1459,157 @@ async fn events_follow_a_job_until_it_finishes() -> anyhow::Result<()> {
         }
         let status = match step {
             0 => json!({"phase": "Running", "progress": {"step": 2, "totalSteps": 4}}),
-            1 => json!({"phase": "Succeeded", "progress": {"step": 4, "totalSteps": 4}, "outputs": [{
+            1 => {
+                json!({"phase": "Succeeded", "progress": {"step": 4, "totalSteps": 4}, "outputs": [{
                 "path": "/outputs/alice@example.com/20261129_100000_11_aaaaaaaa.png", "sha256": "00",
-                "width": 256, "height": 256, "bytes": 10}]}),
+                "width": 256, "height": 256, "bytes": 10}]})
+            }
             _ => continue,
         };
         if events.len() > step {
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await?;
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await?;
             step += 1;
         }
     }
-    let phases: Vec<&str> = events.iter().map(|e| e["phase"].as_str().unwrap()).collect();
-    assert_eq!(phases, vec!["Pending", "Running", "Succeeded"], "{events:?}");
+    let phases: Vec<&str> = events
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        vec!["Pending", "Running", "Succeeded"],
+        "{events:?}"
+    );
     assert_eq!(events[1]["progress"], json!({"step": 2, "totalSteps": 4}));
-    assert_eq!(events[2]["outputs"][0]["url"], format!("/api/v1/tenants/{}/images/20261129_100000_11_aaaaaaaa.png?user=alice%40example.com", env.x));
+    assert_eq!(
+        events[2]["outputs"][0]["url"],
+        format!(
+            "/api/v1/tenants/{}/images/20261129_100000_11_aaaaaaaa.png?user=alice%40example.com",
+            env.x
+        )
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn admins_see_status_usage_and_manage_presets() -> anyhow::Result<()> {
     let env = env().await;
-    let (alice, bob, carol) = (as_user(env, "alice").await?, as_user(env, "bob").await?, as_user(env, "carol").await?);
+    let (alice, bob, carol) = (
+        as_user(env, "alice").await?,
+        as_user(env, "bob").await?,
+        as_user(env, "carol").await?,
+    );
     let base = format!("/api/v1/tenants/{}", env.x);
     let (_, job) = bob.post(&format!("{base}/generations"), job_body()).await?;
-    let api = Api::<GenerationJob>::namespaced(TestCluster::shared().await.client().await, &atelier_crds::tenant::namespace_for(&env.x));
+    let api = Api::<GenerationJob>::namespaced(
+        TestCluster::shared().await.client().await,
+        &atelier_crds::tenant::namespace_for(&env.x),
+    );
     let name = job["name"].as_str().unwrap();
     let done = json!({"status": {"phase": "Succeeded", "startTime": "2026-11-29T10:00:00Z", "completionTime": "2026-11-29T10:00:30Z",
         "outputs": [{"path": "/outputs/bob@example.com/x.png", "sha256": "00", "width": 256, "height": 256, "bytes": 1}]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&done)).await?;
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&done))
+        .await?;
 
     let (status, body) = alice.get(&format!("{base}/status")).await?;
-    assert_eq!((status, reason(&body)), (StatusCode::FORBIDDEN, "AdminRequired"));
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "AdminRequired")
+    );
     let (status, view) = carol.get(&format!("{base}/status")).await?;
     assert_eq!(status, StatusCode::OK, "{view}");
-    assert!(view["queue"].as_array().unwrap().iter().all(|j| j["phase"] != "Succeeded"));
-    let (status, usage) = carol.get(&format!("{base}/usage?from=2026-11-29&to=2026-11-29")).await?;
+    assert!(
+        view["queue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["phase"] != "Succeeded")
+    );
+    let (status, usage) = carol
+        .get(&format!("{base}/usage?from=2026-11-29&to=2026-11-29"))
+        .await?;
     assert_eq!(status, StatusCode::OK);
-    let row = usage["rows"].as_array().unwrap().iter().find(|r| r["user"] == "bob@example.com").expect("bob's row").clone();
-    assert_eq!((row["images"].as_u64(), row["gpuSeconds"].as_f64()), (Some(1), Some(30.0)));
-    let csv = carol.http.get(format!("{}{base}/usage?format=csv&from=2026-11-29&to=2026-11-29", env.api.url)).bearer_auth(&carol.token).send().await?;
-    assert!(csv.headers()["content-type"].to_str()?.starts_with("text/csv"));
+    let row = usage["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user"] == "bob@example.com")
+        .expect("bob's row")
+        .clone();
+    assert_eq!(
+        (row["images"].as_u64(), row["gpuSeconds"].as_f64()),
+        (Some(1), Some(30.0))
+    );
+    let csv = carol
+        .http
+        .get(format!(
+            "{}{base}/usage?format=csv&from=2026-11-29&to=2026-11-29",
+            env.api.url
+        ))
+        .bearer_auth(&carol.token)
+        .send()
+        .await?;
+    assert!(
+        csv.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/csv")
+    );
     let csv = csv.text().await?;
-    assert!(csv.starts_with("day,user,jobs,images,gpu_seconds\n") && csv.contains("2026-11-29,bob@example.com,"), "{csv}");
+    assert!(
+        csv.starts_with("day,user,jobs,images,gpu_seconds\n")
+            && csv.contains("2026-11-29,bob@example.com,"),
+        "{csv}"
+    );
     let (status, restarted) = carol.post(&format!("{base}/restart"), json!({})).await?;
-    assert_eq!((status, &restarted["deleted"]), (StatusCode::OK, &json!([])));
-    env.api.expect_audit(json!({"action": "restart", "outcome": "success", "user": "carol@example.com"})).await?;
+    assert_eq!(
+        (status, &restarted["deleted"]),
+        (StatusCode::OK, &json!([]))
+    );
+    env.api
+        .expect_audit(
+            json!({"action": "restart", "outcome": "success", "user": "carol@example.com"}),
+        )
+        .await?;
     let (status, offloaded) = carol.post(&format!("{base}/offload"), json!({})).await?;
-    assert_eq!((status, &offloaded["models"]), (StatusCode::OK, &json!([])), "no inference pod runs");
+    assert_eq!(
+        (status, &offloaded["models"]),
+        (StatusCode::OK, &json!([])),
+        "no inference pod runs"
+    );
 
     // Presets: own ones stay private, tenant ones are published by admins.
     let fast = json!({"steps": 4, "width": 512, "height": 512});
-    let (status, presets) = alice.call(reqwest::Method::PUT, &format!("{base}/presets/mine/fast"), Some(fast.clone())).await?;
+    let (status, presets) = alice
+        .call(
+            reqwest::Method::PUT,
+            &format!("{base}/presets/mine/fast"),
+            Some(fast.clone()),
+        )
+        .await?;
     assert_eq!(status, StatusCode::OK, "{presets}");
     assert_eq!(presets["mine"][0], json!({"name": "fast", "params": fast}));
     let (_, bobs) = bob.get(&format!("{base}/presets")).await?;
     assert_eq!(bobs["mine"], json!([]));
-    let (status, _) = alice.call(reqwest::Method::PUT, &format!("{base}/presets/tenant/house"), Some(fast.clone())).await?;
+    let (status, _) = alice
+        .call(
+            reqwest::Method::PUT,
+            &format!("{base}/presets/tenant/house"),
+            Some(fast.clone()),
+        )
+        .await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = carol.call(reqwest::Method::PUT, &format!("{base}/presets/tenant/house"), Some(fast.clone())).await?;
+    let (status, _) = carol
+        .call(
+            reqwest::Method::PUT,
+            &format!("{base}/presets/tenant/house"),
+            Some(fast.clone()),
+        )
+        .await?;
     assert_eq!(status, StatusCode::OK);
     let (_, bobs) = bob.get(&format!("{base}/presets")).await?;
     assert_eq!(bobs["tenant"][0]["name"], "house");
@@ -942,7 +1621,10 @@ async fn admins_see_status_usage_and_manage_presets() -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_openapi_document_is_valid() -> anyhow::Result<()> {
     let env = env().await;
-    let document: Value = reqwest::get(format!("{}/api/openapi.json", env.api.url)).await?.json().await?;
+    let document: Value = reqwest::get(format!("{}/api/openapi.json", env.api.url))
+        .await?
+        .json()
+        .await?;
     for path in [
         "/api/v1/me",
         "/api/v1/tenants/{tenant}/generations",
@@ -962,7 +1644,12 @@ async fn the_openapi_document_is_valid() -> anyhow::Result<()> {
         .arg(paths::workspace_root().join("tests/oidc/validate-openapi.mjs"))
         .arg(&file)
         .output()?;
-    assert!(output.status.success(), "{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 
@@ -973,13 +1660,27 @@ async fn health_metrics_and_the_page() -> anyhow::Result<()> {
     assert_eq!(get("/healthz").await?.text().await?, "ok");
     assert_eq!(get("/readyz").await?.status(), StatusCode::OK);
     let page = get("/").await?;
-    assert!(page.headers()["content-security-policy"].to_str()?.contains("default-src 'self'"));
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()?
+            .contains("default-src 'self'")
+    );
     assert!(page.text().await?.contains("/static/app.js"));
     assert_eq!(get("/static/app.js").await?.status(), StatusCode::OK);
-    let _ = Bearer::new(&env.api.url, "not-a-token").get("/api/v1/me").await?;
+    let _ = Bearer::new(&env.api.url, "not-a-token")
+        .get("/api/v1/me")
+        .await?;
     let metrics = get("/metrics").await?.text().await?;
-    assert!(metrics.contains("atelier_api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"}"), "{metrics}");
-    assert!(metrics.contains("atelier_api_auth_failures_total{reason=\"malformed_token\"}"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "atelier_api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atelier_api_auth_failures_total{reason=\"malformed_token\"}"),
+        "{metrics}"
+    );
     assert!(metrics.contains("atelier_api_request_duration_seconds_bucket"));
     Ok(())
 }
@@ -993,24 +1694,44 @@ async fn the_page_logs_in_generates_and_shows_the_image() -> anyhow::Result<()> 
     let env = env().await;
     let browser_dir = paths::workspace_root().join("tests/browser");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() || !browser_dir.join("node_modules/playwright-core").exists() {
-        bail!("needs Debian's chromium ({chromium}) and `npm ci` in {}", browser_dir.display());
+    if !Path::new(&chromium).exists() || !browser_dir.join("node_modules/playwright-core").exists()
+    {
+        bail!(
+            "needs Debian's chromium ({chromium}) and `npm ci` in {}",
+            browser_dir.display()
+        );
     }
     let prompt = format!("a fox seen by the browser {}", unique_name("p"));
     let screenshots = std::env::temp_dir().join("atelier-browser-screenshots");
     let mut page = tokio::process::Command::new("node")
         .arg(browser_dir.join("page.mjs"))
-        .args(["--api", &env.api.url, "--login", "alice@example.com", "--password", "alice-pw", "--prompt", &prompt])
+        .args([
+            "--api",
+            &env.api.url,
+            "--login",
+            "alice@example.com",
+            "--password",
+            "alice-pw",
+            "--prompt",
+            &prompt,
+        ])
         .arg("--out")
         .arg(&screenshots)
         .kill_on_drop(true)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let api = Api::<GenerationJob>::namespaced(TestCluster::shared().await.client().await, &atelier_crds::tenant::namespace_for(&env.x));
+    let api = Api::<GenerationJob>::namespaced(
+        TestCluster::shared().await.client().await,
+        &atelier_crds::tenant::namespace_for(&env.x),
+    );
     let name = wait_for("the page's job", Duration::from_secs(90), || async {
         let jobs = api.list(&Default::default()).await?;
-        Ok(jobs.items.into_iter().find(|job| job.spec.prompt == prompt).map(|job| kube::ResourceExt::name_any(&job)))
+        Ok(jobs
+            .items
+            .into_iter()
+            .find(|job| job.spec.prompt == prompt)
+            .map(|job| kube::ResourceExt::name_any(&job)))
     })
     .await?;
     for status in [
@@ -1021,7 +1742,12 @@ async fn the_page_logs_in_generates_and_shows_the_image() -> anyhow::Result<()> 
             "width": 256, "height": 256, "bytes": 10}]}),
     ] {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await?;
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": status})),
+        )
+        .await?;
     }
     let output = tokio::time::timeout(Duration::from_secs(120), page.wait_with_output()).await??;
     let stdout = String::from_utf8_lossy(&output.stdout);

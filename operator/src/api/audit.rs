@@ -40,7 +40,15 @@ pub struct Event<'a> {
 
 impl<'a> Event<'a> {
     pub fn new(action: &'a str, outcome: Outcome) -> Self {
-        Self { action, outcome, user: None, tenant: None, client: None, reason: None, target: None }
+        Self {
+            action,
+            outcome,
+            user: None,
+            tenant: None,
+            client: None,
+            reason: None,
+            target: None,
+        }
     }
 
     pub fn user(mut self, user: &'a str) -> Self {

@@ -26,10 +26,16 @@ pub struct ErrorDetail {
 pub enum ApiError {
     /// No credentials, or credentials that failed validation (`reason` says which check).
     #[error("{message}")]
-    Unauthenticated { reason: &'static str, message: String },
+    Unauthenticated {
+        reason: &'static str,
+        message: String,
+    },
     /// Authenticated, but not allowed (`reason` says why, e.g. `NotAMember`).
     #[error("{message}")]
-    Forbidden { reason: &'static str, message: String },
+    Forbidden {
+        reason: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -42,7 +48,10 @@ pub enum ApiError {
     RateLimited { retry_after_seconds: u64 },
     /// A dependency is down: the OpenID provider, the tenant's outputs or inference pods.
     #[error("{message}")]
-    Unavailable { reason: &'static str, message: String },
+    Unavailable {
+        reason: &'static str,
+        message: String,
+    },
     #[error("Kubernetes API: {0}")]
     Kubernetes(#[source] kube::Error),
     #[error("{0}")]
@@ -51,15 +60,24 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Self {
-        Self::Unauthenticated { reason, message: message.into() }
+        Self::Unauthenticated {
+            reason,
+            message: message.into(),
+        }
     }
 
     pub fn forbidden(reason: &'static str, message: impl Into<String>) -> Self {
-        Self::Forbidden { reason, message: message.into() }
+        Self::Forbidden {
+            reason,
+            message: message.into(),
+        }
     }
 
     pub fn unavailable(reason: &'static str, message: impl Into<String>) -> Self {
-        Self::Unavailable { reason, message: message.into() }
+        Self::Unavailable {
+            reason,
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -78,9 +96,9 @@ impl ApiError {
 
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Unauthenticated { reason, .. } | Self::Forbidden { reason, .. } | Self::Unavailable { reason, .. } => {
-                reason
-            }
+            Self::Unauthenticated { reason, .. }
+            | Self::Forbidden { reason, .. }
+            | Self::Unavailable { reason, .. } => reason,
             Self::NotFound(_) => "NotFound",
             Self::InvalidRequest(_) => "InvalidRequest",
             Self::Conflict(_) => "Conflict",
@@ -127,20 +145,35 @@ impl IntoResponse for ApiError {
         let message = match &self {
             // The API server's message explains validation failures; other Kubernetes errors
             // could carry internal detail, so they get a generic message.
-            Self::Kubernetes(kube::Error::Api(status)) if matches!(status.code, 400 | 404 | 409 | 422) => {
+            Self::Kubernetes(kube::Error::Api(status))
+                if matches!(status.code, 400 | 404 | 409 | 422) =>
+            {
                 status.message.clone()
             }
-            Self::Kubernetes(_) => "the Kubernetes API is not answering; try again shortly".to_string(),
+            Self::Kubernetes(_) => {
+                "the Kubernetes API is not answering; try again shortly".to_string()
+            }
             other => other.to_string(),
         };
-        let body = ErrorBody { error: ErrorDetail { reason: self.reason().to_string(), message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                reason: self.reason().to_string(),
+                message,
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         match &self {
-            Self::RateLimited { retry_after_seconds } => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            Self::RateLimited {
+                retry_after_seconds,
+            } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
             }
             Self::Unauthenticated { .. } => {
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             _ => {}
         }
@@ -157,19 +190,28 @@ mod tests {
     async fn body_of(error: ApiError) -> (StatusCode, serde_json::Value, Option<String>) {
         let response = error.into_response();
         let status = response.status();
-        let retry = response.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string());
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap(), retry)
     }
 
     #[tokio::test]
     async fn errors_have_stable_reasons_and_json_bodies() {
-        let (status, body, _) = body_of(ApiError::QuotaExceeded("50 of 50 images used today".into())).await;
+        let (status, body, _) =
+            body_of(ApiError::QuotaExceeded("50 of 50 images used today".into())).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(body["error"]["reason"], "QuotaExceeded");
         assert_eq!(body["error"]["message"], "50 of 50 images used today");
 
-        let (status, body, retry) = body_of(ApiError::RateLimited { retry_after_seconds: 7 }).await;
+        let (status, body, retry) = body_of(ApiError::RateLimited {
+            retry_after_seconds: 7,
+        })
+        .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(body["error"]["reason"], "RateLimited");
         assert_eq!(retry.as_deref(), Some("7"));
@@ -182,16 +224,30 @@ mod tests {
     #[tokio::test]
     async fn kubernetes_errors_map_to_http_meaning() {
         let invalid = kube::Error::Api(
-            kube::core::Status::failure("spec.width: must be a multiple of 16", "Invalid").with_code(422).boxed(),
+            kube::core::Status::failure("spec.width: must be a multiple of 16", "Invalid")
+                .with_code(422)
+                .boxed(),
         );
         let (status, body, _) = body_of(ApiError::from(invalid)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["reason"], "InvalidRequest");
-        assert_eq!(body["error"]["message"], "spec.width: must be a multiple of 16");
+        assert_eq!(
+            body["error"]["message"],
+            "spec.width: must be a multiple of 16"
+        );
 
-        let forbidden = kube::Error::Api(kube::core::Status::failure("secret detail", "Forbidden").with_code(403).boxed());
+        let forbidden = kube::Error::Api(
+            kube::core::Status::failure("secret detail", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        );
         let (status, body, _) = body_of(ApiError::from(forbidden)).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
-        assert!(!body["error"]["message"].as_str().unwrap().contains("secret"));
+        assert!(
+            !body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("secret")
+        );
     }
 }

@@ -51,23 +51,46 @@ impl Default for Metrics {
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
-        registry.register("request_duration_seconds", "Time to answer (until headers for streams)", latency.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer (until headers for streams)",
+            latency.clone(),
+        );
         let auth_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("auth_failures", "Refused authentications by reason", auth_failures.clone());
+        registry.register(
+            "auth_failures",
+            "Refused authentications by reason",
+            auth_failures.clone(),
+        );
         let rate_limited = Counter::default();
-        registry.register("rate_limited", "Requests refused by the per-user rate limit", rate_limited.clone());
-        Self { registry, requests, latency, auth_failures, rate_limited }
+        registry.register(
+            "rate_limited",
+            "Requests refused by the per-user rate limit",
+            rate_limited.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            auth_failures,
+            rate_limited,
+        }
     }
 }
 
 impl Metrics {
     pub fn auth_failure(&self, reason: &str) {
-        self.auth_failures.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+        self.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -81,9 +104,17 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
     let method = request.method().to_string();
     let started = Instant::now();
     let response = next.run(request).await;
-    let labels = RequestLabels { route: route.clone(), method, status: response.status().as_u16() };
+    let labels = RequestLabels {
+        route: route.clone(),
+        method,
+        status: response.status().as_u16(),
+    };
     state.metrics.requests.get_or_create(&labels).inc();
-    state.metrics.latency.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .latency
+        .get_or_create(&RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 

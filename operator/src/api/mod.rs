@@ -88,7 +88,12 @@ pub struct ApiArgs {
     #[arg(long, env = "ATELIER_RATE_LIMIT_PER_MINUTE", default_value_t = NonZeroU32::new(300).expect("non-zero"))]
     pub rate_limit_per_minute: NonZeroU32,
     /// OAuth scopes of the browser login.
-    #[arg(long, env = "ATELIER_OIDC_SCOPES", default_value = "openid email profile groups", value_delimiter = ' ')]
+    #[arg(
+        long,
+        env = "ATELIER_OIDC_SCOPES",
+        default_value = "openid email profile groups",
+        value_delimiter = ' '
+    )]
     pub scopes: Vec<String>,
     /// Seconds after which the provider's signing keys are fetched again (a removed key stops
     /// being trusted within this time; new keys are fetched at once when a token names one).
@@ -122,7 +127,10 @@ pub struct AppState {
 impl AppState {
     pub fn new(args: &ApiArgs, kube: kube::Client) -> anyhow::Result<Self> {
         let public_url = args.public_url.trim_end_matches('/').to_string();
-        let claims = ClaimNames { user: args.user_claim.clone(), groups: args.groups_claim.clone() };
+        let claims = ClaimNames {
+            user: args.user_claim.clone(),
+            groups: args.groups_claim.clone(),
+        };
         let oidc = Arc::new(Oidc::new(OidcSettings {
             issuer: args.issuer_url.clone(),
             client_id: args.client_id.clone(),
@@ -138,7 +146,9 @@ impl AppState {
             claims,
             jwks_max_age: Duration::from_secs(args.jwks_max_age_seconds.max(1)),
         };
-        let issuer_origin = reqwest::Url::parse(&args.issuer_url)?.origin().ascii_serialization();
+        let issuer_origin = reqwest::Url::parse(&args.issuer_url)?
+            .origin()
+            .ascii_serialization();
         let csp = format!(
             "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; \
              frame-ancestors 'none'; base-uri 'none'; form-action 'self' {issuer_origin}"
@@ -155,14 +165,21 @@ impl AppState {
             sessions: SessionStore::default(),
             limiter: RateLimiter::per_minute(args.rate_limit_per_minute),
             metrics: Metrics::default(),
-            http: reqwest::Client::builder().timeout(REQUEST_TIMEOUT).redirect(reqwest::redirect::Policy::none()).build()?,
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
             csp: HeaderValue::from_str(&csp)?,
         })
     }
 }
 
 /// The REST routes and their OpenAPI document.
-fn rest() -> (Router<Arc<AppState>>, Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+fn rest() -> (
+    Router<Arc<AppState>>,
+    Router<Arc<AppState>>,
+    utoipa::openapi::OpenApi,
+) {
     let (bounded, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(me::me))
         .routes(routes!(generations::create, generations::list))
@@ -179,7 +196,9 @@ fn rest() -> (Router<Arc<AppState>>, Router<Arc<AppState>>, utoipa::openapi::Ope
         .routes(routes!(presets::save_tenant, presets::delete_tenant))
         .split_for_parts();
     // Event streams last as long as the job: they stay outside the request timeout.
-    let (streams, streams_doc) = OpenApiRouter::new().routes(routes!(generations::events)).split_for_parts();
+    let (streams, streams_doc) = OpenApiRouter::new()
+        .routes(routes!(generations::events))
+        .split_for_parts();
     doc.merge(streams_doc);
     (bounded, streams, doc)
 }
@@ -193,7 +212,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let (bounded, streams, doc) = rest();
     let doc = Arc::new(doc);
     let bounded = bounded
-        .route("/api/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route(
+            "/api/openapi.json",
+            get(move || async move { Json(doc.as_ref().clone()) }),
+        )
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/session", get(auth::session_info))
@@ -203,12 +225,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::serve))
         .route("/", get(web::index))
         .route("/static/{file}", get(web::asset))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ));
     bounded
         .merge(streams)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
-        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES))
         .with_state(state)
 }
@@ -219,16 +250,30 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match tokio::time::timeout(Duration::from_secs(3), state.kube.apiserver_version()).await {
         Ok(Ok(_)) => "ready".into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "the Kubernetes API is not answering").into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the Kubernetes API is not answering",
+        )
+            .into_response(),
     }
 }
 
-async fn security_headers(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn security_headers(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     headers.insert(header::CONTENT_SECURITY_POLICY, state.csp.clone());
     response
 }
@@ -246,15 +291,20 @@ pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, issuer = %args.issuer_url, "API listening");
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await?;
     Ok(())
 }
 
 async fn shutdown() {
     let terminate = async {
-        if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut signal) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             signal.recv().await;
         }
     };

@@ -15,15 +15,20 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn per_minute(requests: NonZeroU32) -> Self {
-        Self { limiter: governor::RateLimiter::keyed(Quota::per_minute(requests)), clock: DefaultClock::default() }
+        Self {
+            limiter: governor::RateLimiter::keyed(Quota::per_minute(requests)),
+            clock: DefaultClock::default(),
+        }
     }
 
     /// `Err(seconds to wait)` when the user is over the limit.
     pub fn check(&self, user: &str) -> Result<(), u64> {
-        self.limiter.check_key(&user.to_string()).map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
-            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-        })
+        self.limiter
+            .check_key(&user.to_string())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(self.clock.now());
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            })
     }
 
     /// Forgets users whose budget is full again, bounding memory.
@@ -44,7 +49,10 @@ mod tests {
             assert!(limiter.check("alice").is_ok());
         }
         let wait = limiter.check("alice").unwrap_err();
-        assert!((1..=20).contains(&wait), "one request refills in 20 s, got {wait}");
+        assert!(
+            (1..=20).contains(&wait),
+            "one request refills in 20 s, got {wait}"
+        );
         assert!(limiter.check("bob").is_ok(), "bob has his own budget");
         limiter.forget_idle();
     }

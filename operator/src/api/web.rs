@@ -7,9 +7,21 @@ use axum::response::{IntoResponse, Response};
 
 const INDEX: &str = include_str!("../../web/index.html");
 const ASSETS: &[(&str, &str, &str)] = &[
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../web/app.js")),
-    ("app.css", "text/css; charset=utf-8", include_str!("../../web/app.css")),
-    ("icon.svg", "image/svg+xml", include_str!("../../web/icon.svg")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/app.css"),
+    ),
+    (
+        "icon.svg",
+        "image/svg+xml",
+        include_str!("../../web/icon.svg"),
+    ),
 ];
 
 fn answer(content_type: &'static str, body: &'static str, cache: &'static str) -> Response {

@@ -14,7 +14,10 @@ pub struct ClaimNames {
 
 /// The identity in `claims`. The user claim must be a non-empty string (else `Err` with its
 /// name); a missing groups claim means no groups, and a single string counts as one group.
-pub fn identity_from_claims(claims: &Map<String, Value>, names: &ClaimNames) -> Result<Identity, String> {
+pub fn identity_from_claims(
+    claims: &Map<String, Value>,
+    names: &ClaimNames,
+) -> Result<Identity, String> {
     let user = claims
         .get(&names.user)
         .and_then(Value::as_str)
@@ -22,7 +25,11 @@ pub fn identity_from_claims(claims: &Map<String, Value>, names: &ClaimNames) -> 
         .ok_or_else(|| names.user.clone())?
         .to_string();
     let groups = match claims.get(&names.groups) {
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
         Some(Value::String(group)) => vec![group.clone()],
         _ => Vec::new(),
     };
@@ -35,7 +42,10 @@ mod tests {
     use serde_json::json;
 
     fn names(user: &str) -> ClaimNames {
-        ClaimNames { user: user.into(), groups: "groups".into() }
+        ClaimNames {
+            user: user.into(),
+            groups: "groups".into(),
+        }
     }
 
     fn map(value: Value) -> Map<String, Value> {
@@ -46,17 +56,42 @@ mod tests {
     fn user_and_groups() {
         let claims = map(json!({"sub": "u1", "email": "a@x", "groups": ["g1", 7, "g2"]}));
         let identity = identity_from_claims(&claims, &names("email")).unwrap();
-        assert_eq!(identity, Identity { user: "a@x".into(), groups: vec!["g1".into(), "g2".into()] });
-        assert_eq!(identity_from_claims(&claims, &names("sub")).unwrap().user, "u1");
+        assert_eq!(
+            identity,
+            Identity {
+                user: "a@x".into(),
+                groups: vec!["g1".into(), "g2".into()]
+            }
+        );
+        assert_eq!(
+            identity_from_claims(&claims, &names("sub")).unwrap().user,
+            "u1"
+        );
         let single = map(json!({"email": "a@x", "groups": "g1"}));
-        assert_eq!(identity_from_claims(&single, &names("email")).unwrap().groups, vec!["g1".to_string()]);
+        assert_eq!(
+            identity_from_claims(&single, &names("email"))
+                .unwrap()
+                .groups,
+            vec!["g1".to_string()]
+        );
     }
 
     #[test]
     fn missing_user_claim_is_an_error_missing_groups_are_none() {
         let claims = map(json!({"sub": "u1"}));
-        assert_eq!(identity_from_claims(&claims, &names("email")), Err("email".to_string()));
-        assert_eq!(identity_from_claims(&map(json!({"email": ""})), &names("email")), Err("email".to_string()));
-        assert!(identity_from_claims(&claims, &names("sub")).unwrap().groups.is_empty());
+        assert_eq!(
+            identity_from_claims(&claims, &names("email")),
+            Err("email".to_string())
+        );
+        assert_eq!(
+            identity_from_claims(&map(json!({"email": ""})), &names("email")),
+            Err("email".to_string())
+        );
+        assert!(
+            identity_from_claims(&claims, &names("sub"))
+                .unwrap()
+                .groups
+                .is_empty()
+        );
     }
 }

@@ -116,7 +116,12 @@ struct RawHeader {
 
 impl<S: JwksSource> JwtValidator<S> {
     pub fn new(rules: TokenRules, source: S) -> Self {
-        Self { rules, source, cache: RwLock::new(KeyCache::default()), last_fetch: Mutex::new(None) }
+        Self {
+            rules,
+            source,
+            cache: RwLock::new(KeyCache::default()),
+            last_fetch: Mutex::new(None),
+        }
     }
 
     pub fn rules(&self) -> &TokenRules {
@@ -138,7 +143,10 @@ impl<S: JwksSource> JwtValidator<S> {
                 continue;
             }
             match self.check(token, &key) {
-                Ok(claims) => return identity_from_claims(&claims, &self.rules.claims).map_err(TokenError::MissingClaim),
+                Ok(claims) => {
+                    return identity_from_claims(&claims, &self.rules.claims)
+                        .map_err(TokenError::MissingClaim);
+                }
                 Err(error) => last_error = error,
             }
         }
@@ -152,27 +160,33 @@ impl<S: JwksSource> JwtValidator<S> {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation).map_err(|error| {
-            match error.kind() {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::InvalidAlgorithm => TokenError::UnsupportedAlgorithm(alg_name(key.algorithm)),
+                ErrorKind::InvalidAlgorithm => {
+                    TokenError::UnsupportedAlgorithm(alg_name(key.algorithm))
+                }
                 ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
                 _ => TokenError::Malformed,
-            }
-        })?;
+            })?;
         Ok(data.claims)
     }
 
     /// The keys that may have signed a token with this `kid`, fetching the JWKS when the cache
     /// is empty or old, or (rate-limited) when the `kid` is unknown.
-    async fn keys_for(&self, kid: Option<&str>) -> Result<Vec<std::sync::Arc<CachedKey>>, TokenError> {
+    async fn keys_for(
+        &self,
+        kid: Option<&str>,
+    ) -> Result<Vec<std::sync::Arc<CachedKey>>, TokenError> {
         let stale = {
             let cache = self.cache.read().await;
-            cache.fetched_at.is_none_or(|at| at.elapsed() >= self.rules.jwks_max_age)
+            cache
+                .fetched_at
+                .is_none_or(|at| at.elapsed() >= self.rules.jwks_max_age)
         };
         if stale {
             self.refresh(None).await?;
@@ -180,10 +194,10 @@ impl<S: JwksSource> JwtValidator<S> {
         if let Some(found) = self.lookup(kid).await {
             return Ok(found);
         }
-        if self.refresh(Some(UNKNOWN_KID_REFETCH_INTERVAL)).await? {
-            if let Some(found) = self.lookup(kid).await {
-                return Ok(found);
-            }
+        if self.refresh(Some(UNKNOWN_KID_REFETCH_INTERVAL)).await?
+            && let Some(found) = self.lookup(kid).await
+        {
+            return Ok(found);
         }
         Err(TokenError::UnknownKey)
     }
@@ -191,7 +205,12 @@ impl<S: JwksSource> JwtValidator<S> {
     async fn lookup(&self, kid: Option<&str>) -> Option<Vec<std::sync::Arc<CachedKey>>> {
         let cache = self.cache.read().await;
         let found = match kid {
-            Some(kid) => cache.by_kid.get(kid).cloned().into_iter().collect::<Vec<_>>(),
+            Some(kid) => cache
+                .by_kid
+                .get(kid)
+                .cloned()
+                .into_iter()
+                .collect::<Vec<_>>(),
             None => cache.anonymous.clone(),
         };
         (!found.is_empty()).then_some(found)
@@ -207,7 +226,13 @@ impl<S: JwksSource> JwtValidator<S> {
             if recent(limit) {
                 return Ok(false);
             }
-        } else if !self.cache.read().await.fetched_at.is_none_or(|at| at.elapsed() >= self.rules.jwks_max_age) {
+        } else if self
+            .cache
+            .read()
+            .await
+            .fetched_at
+            .is_some_and(|at| at.elapsed() < self.rules.jwks_max_age)
+        {
             // Another caller refreshed while this one waited for the lock.
             return Ok(true);
         }
@@ -240,7 +265,9 @@ fn alg_name(algorithm: Algorithm) -> String {
 
 fn raw_header(token: &str) -> Result<RawHeader, TokenError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(TokenError::Malformed);
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -253,7 +280,11 @@ fn raw_header(token: &str) -> Result<RawHeader, TokenError> {
 /// unknown type does not hide the others; encryption and symmetric keys are skipped.
 fn parse_jwks(document: &Value) -> KeyCache {
     let mut cache = KeyCache::default();
-    let keys = document.get("keys").and_then(Value::as_array).cloned().unwrap_or_default();
+    let keys = document
+        .get("keys")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     for raw in keys {
         let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
             continue;

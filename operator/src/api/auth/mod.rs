@@ -49,13 +49,18 @@ impl Caller {
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
         let client = client_address(parts, state.settings.trusted_proxy_header.as_ref());
         match authenticate(parts, state).await {
             Ok(identity) => {
                 if let Err(retry_after_seconds) = state.limiter.check(&identity.user) {
                     state.metrics.rate_limited.inc();
-                    return Err(ApiError::RateLimited { retry_after_seconds });
+                    return Err(ApiError::RateLimited {
+                        retry_after_seconds,
+                    });
                 }
                 Ok(Caller { identity, client })
             }
@@ -77,21 +82,43 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, ApiEr
         let token = value
             .to_str()
             .ok()
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
             .map(str::trim)
-            .ok_or_else(|| ApiError::unauthenticated("malformed_authorization", "expected `Authorization: Bearer <token>`"))?;
+            .ok_or_else(|| {
+                ApiError::unauthenticated(
+                    "malformed_authorization",
+                    "expected `Authorization: Bearer <token>`",
+                )
+            })?;
         return state.tokens.validate(token).await.map_err(token_error);
     }
     let Some(id) = session::cookie_value(&parts.headers, state.settings.secure_cookies) else {
-        return Err(ApiError::unauthenticated("missing_credentials", "log in, or send `Authorization: Bearer <token>`"));
+        return Err(ApiError::unauthenticated(
+            "missing_credentials",
+            "log in, or send `Authorization: Bearer <token>`",
+        ));
     };
     let Some(session) = state.sessions.get(&id) else {
-        return Err(ApiError::unauthenticated("session_expired", "your session has expired; log in again"));
+        return Err(ApiError::unauthenticated(
+            "session_expired",
+            "your session has expired; log in again",
+        ));
     };
     if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
-        let sent = parts.headers.get(CSRF_HEADER).and_then(|value| value.to_str().ok()).unwrap_or_default();
+        let sent = parts
+            .headers
+            .get(CSRF_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
         if !session::constant_time_eq(sent, &session.csrf_token) {
-            return Err(ApiError::forbidden("csrf_failed", "missing or wrong X-CSRF-Token header"));
+            return Err(ApiError::forbidden(
+                "csrf_failed",
+                "missing or wrong X-CSRF-Token header",
+            ));
         }
     }
     Ok(session.identity)
@@ -115,17 +142,26 @@ pub fn client_address(parts: &Parts, trusted_header: Option<&HeaderName>) -> IpA
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
-    trusted_header.and_then(|name| forwarded_client(&parts.headers, name)).unwrap_or(peer)
+    trusted_header
+        .and_then(|name| forwarded_client(&parts.headers, name))
+        .unwrap_or(peer)
 }
 
 fn forwarded_client(headers: &HeaderMap, name: &HeaderName) -> Option<IpAddr> {
-    let last = headers.get_all(name).iter().last()?.to_str().ok()?;
+    let last = headers.get_all(name).iter().next_back()?.to_str().ok()?;
     let entry = last.rsplit(',').next()?.trim();
     entry
         .parse::<IpAddr>()
         .ok()
         .or_else(|| entry.parse::<SocketAddr>().ok().map(|address| address.ip()))
-        .or_else(|| entry.trim_start_matches('[').split(']').next()?.parse().ok())
+        .or_else(|| {
+            entry
+                .trim_start_matches('[')
+                .split(']')
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 #[derive(Deserialize)]
@@ -137,7 +173,9 @@ pub struct LoginQuery {
 /// Only local paths: an open redirect would let a phishing link bounce through our login.
 fn local_path(path: Option<String>) -> String {
     match path {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => path,
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+            path
+        }
         _ => "/".to_string(),
     }
 }
@@ -146,7 +184,9 @@ fn with_cookie(mut response: Response, cookie: String) -> Response {
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().append(header::SET_COOKIE, value);
     }
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -158,14 +198,20 @@ pub async fn login(State(state): State<Arc<AppState>>, parts: Parts) -> Response
     match state.oidc.begin(return_to).await {
         Ok((url, pending)) => match state.sessions.start_login(pending) {
             Ok(id) => {
-                let cookie = session::set_cookie(state.settings.secure_cookies, Some(&id), PENDING_TTL);
+                let cookie =
+                    session::set_cookie(state.settings.secure_cookies, Some(&id), PENDING_TTL);
                 with_cookie(Redirect::to(&url).into_response(), cookie)
             }
-            Err(full) => ApiError::unavailable("too_many_sessions", full.to_string()).into_response(),
+            Err(full) => {
+                ApiError::unavailable("too_many_sessions", full.to_string()).into_response()
+            }
         },
         Err(error) => {
             tracing::warn!(%error, "cannot start a login");
-            Event::new("login", Outcome::Failure).client(client).reason(error.reason()).emit();
+            Event::new("login", Outcome::Failure)
+                .client(client)
+                .reason(error.reason())
+                .emit();
             Redirect::to(&format!("/?error={}", error.reason())).into_response()
         }
     }
@@ -186,7 +232,10 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
     let secure = state.settings.secure_cookies;
     let fail = |reason: &str, detail: &str| {
         tracing::info!(reason, detail, "login failed");
-        Event::new("login", Outcome::Failure).client(client).reason(reason).emit();
+        Event::new("login", Outcome::Failure)
+            .client(client)
+            .reason(reason)
+            .emit();
         state.metrics.auth_failure(reason);
         let response = Redirect::to(&format!("/?error={reason}")).into_response();
         with_cookie(response, session::set_cookie(secure, None, SESSION_TTL))
@@ -194,7 +243,8 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
     let Ok(Query(query)) = Query::<CallbackQuery>::try_from_uri(&parts.uri) else {
         return fail("malformed_callback", "unparsable query");
     };
-    let pending = session::cookie_value(&parts.headers, secure).and_then(|id| state.sessions.take_login(&id));
+    let pending =
+        session::cookie_value(&parts.headers, secure).and_then(|id| state.sessions.take_login(&id));
     let Some(pending) = pending else {
         return fail("no_login_in_progress", "no pending login for this browser");
     };
@@ -202,7 +252,11 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
         // The provider's error code is a fixed vocabulary (access_denied, login_required...).
         return fail("provider_refused", &error);
     }
-    if query.iss.as_ref().is_some_and(|iss| *iss != state.oidc.settings().issuer) {
+    if query
+        .iss
+        .as_ref()
+        .is_some_and(|iss| *iss != state.oidc.settings().issuer)
+    {
         return fail("issuer_mismatch", "the answer names another issuer");
     }
     let (Some(code), Some(returned_state)) = (query.code, query.state) else {
@@ -219,10 +273,18 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
             };
             match state.sessions.create(new_session) {
                 Ok(id) => {
-                    Event::new("login", Outcome::Success).user(&user).client(client).emit();
-                    with_cookie(Redirect::to(&return_to).into_response(), session::set_cookie(secure, Some(&id), SESSION_TTL))
+                    Event::new("login", Outcome::Success)
+                        .user(&user)
+                        .client(client)
+                        .emit();
+                    with_cookie(
+                        Redirect::to(&return_to).into_response(),
+                        session::set_cookie(secure, Some(&id), SESSION_TTL),
+                    )
                 }
-                Err(full) => ApiError::unavailable("too_many_sessions", full.to_string()).into_response(),
+                Err(full) => {
+                    ApiError::unavailable("too_many_sessions", full.to_string()).into_response()
+                }
             }
         }
         Err(error) => fail(error.reason(), &error.to_string()),
@@ -244,17 +306,24 @@ pub struct SessionInfo {
 /// `GET /auth/session`: whether this browser is logged in, and its CSRF token. Readable only
 /// by our own origin (no CORS), which is what makes the token a secret from other sites.
 pub async fn session_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let session = session::cookie_value(&headers, state.settings.secure_cookies).and_then(|id| state.sessions.get(&id));
+    let session = session::cookie_value(&headers, state.settings.secure_cookies)
+        .and_then(|id| state.sessions.get(&id));
     let info = match session {
         Some(session) => SessionInfo {
             authenticated: true,
             user: Some(session.identity.user),
             csrf_token: Some(session.csrf_token),
         },
-        None => SessionInfo { authenticated: false, user: None, csrf_token: None },
+        None => SessionInfo {
+            authenticated: false,
+            user: None,
+            csrf_token: None,
+        },
     };
     let mut response = Json(info).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -265,14 +334,21 @@ struct LogoutForm {
 
 /// `POST /auth/logout` (a form with the `csrf` field, or the header): ends the session here
 /// and, when the provider supports it, at the provider.
-pub async fn logout(State(state): State<Arc<AppState>>, parts: Parts, body: axum::body::Bytes) -> Response {
+pub async fn logout(
+    State(state): State<Arc<AppState>>,
+    parts: Parts,
+    body: axum::body::Bytes,
+) -> Response {
     let client = client_address(&parts, state.settings.trusted_proxy_header.as_ref());
     let secure = state.settings.secure_cookies;
     let Some(id) = session::cookie_value(&parts.headers, secure) else {
         return Redirect::to("/").into_response();
     };
     let Some(current) = state.sessions.get(&id) else {
-        return with_cookie(Redirect::to("/").into_response(), session::set_cookie(secure, None, SESSION_TTL));
+        return with_cookie(
+            Redirect::to("/").into_response(),
+            session::set_cookie(secure, None, SESSION_TTL),
+        );
     };
     let form = parse_logout_form(&body);
     let sent = parts
@@ -283,13 +359,27 @@ pub async fn logout(State(state): State<Arc<AppState>>, parts: Parts, body: axum
         .or(form.csrf)
         .unwrap_or_default();
     if !session::constant_time_eq(&sent, &current.csrf_token) {
-        Event::new("logout", Outcome::Denied).user(&current.identity.user).client(client).reason("csrf_failed").emit();
+        Event::new("logout", Outcome::Denied)
+            .user(&current.identity.user)
+            .client(client)
+            .reason("csrf_failed")
+            .emit();
         return (StatusCode::FORBIDDEN, "missing or wrong CSRF token").into_response();
     }
     state.sessions.remove(&id);
-    Event::new("logout", Outcome::Success).user(&current.identity.user).client(client).emit();
-    let target = state.oidc.logout_url(current.id_token.as_deref()).await.unwrap_or_else(|| "/".to_string());
-    with_cookie(Redirect::to(&target).into_response(), session::set_cookie(secure, None, SESSION_TTL))
+    Event::new("logout", Outcome::Success)
+        .user(&current.identity.user)
+        .client(client)
+        .emit();
+    let target = state
+        .oidc
+        .logout_url(current.id_token.as_deref())
+        .await
+        .unwrap_or_else(|| "/".to_string());
+    with_cookie(
+        Redirect::to(&target).into_response(),
+        session::set_cookie(secure, None, SESSION_TTL),
+    )
 }
 
 fn parse_logout_form(body: &[u8]) -> LogoutForm {
@@ -309,7 +399,9 @@ mod tests {
             request = request.header(*name, *value);
         }
         let (mut parts, ()) = request.body(()).unwrap().into_parts();
-        parts.extensions.insert(ConnectInfo("10.0.0.9:4000".parse::<SocketAddr>().unwrap()));
+        parts
+            .extensions
+            .insert(ConnectInfo("10.0.0.9:4000".parse::<SocketAddr>().unwrap()));
         parts
     }
 
@@ -317,12 +409,24 @@ mod tests {
     fn proxy_headers_count_only_when_trusted() {
         let xff = HeaderName::from_static("x-forwarded-for");
         let forged = parts(&[("x-forwarded-for", "6.6.6.6, 192.0.2.7")]);
-        assert_eq!(client_address(&forged, None), "10.0.0.9".parse::<IpAddr>().unwrap());
-        assert_eq!(client_address(&forged, Some(&xff)), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_address(&forged, None),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_address(&forged, Some(&xff)),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
         let with_port = parts(&[("x-forwarded-for", "[2001:db8::1]:443")]);
-        assert_eq!(client_address(&with_port, Some(&xff)), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_address(&with_port, Some(&xff)),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         let garbage = parts(&[("x-forwarded-for", "nonsense")]);
-        assert_eq!(client_address(&garbage, Some(&xff)), "10.0.0.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_address(&garbage, Some(&xff)),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -336,7 +440,10 @@ mod tests {
 
     #[test]
     fn logout_form() {
-        assert_eq!(parse_logout_form(b"csrf=a%2Bb&x=1").csrf.as_deref(), Some("a+b"));
+        assert_eq!(
+            parse_logout_form(b"csrf=a%2Bb&x=1").csrf.as_deref(),
+            Some("a+b")
+        );
         assert!(parse_logout_form(b"").csrf.is_none());
     }
 }

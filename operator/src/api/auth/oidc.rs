@@ -11,15 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openidconnect::core::{
-    CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType, CoreGenderClaim,
-    CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm, CoreRevocableToken,
-    CoreRevocationErrorResponse, CoreTokenIntrospectionResponse, CoreTokenType,
+    CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType,
+    CoreGenderClaim, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
+    CoreRevocableToken, CoreRevocationErrorResponse, CoreTokenIntrospectionResponse, CoreTokenType,
 };
 use openidconnect::{
-    AccessTokenHash, AdditionalClaims, AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken,
-    EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet, IdToken, IdTokenClaims, IdTokenFields,
-    IssuerUrl, LogoutRequest, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, PostLogoutRedirectUrl,
-    ProviderMetadataWithLogout, RedirectUrl, Scope, StandardErrorResponse, StandardTokenResponse, TokenResponse,
+    AccessTokenHash, AdditionalClaims, AuthorizationCode, ClaimsVerificationError, ClientId,
+    ClientSecret, CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    IdToken, IdTokenClaims, IdTokenFields, IssuerUrl, LogoutRequest, Nonce, OAuth2TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, PostLogoutRedirectUrl, ProviderMetadataWithLogout,
+    RedirectUrl, Scope, StandardErrorResponse, StandardTokenResponse, TokenResponse,
     UserInfoClaims,
 };
 use serde::{Deserialize, Serialize};
@@ -53,7 +54,12 @@ type ExtraIdTokenFields = IdTokenFields<
     CoreJwsSigningAlgorithm,
 >;
 type ExtraTokenResponse = StandardTokenResponse<ExtraIdTokenFields, CoreTokenType>;
-type ExtraIdToken = IdToken<ExtraClaims, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
+type ExtraIdToken = IdToken<
+    ExtraClaims,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
 type OidcClient = openidconnect::Client<
     ExtraClaims,
     CoreAuthDisplay,
@@ -142,7 +148,11 @@ impl Oidc {
             .redirect(openidconnect::reqwest::redirect::Policy::none())
             .timeout(HTTP_TIMEOUT)
             .build()?;
-        Ok(Self { settings, http, discovered: RwLock::new(None) })
+        Ok(Self {
+            settings,
+            http,
+            discovered: RwLock::new(None),
+        })
     }
 
     pub fn settings(&self) -> &OidcSettings {
@@ -151,33 +161,44 @@ impl Oidc {
 
     /// The cached discovery, refreshed when old or when `force`d (after a key rotation).
     async fn discovered(&self, force: bool) -> Result<Arc<Discovered>, LoginError> {
-        if !force {
-            if let Some(found) = self.discovered.read().await.as_ref() {
-                if found.at.elapsed() < METADATA_MAX_AGE {
-                    return Ok(found.clone());
-                }
-            }
+        if !force
+            && let Some(found) = self.discovered.read().await.as_ref()
+            && found.at.elapsed() < METADATA_MAX_AGE
+        {
+            return Ok(found.clone());
         }
         let mut slot = self.discovered.write().await;
-        let issuer = IssuerUrl::new(self.settings.issuer.clone()).map_err(|e| LoginError::Unavailable(e.to_string()))?;
+        let issuer = IssuerUrl::new(self.settings.issuer.clone())
+            .map_err(|e| LoginError::Unavailable(e.to_string()))?;
         let metadata = ProviderMetadataWithLogout::discover_async(issuer, &self.http)
             .await
             .map_err(|error| LoginError::Unavailable(error_chain(&error)))?;
-        let redirect = RedirectUrl::new(self.settings.redirect_url.clone()).expect("checked in Oidc::new");
+        let redirect =
+            RedirectUrl::new(self.settings.redirect_url.clone()).expect("checked in Oidc::new");
         let client = OidcClient::from_provider_metadata(
             metadata.clone(),
             ClientId::new(self.settings.client_id.clone()),
             self.settings.client_secret.clone().map(ClientSecret::new),
         )
         .set_redirect_uri(redirect);
-        let found = Arc::new(Discovered { at: Instant::now(), metadata, client });
+        let found = Arc::new(Discovered {
+            at: Instant::now(),
+            metadata,
+            client,
+        });
         *slot = Some(found.clone());
         Ok(found)
     }
 
     /// The provider's `jwks_uri`, for access-token validation.
     async fn jwks_uri(&self) -> Result<String, LoginError> {
-        Ok(self.discovered(false).await?.metadata.jwks_uri().url().to_string())
+        Ok(self
+            .discovered(false)
+            .await?
+            .metadata
+            .jwks_uri()
+            .url()
+            .to_string())
     }
 
     /// Starts a login: the URL to send the browser to and what the callback must check.
@@ -189,7 +210,12 @@ impl Oidc {
             CsrfToken::new_random,
             Nonce::new_random,
         );
-        for scope in self.settings.scopes.iter().filter(|scope| *scope != "openid") {
+        for scope in self
+            .settings
+            .scopes
+            .iter()
+            .filter(|scope| *scope != "openid")
+        {
             request = request.add_scope(Scope::new(scope.clone()));
         }
         let (url, state, nonce) = request.set_pkce_challenge(challenge).url();
@@ -205,7 +231,12 @@ impl Oidc {
     /// Finishes a login: checks `state`, redeems the code with the PKCE verifier, verifies the
     /// ID token (signature, issuer, audience, expiry, nonce, access-token hash) and reads the
     /// identity from its claims, completed by the userinfo endpoint when there is one.
-    pub async fn complete(&self, pending: PendingLogin, state: &str, code: String) -> Result<LoggedIn, LoginError> {
+    pub async fn complete(
+        &self,
+        pending: PendingLogin,
+        state: &str,
+        code: String,
+    ) -> Result<LoggedIn, LoginError> {
         if !super::session::constant_time_eq(&pending.state, state) {
             return Err(LoginError::StateMismatch);
         }
@@ -218,16 +249,24 @@ impl Oidc {
             .request_async(&self.http)
             .await
             .map_err(|error| match error {
-                openidconnect::RequestTokenError::ServerResponse(response) => LoginError::Refused(response.to_string()),
+                openidconnect::RequestTokenError::ServerResponse(response) => {
+                    LoginError::Refused(response.to_string())
+                }
                 other => LoginError::Unavailable(error_chain(&other)),
             })?;
-        let id_token = token.id_token().ok_or_else(|| LoginError::InvalidIdToken("no ID token in the answer".into()))?;
+        let id_token = token
+            .id_token()
+            .ok_or_else(|| LoginError::InvalidIdToken("no ID token in the answer".into()))?;
         let nonce = Nonce::new(pending.nonce);
-        let (claims, discovered) = match verify(&discovered, id_token, &nonce, token.access_token()) {
+        let (claims, discovered) = match verify(&discovered, id_token, &nonce, token.access_token())
+        {
             // The provider may have rotated its keys since discovery: look again, once.
             Err(ClaimsVerificationError::SignatureVerification(_)) => {
                 let fresh = self.discovered(true).await?;
-                (verify(&fresh, id_token, &nonce, token.access_token()), fresh)
+                (
+                    verify(&fresh, id_token, &nonce, token.access_token()),
+                    fresh,
+                )
             }
             other => (other, discovered),
         };
@@ -236,24 +275,39 @@ impl Oidc {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
         };
-        if let Ok(request) = discovered.client.user_info(token.access_token().clone(), Some(claims.subject().clone())) {
-            let info: Result<UserInfoClaims<ExtraClaims, CoreGenderClaim>, _> = request.request_async(&self.http).await;
+        if let Ok(request) = discovered
+            .client
+            .user_info(token.access_token().clone(), Some(claims.subject().clone()))
+        {
+            let info: Result<UserInfoClaims<ExtraClaims, CoreGenderClaim>, _> =
+                request.request_async(&self.http).await;
             match info.map(|info| serde_json::to_value(&info)) {
                 Ok(Ok(Value::Object(extra))) => merged.extend(extra),
                 Ok(_) => {}
-                Err(error) => tracing::warn!(error = %error_chain(&error), "userinfo failed; using the ID token's claims"),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "userinfo failed; using the ID token's claims")
+                }
             }
         }
-        let identity = identity_from_claims(&merged, &self.settings.claims).map_err(LoginError::MissingClaim)?;
-        Ok(LoggedIn { identity, id_token: id_token.to_string() })
+        let identity = identity_from_claims(&merged, &self.settings.claims)
+            .map_err(LoginError::MissingClaim)?;
+        Ok(LoggedIn {
+            identity,
+            id_token: id_token.to_string(),
+        })
     }
 
     /// Where to send the browser to end the provider's session too (RP-initiated logout), if
     /// the provider advertises an `end_session_endpoint`.
     pub async fn logout_url(&self, id_token: Option<&str>) -> Option<String> {
         let discovered = self.discovered(false).await.ok()?;
-        let endpoint = discovered.metadata.additional_metadata().end_session_endpoint.clone()?;
-        let mut request = LogoutRequest::from(endpoint).set_client_id(ClientId::new(self.settings.client_id.clone()));
+        let endpoint = discovered
+            .metadata
+            .additional_metadata()
+            .end_session_endpoint
+            .clone()?;
+        let mut request = LogoutRequest::from(endpoint)
+            .set_client_id(ClientId::new(self.settings.client_id.clone()));
         if let Ok(url) = PostLogoutRedirectUrl::new(self.settings.post_logout_url.clone()) {
             request = request.set_post_logout_redirect_uri(url);
         }
@@ -265,7 +319,12 @@ impl Oidc {
 
     pub async fn fetch_jwks(&self) -> Result<Value, String> {
         let uri = self.jwks_uri().await.map_err(|error| error.to_string())?;
-        let response = self.http.get(&uri).send().await.map_err(|error| error_chain(&error))?;
+        let response = self
+            .http
+            .get(&uri)
+            .send()
+            .await
+            .map_err(|error| error_chain(&error))?;
         if !response.status().is_success() {
             return Err(format!("{uri} answered {}", response.status()));
         }
@@ -284,12 +343,18 @@ fn verify(
     if let Some(expected) = claims.access_token_hash() {
         let actual = AccessTokenHash::from_token(
             access_token,
-            id_token.signing_alg().map_err(ClaimsVerificationError::SignatureVerification)?,
-            id_token.signing_key(&verifier).map_err(ClaimsVerificationError::SignatureVerification)?,
+            id_token
+                .signing_alg()
+                .map_err(ClaimsVerificationError::SignatureVerification)?,
+            id_token
+                .signing_key(&verifier)
+                .map_err(ClaimsVerificationError::SignatureVerification)?,
         )
         .map_err(|error| ClaimsVerificationError::Other(error.to_string()))?;
         if actual != *expected {
-            return Err(ClaimsVerificationError::Other("the access token does not match at_hash".into()));
+            return Err(ClaimsVerificationError::Other(
+                "the access token does not match at_hash".into(),
+            ));
         }
     }
     Ok(claims)

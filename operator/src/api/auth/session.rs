@@ -89,7 +89,9 @@ impl SessionStore {
     pub fn get(&self, id: &str) -> Option<Session> {
         let entries = self.entries.lock().expect("session lock");
         match entries.get(id) {
-            Some((expires, Entry::Active(session))) if *expires > Instant::now() => Some(session.clone()),
+            Some((expires, Entry::Active(session))) if *expires > Instant::now() => {
+                Some(session.clone())
+            }
             _ => None,
         }
     }
@@ -127,7 +129,11 @@ impl SessionStore {
 /// Cookie names. With `Secure` cookies the `__Host-` prefix makes browsers refuse the cookie
 /// unless it is Secure, host-only and for path `/`, so a sibling domain cannot plant one.
 pub fn cookie_name(secure: bool) -> &'static str {
-    if secure { "__Host-atelier_session" } else { "atelier_session" }
+    if secure {
+        "__Host-atelier_session"
+    } else {
+        "atelier_session"
+    }
 }
 
 /// `Set-Cookie` value for the session cookie; `None` clears it.
@@ -135,7 +141,10 @@ pub fn set_cookie(secure: bool, id: Option<&str>, max_age: Duration) -> String {
     let name = cookie_name(secure);
     let secure_attr = if secure { "; Secure" } else { "" };
     match id {
-        Some(id) => format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure_attr}", max_age.as_secs()),
+        Some(id) => format!(
+            "{name}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure_attr}",
+            max_age.as_secs()
+        ),
         None => format!("{name}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{secure_attr}"),
     }
 }
@@ -156,7 +165,11 @@ pub fn cookie_value(headers: &axum::http::HeaderMap, secure: bool) -> Option<Str
 
 /// Compares secrets in time independent of where they differ.
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -165,7 +178,10 @@ mod tests {
 
     fn session(user: &str) -> Session {
         Session {
-            identity: Identity { user: user.into(), groups: vec![] },
+            identity: Identity {
+                user: user.into(),
+                groups: vec![],
+            },
             csrf_token: random_token(),
             id_token: None,
         }
@@ -174,9 +190,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sessions_expire_and_logins_finish_once() {
         let store = SessionStore::default();
-        let pending = PendingLogin { state: "s".into(), nonce: "n".into(), pkce_verifier: "v".into(), return_to: "/".into() };
+        let pending = PendingLogin {
+            state: "s".into(),
+            nonce: "n".into(),
+            pkce_verifier: "v".into(),
+            return_to: "/".into(),
+        };
         let login = store.start_login(pending).unwrap();
-        assert!(store.get(&login).is_none(), "a login in progress is no session");
+        assert!(
+            store.get(&login).is_none(),
+            "a login in progress is no session"
+        );
         assert_eq!(store.take_login(&login).unwrap().state, "s");
         assert!(store.take_login(&login).is_none(), "a login finishes once");
 
@@ -195,14 +219,24 @@ mod tests {
     #[test]
     fn cookies() {
         let secure = set_cookie(true, Some("abc"), SESSION_TTL);
-        assert_eq!(secure, "__Host-atelier_session=abc; Path=/; HttpOnly; SameSite=Lax; Max-Age=28800; Secure");
+        assert_eq!(
+            secure,
+            "__Host-atelier_session=abc; Path=/; HttpOnly; SameSite=Lax; Max-Age=28800; Secure"
+        );
         assert!(!set_cookie(false, Some("abc"), SESSION_TTL).contains("Secure"));
         assert!(set_cookie(false, None, SESSION_TTL).contains("Max-Age=0"));
 
         let mut headers = axum::http::HeaderMap::new();
-        headers.insert(axum::http::header::COOKIE, "other=1; atelier_session=xyz; x=2".parse().unwrap());
+        headers.insert(
+            axum::http::header::COOKIE,
+            "other=1; atelier_session=xyz; x=2".parse().unwrap(),
+        );
         assert_eq!(cookie_value(&headers, false).as_deref(), Some("xyz"));
-        assert_eq!(cookie_value(&headers, true), None, "the insecure name is not read in secure mode");
+        assert_eq!(
+            cookie_value(&headers, true),
+            None,
+            "the insecure name is not read in secure mode"
+        );
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));
         assert!(!constant_time_eq("abc", "ab"));

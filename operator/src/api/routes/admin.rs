@@ -107,24 +107,50 @@ pub async fn status(
         .filter(|job| !job.phase().is_finished())
         .collect();
     queue.sort_by_key(|job| {
-        let position = job.status.as_ref().and_then(|s| s.queue_position).unwrap_or(u32::MAX);
-        (job.phase() != atelier_crds::JobPhase::Running, position, job.metadata.creation_timestamp.clone())
+        let position = job
+            .status
+            .as_ref()
+            .and_then(|s| s.queue_position)
+            .unwrap_or(u32::MAX);
+        (
+            job.phase() != atelier_crds::JobPhase::Running,
+            position,
+            job.metadata.creation_timestamp.clone(),
+        )
     });
-    let endpoints = ready_endpoints(&state.kube, &access.namespace, INFERENCE, HTTP_PORT_NAME).await?;
+    let endpoints =
+        ready_endpoints(&state.kube, &access.namespace, INFERENCE, HTTP_PORT_NAME).await?;
     let mut models = Vec::new();
     for endpoint in endpoints {
         let url = format!("http://{}/v1/model", endpoint.address);
-        let answer = state.http.get(&url).timeout(Duration::from_secs(3)).send().await;
+        let answer = state
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
         let (model, error) = match answer {
             Ok(response) if response.status().is_success() => (response.json().await.ok(), None),
             Ok(response) => (None, Some(format!("answered {}", response.status()))),
             Err(error) => (None, Some(error.to_string())),
         };
-        models.push(ModelView { endpoint: endpoint.address.to_string(), pod: endpoint.pod, model, error });
+        models.push(ModelView {
+            endpoint: endpoint.address.to_string(),
+            pod: endpoint.pod,
+            model,
+            error,
+        });
     }
     let day = authz::quota_day(&access.tenant, jiff::Timestamp::now());
     let usage = if status.usage_day.as_deref() == Some(day.as_str()) {
-        status.usage.iter().map(|u| UsageEntry { user: u.user.clone(), images: u.images }).collect()
+        status
+            .usage
+            .iter()
+            .map(|u| UsageEntry {
+                user: u.user.clone(),
+                images: u.images,
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -173,7 +199,12 @@ pub struct QuotaResetResult {
 /// Removes `user` from today's usage, or `None` when there is nothing to remove.
 pub fn without_user(tenant: &Tenant, user: &str) -> Option<(Tenant, u32)> {
     let status = tenant.status.as_ref()?;
-    let removed: u32 = status.usage.iter().filter(|u| u.user == user).map(|u| u.images).sum();
+    let removed: u32 = status
+        .usage
+        .iter()
+        .filter(|u| u.user == user)
+        .map(|u| u.images)
+        .sum();
     if !status.usage.iter().any(|u| u.user == user) {
         return None;
     }
@@ -207,7 +238,8 @@ pub async fn reset_quota(
 ) -> ApiResult<Json<QuotaResetResult>> {
     let access = tenant_access(&state, &caller, &tenant, "quota_reset").await?;
     access.require_admin(&caller, "quota_reset")?;
-    let Json(QuotaReset { user }) = body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
+    let Json(QuotaReset { user }) =
+        body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
     let api = Api::<Tenant>::all(state.kube.clone());
     let mut current = access.tenant;
     let mut removed_images = 0;
@@ -215,12 +247,17 @@ pub async fn reset_quota(
         let Some((updated, removed)) = without_user(&current, &user) else {
             break;
         };
-        match api.replace_status(&tenant, &PostParams::default(), &updated).await {
+        match api
+            .replace_status(&tenant, &PostParams::default(), &updated)
+            .await
+        {
             Ok(_) => {
                 removed_images = removed;
                 break;
             }
-            Err(kube::Error::Api(status)) if status.code == 409 && attempt < STATUS_WRITE_ATTEMPTS => {
+            Err(kube::Error::Api(status))
+                if status.code == 409 && attempt < STATUS_WRITE_ATTEMPTS =>
+            {
                 current = api.get(&tenant).await?;
             }
             Err(error) => {
@@ -241,7 +278,10 @@ pub async fn reset_quota(
         .client(caller.client)
         .object(&user)
         .emit();
-    Ok(Json(QuotaResetResult { user, removed_images }))
+    Ok(Json(QuotaResetResult {
+        user,
+        removed_images,
+    }))
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -270,7 +310,9 @@ pub async fn restart(
     let pods: Api<Pod> = Api::namespaced(state.kube.clone(), &access.namespace);
     let selector = ListParams::default().labels(&format!("{LABEL_COMPONENT}={INFERENCE}"));
     // `Right` means the API server deleted them without listing them back.
-    let deleted: Vec<String> = (pods.delete_collection(&DeleteParams::default(), &selector).await?)
+    let deleted: Vec<String> = (pods
+        .delete_collection(&DeleteParams::default(), &selector)
+        .await?)
         .left()
         .map(|list| list.items.iter().map(|pod| pod.name_any()).collect())
         .unwrap_or_default();
@@ -308,7 +350,8 @@ pub async fn offload(
 ) -> ApiResult<Json<OffloadResult>> {
     let access = tenant_access(&state, &caller, &tenant, "offload").await?;
     access.require_admin(&caller, "offload")?;
-    let endpoints = ready_endpoints(&state.kube, &access.namespace, INFERENCE, HTTP_PORT_NAME).await?;
+    let endpoints =
+        ready_endpoints(&state.kube, &access.namespace, INFERENCE, HTTP_PORT_NAME).await?;
     let mut models = Vec::new();
     for endpoint in endpoints {
         let url = format!("http://{}/v1/model/offload", endpoint.address);
@@ -318,14 +361,29 @@ pub async fn offload(
             Ok(response) => {
                 let status = response.status();
                 let body: Option<serde_json::Value> = response.json().await.ok();
-                let reason = body.as_ref().and_then(|b| b["error"]["message"].as_str()).map(str::to_string);
-                (None, Some(reason.unwrap_or_else(|| format!("answered {status}"))))
+                let reason = body
+                    .as_ref()
+                    .and_then(|b| b["error"]["message"].as_str())
+                    .map(str::to_string);
+                (
+                    None,
+                    Some(reason.unwrap_or_else(|| format!("answered {status}"))),
+                )
             }
             Err(error) => (None, Some(error.to_string())),
         };
-        models.push(ModelView { endpoint: endpoint.address.to_string(), pod: endpoint.pod, model, error });
+        models.push(ModelView {
+            endpoint: endpoint.address.to_string(),
+            pod: endpoint.pod,
+            model,
+            error,
+        });
     }
-    Event::new("offload", Outcome::Success).user(caller.user()).tenant(&tenant).client(caller.client).emit();
+    Event::new("offload", Outcome::Success)
+        .user(caller.user())
+        .tenant(&tenant)
+        .client(caller.client)
+        .emit();
     Ok(Json(OffloadResult { models }))
 }
 
@@ -359,24 +417,33 @@ pub struct UsageReport {
 }
 
 /// Usage per user and day from finished jobs that ran (start and completion time known).
-pub fn usage_rows(jobs: &[GenerationJob], tenant: &Tenant, from: Option<&str>, to: Option<&str>) -> Vec<UsageRow> {
+pub fn usage_rows(
+    jobs: &[GenerationJob],
+    tenant: &Tenant,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Vec<UsageRow> {
     let gpus = f64::from(tenant.spec.gpus.per_replica);
     let mut rows: BTreeMap<(String, String), UsageRow> = BTreeMap::new();
     for job in jobs.iter().filter(|job| job.phase().is_finished()) {
         let Some(status) = &job.status else { continue };
-        let (Some(start), Some(end)) = (&status.start_time, &status.completion_time) else { continue };
+        let (Some(start), Some(end)) = (&status.start_time, &status.completion_time) else {
+            continue;
+        };
         let day = authz::quota_day(tenant, end.0);
         if from.is_some_and(|from| day.as_str() < from) || to.is_some_and(|to| day.as_str() > to) {
             continue;
         }
         let seconds = (end.0.as_millisecond() - start.0.as_millisecond()).max(0) as f64 / 1000.0;
-        let row = rows.entry((day.clone(), job.spec.user.clone())).or_insert_with(|| UsageRow {
-            day,
-            user: job.spec.user.clone(),
-            jobs: 0,
-            images: 0,
-            gpu_seconds: 0.0,
-        });
+        let row = rows
+            .entry((day.clone(), job.spec.user.clone()))
+            .or_insert_with(|| UsageRow {
+                day,
+                user: job.spec.user.clone(),
+                jobs: 0,
+                images: 0,
+                gpu_seconds: 0.0,
+            });
         row.jobs += 1;
         row.images += status.outputs.len() as u32;
         row.gpu_seconds += seconds * gpus;
@@ -387,14 +454,29 @@ pub fn usage_rows(jobs: &[GenerationJob], tenant: &Tenant, from: Option<&str>, t
 /// One CSV field: quoted when needed, and a leading `=`, `+`, `-` or `@` defused so that a
 /// spreadsheet does not run a user name as a formula.
 fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) { format!("'{value}") } else { value.to_string() };
-    if value.contains([',', '"', '\n', '\r']) { format!("\"{}\"", value.replace('"', "\"\"")) } else { value }
+    let value = if value.starts_with(['=', '+', '-', '@']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
 }
 
 pub fn usage_csv(rows: &[UsageRow]) -> String {
     let mut out = String::from("day,user,jobs,images,gpu_seconds\n");
     for row in rows {
-        out.push_str(&format!("{},{},{},{},{:.1}\n", row.day, csv_field(&row.user), row.jobs, row.images, row.gpu_seconds));
+        out.push_str(&format!(
+            "{},{},{},{},{:.1}\n",
+            row.day,
+            csv_field(&row.user),
+            row.jobs,
+            row.images,
+            row.gpu_seconds
+        ));
     }
     out
 }
@@ -425,24 +507,39 @@ pub async fn usage(
     access.require_admin(&caller, "usage")?;
     for day in [&query.from, &query.to].into_iter().flatten() {
         if day.parse::<jiff::civil::Date>().is_err() {
-            return Err(ApiError::InvalidRequest(format!("{day:?} is not a YYYY-MM-DD day")));
+            return Err(ApiError::InvalidRequest(format!(
+                "{day:?} is not a YYYY-MM-DD day"
+            )));
         }
     }
-    let all = jobs(&state, &access.namespace).list(&ListParams::default()).await?.items;
-    let rows = usage_rows(&all, &access.tenant, query.from.as_deref(), query.to.as_deref());
+    let all = jobs(&state, &access.namespace)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let rows = usage_rows(
+        &all,
+        &access.tenant,
+        query.from.as_deref(),
+        query.to.as_deref(),
+    );
     match query.format.as_deref() {
         None | Some("json") => Ok(Json(UsageReport { rows }).into_response()),
         Some("csv") => {
             let mut response = usage_csv(&rows).into_response();
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            );
             let disposition = format!("attachment; filename=\"usage-{tenant}.csv\"");
             if let Ok(value) = HeaderValue::from_str(&disposition) {
                 headers.insert(header::CONTENT_DISPOSITION, value);
             }
             Ok(response)
         }
-        Some(other) => Err(ApiError::InvalidRequest(format!("format must be json or csv, not {other:?}"))),
+        Some(other) => Err(ApiError::InvalidRequest(format!(
+            "format must be json or csv, not {other:?}"
+        ))),
     }
 }
 
@@ -453,16 +550,26 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn tenant() -> Tenant {
-        let mut tenant = Tenant::new("team-x", serde_json::from_value(serde_json::json!({})).unwrap());
+        let mut tenant = Tenant::new(
+            "team-x",
+            serde_json::from_value(serde_json::json!({})).unwrap(),
+        );
         tenant.spec.gpus.per_replica = 2;
         tenant.spec.gpus.max = 2;
         tenant
     }
 
     fn finished(user: &str, start: &str, end: &str, images: usize) -> GenerationJob {
-        let spec = serde_json::from_value(serde_json::json!({"prompt": "p", "user": user})).unwrap();
+        let spec =
+            serde_json::from_value(serde_json::json!({"prompt": "p", "user": user})).unwrap();
         let mut job = GenerationJob::new("j", spec);
-        let output = JobOutput { path: "/o".into(), sha256: String::new(), width: 1, height: 1, bytes: 1 };
+        let output = JobOutput {
+            path: "/o".into(),
+            sha256: String::new(),
+            width: 1,
+            height: 1,
+            bytes: 1,
+        };
         job.status = Some(GenerationJobStatus {
             phase: Some(JobPhase::Succeeded),
             start_time: Some(Time(start.parse().unwrap())),
@@ -480,18 +587,36 @@ mod tests {
             finished("alice", "2026-11-29T11:00:00Z", "2026-11-29T11:00:10Z", 2),
             finished("bob", "2026-11-29T23:59:00Z", "2026-11-30T00:00:05Z", 1),
             {
-                let mut running = finished("bob", "2026-11-29T10:00:00Z", "2026-11-29T10:00:01Z", 0);
+                let mut running =
+                    finished("bob", "2026-11-29T10:00:00Z", "2026-11-29T10:00:01Z", 0);
                 running.status.as_mut().unwrap().phase = Some(JobPhase::Running);
                 running
             },
         ];
         let rows = usage_rows(&jobs, &tenant(), None, None);
         assert_eq!(rows.len(), 2);
-        assert_eq!((rows[0].day.as_str(), rows[0].user.as_str(), rows[0].jobs, rows[0].images), ("2026-11-29", "alice", 2, 3));
+        assert_eq!(
+            (
+                rows[0].day.as_str(),
+                rows[0].user.as_str(),
+                rows[0].jobs,
+                rows[0].images
+            ),
+            ("2026-11-29", "alice", 2, 3)
+        );
         assert_eq!(rows[0].gpu_seconds, 80.0, "40 s on a 2-GPU replica");
-        assert_eq!((rows[1].day.as_str(), rows[1].user.as_str()), ("2026-11-30", "bob"));
-        assert_eq!(usage_rows(&jobs, &tenant(), Some("2026-11-30"), None).len(), 1);
-        assert_eq!(usage_rows(&jobs, &tenant(), None, Some("2026-11-29")).len(), 1);
+        assert_eq!(
+            (rows[1].day.as_str(), rows[1].user.as_str()),
+            ("2026-11-30", "bob")
+        );
+        assert_eq!(
+            usage_rows(&jobs, &tenant(), Some("2026-11-30"), None).len(),
+            1
+        );
+        assert_eq!(
+            usage_rows(&jobs, &tenant(), None, Some("2026-11-29")).len(),
+            1
+        );
         let csv = usage_csv(&rows);
         assert_eq!(csv.lines().next(), Some("day,user,jobs,images,gpu_seconds"));
         assert_eq!(csv.lines().nth(1), Some("2026-11-29,alice,2,3,80.0"));
@@ -505,12 +630,27 @@ mod tests {
         assert!(without_user(&t, "alice").is_none());
         t.status = Some(TenantStatus {
             usage_day: Some("2026-11-29".into()),
-            usage: vec![UserUsage { user: "alice".into(), images: 5 }, UserUsage { user: "bob".into(), images: 2 }],
+            usage: vec![
+                UserUsage {
+                    user: "alice".into(),
+                    images: 5,
+                },
+                UserUsage {
+                    user: "bob".into(),
+                    images: 2,
+                },
+            ],
             ..TenantStatus::default()
         });
         let (updated, removed) = without_user(&t, "alice").unwrap();
         assert_eq!(removed, 5);
-        assert_eq!(updated.status.unwrap().usage, vec![UserUsage { user: "bob".into(), images: 2 }]);
+        assert_eq!(
+            updated.status.unwrap().usage,
+            vec![UserUsage {
+                user: "bob".into(),
+                images: 2
+            }]
+        );
         assert!(without_user(&t, "carol").is_none());
     }
 }

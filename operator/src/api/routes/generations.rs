@@ -111,7 +111,13 @@ impl JobView {
                     "/api/v1/tenants/{tenant}/images/{file}?user={}",
                     query_value(&job.spec.user)
                 );
-                Some(OutputView { file, url, width: output.width, height: output.height, bytes: output.bytes })
+                Some(OutputView {
+                    file,
+                    url,
+                    width: output.width,
+                    height: output.height,
+                    bytes: output.bytes,
+                })
             })
             .collect();
         JobView {
@@ -129,7 +135,10 @@ impl JobView {
             reason: status.reason,
             message: status.message,
             queue_position: status.queue_position,
-            progress: status.progress.map(|p| ProgressView { step: p.step, total_steps: p.total_steps }),
+            progress: status.progress.map(|p| ProgressView {
+                step: p.step,
+                total_steps: p.total_steps,
+            }),
             cancel_requested: job.spec.cancel,
             outputs,
             created_at: time(job.metadata.creation_timestamp.as_ref()),
@@ -141,7 +150,11 @@ impl JobView {
 
 /// The job spec for a request, checked against the tenant's limits so that the caller gets a
 /// precise 400 rather than a rejection later. The CRD's own rules stay in force on create.
-pub fn build_spec(request: &GenerateRequest, limits: &JobLimits, user: &str) -> Result<GenerationJobSpec, String> {
+pub fn build_spec(
+    request: &GenerateRequest,
+    limits: &JobLimits,
+    user: &str,
+) -> Result<GenerationJobSpec, String> {
     let prompt = request.prompt.trim();
     if prompt.is_empty() {
         return Err("prompt must not be empty".into());
@@ -151,8 +164,10 @@ pub fn build_spec(request: &GenerateRequest, limits: &JobLimits, user: &str) -> 
     }
     let side = |value: Option<u32>, max: u32, what: &str| -> Result<u32, String> {
         let value = value.unwrap_or_else(|| 1024.min(max) / 16 * 16);
-        if value % 16 != 0 || !(256..=max).contains(&value) {
-            return Err(format!("{what} must be a multiple of 16 between 256 and {max}"));
+        if !value.is_multiple_of(16) || !(256..=max).contains(&value) {
+            return Err(format!(
+                "{what} must be a multiple of 16 between 256 and {max}"
+            ));
         }
         Ok(value)
     };
@@ -171,10 +186,14 @@ pub fn build_spec(request: &GenerateRequest, limits: &JobLimits, user: &str) -> 
     }
     let num_images = request.num_images.unwrap_or(1);
     if !(1..=limits.max_images).contains(&num_images) {
-        return Err(format!("numImages must be between 1 and {}", limits.max_images));
+        return Err(format!(
+            "numImages must be between 1 and {}",
+            limits.max_images
+        ));
     }
     let mut spec: GenerationJobSpec =
-        serde_json::from_value(serde_json::json!({"prompt": prompt, "user": user})).map_err(|e| e.to_string())?;
+        serde_json::from_value(serde_json::json!({"prompt": prompt, "user": user}))
+            .map_err(|e| e.to_string())?;
     spec.width = width;
     spec.height = height;
     spec.steps = steps;
@@ -190,7 +209,10 @@ pub fn jobs(state: &AppState, namespace: &str) -> Api<GenerationJob> {
 
 /// Escapes a field-selector value (`\`, `,` and `=` are special there).
 fn field_value(value: &str) -> String {
-    value.replace('\\', "\\\\").replace(',', "\\,").replace('=', "\\=")
+    value
+        .replace('\\', "\\\\")
+        .replace(',', "\\,")
+        .replace('=', "\\=")
 }
 
 /// Create a generation
@@ -226,8 +248,10 @@ pub async fn create(
             .object(object)
             .emit();
     };
-    let Json(request) = body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
-    let spec = build_spec(&request, &access.tenant.spec.limits, caller.user()).map_err(ApiError::InvalidRequest)?;
+    let Json(request) =
+        body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
+    let spec = build_spec(&request, &access.tenant.spec.limits, caller.user())
+        .map_err(ApiError::InvalidRequest)?;
     let quota = authz::quota_for(&access.tenant, caller.user(), jiff::Timestamp::now());
     if quota.remaining < spec.num_images {
         audit(Outcome::Denied, "QuotaExceeded", "");
@@ -240,13 +264,22 @@ pub async fn create(
         metadata: ObjectMeta {
             generate_name: Some("gen-".into()),
             namespace: Some(access.namespace.clone()),
-            labels: Some([(atelier_crds::names::LABEL_TENANT.to_string(), tenant.clone())].into()),
+            labels: Some(
+                [(
+                    atelier_crds::names::LABEL_TENANT.to_string(),
+                    tenant.clone(),
+                )]
+                .into(),
+            ),
             ..ObjectMeta::default()
         },
         spec,
         status: None,
     };
-    match jobs(&state, &access.namespace).create(&PostParams::default(), &job).await {
+    match jobs(&state, &access.namespace)
+        .create(&PostParams::default(), &job)
+        .await
+    {
         Ok(created) => {
             audit(Outcome::Success, "Created", &created.name_any());
             Ok((StatusCode::CREATED, Json(JobView::new(&created, &tenant))))
@@ -309,9 +342,16 @@ pub async fn list(
     // The field selector already did this; checking again costs nothing and keeps a selector
     // bug from leaking other users' jobs.
     items.retain(|job| user.as_ref().is_none_or(|user| job.spec.user == *user));
-    items.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp).then(b.name_any().cmp(&a.name_any())));
+    items.sort_by(|a, b| {
+        b.metadata
+            .creation_timestamp
+            .cmp(&a.metadata.creation_timestamp)
+            .then(b.name_any().cmp(&a.name_any()))
+    });
     items.truncate(limit);
-    Ok(Json(JobList { items: items.iter().map(|job| JobView::new(job, &tenant)).collect() }))
+    Ok(Json(JobList {
+        items: items.iter().map(|job| JobView::new(job, &tenant)).collect(),
+    }))
 }
 
 /// The job `name` if the caller may see it (404 otherwise, audited when it exists).
@@ -322,7 +362,11 @@ async fn visible_job(
     name: &str,
     action: &str,
 ) -> ApiResult<GenerationJob> {
-    let job = if super::is_dns_label(name) { jobs(state, &access.namespace).get_opt(name).await? } else { None };
+    let job = if super::is_dns_label(name) {
+        jobs(state, &access.namespace).get_opt(name).await?
+    } else {
+        None
+    };
     match job {
         Some(job) if authz::may_access_job(access.role, caller.user(), &job.spec.user) => Ok(job),
         Some(_) => Err(hidden(caller, &access.name, action, name)),
@@ -374,7 +418,9 @@ pub async fn cancel(
         job
     } else {
         let patch = serde_json::json!({"spec": {"cancel": true}});
-        jobs(&state, &access.namespace).patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?
+        jobs(&state, &access.namespace)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?
     };
     Event::new("cancel", Outcome::Success)
         .user(caller.user())
@@ -423,7 +469,9 @@ pub async fn events(
             let job = match change {
                 Some(Ok(watcher::Event::Apply(job) | watcher::Event::InitApply(job))) => job,
                 Some(Ok(watcher::Event::Delete(_))) => {
-                    let _ = sender.send(SseEvent::default().event("deleted").data(&name)).await;
+                    let _ = sender
+                        .send(SseEvent::default().event("deleted").data(&name))
+                        .await;
                     return;
                 }
                 Some(Ok(_)) => continue,
@@ -450,7 +498,10 @@ pub async fn events(
 }
 
 fn job_event(view: &JobView) -> SseEvent {
-    SseEvent::default().event("job").json_data(view).unwrap_or_else(|_| SseEvent::default().event("job"))
+    SseEvent::default()
+        .event("job")
+        .json_data(view)
+        .unwrap_or_else(|_| SseEvent::default().event("job"))
 }
 
 #[cfg(test)]
@@ -459,11 +510,20 @@ mod tests {
     use atelier_crds::JobPhase;
 
     fn limits() -> JobLimits {
-        JobLimits { max_steps: 50, max_width: 1024, max_height: 2048, max_images: 2, ..JobLimits::default() }
+        JobLimits {
+            max_steps: 50,
+            max_width: 1024,
+            max_height: 2048,
+            max_images: 2,
+            ..JobLimits::default()
+        }
     }
 
     fn request(change: impl FnOnce(&mut GenerateRequest)) -> GenerateRequest {
-        let mut request = GenerateRequest { prompt: " a red fox in snow ".into(), ..GenerateRequest::default() };
+        let mut request = GenerateRequest {
+            prompt: " a red fox in snow ".into(),
+            ..GenerateRequest::default()
+        };
         change(&mut request);
         request
     }
@@ -473,13 +533,24 @@ mod tests {
         let spec = build_spec(&request(|_| {}), &limits(), "alice@example.com").unwrap();
         assert_eq!(spec.user, "alice@example.com");
         assert_eq!(spec.prompt, "a red fox in snow");
-        assert_eq!((spec.width, spec.height, spec.steps, spec.num_images), (1024, 1024, 28, 1));
+        assert_eq!(
+            (spec.width, spec.height, spec.steps, spec.num_images),
+            (1024, 1024, 28, 1)
+        );
         assert_eq!(spec.guidance, 3.5);
         assert_eq!(spec.seed, None);
         assert!(!spec.cancel);
-        let small = JobLimits { max_width: 512, max_steps: 8, ..limits() };
+        let small = JobLimits {
+            max_width: 512,
+            max_steps: 8,
+            ..limits()
+        };
         let spec = build_spec(&request(|_| {}), &small, "a").unwrap();
-        assert_eq!((spec.width, spec.steps), (512, 8), "defaults fit the tenant's limits");
+        assert_eq!(
+            (spec.width, spec.steps),
+            (512, 8),
+            "defaults fit the tenant's limits"
+        );
     }
 
     #[test]
@@ -530,7 +601,10 @@ mod tests {
         assert_eq!(view.phase, "Succeeded");
         assert_eq!(view.seed, Some(42));
         assert_eq!(view.outputs[0].file, "20261129_223501_42_1a2b3c4d.png");
-        assert_eq!(view.outputs[0].url, "/api/v1/tenants/team-x/images/20261129_223501_42_1a2b3c4d.png?user=a+b%40x");
+        assert_eq!(
+            view.outputs[0].url,
+            "/api/v1/tenants/team-x/images/20261129_223501_42_1a2b3c4d.png?user=a+b%40x"
+        );
         assert_eq!(field_value("a=b,c\\"), "a\\=b\\,c\\\\");
     }
 }

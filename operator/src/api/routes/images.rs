@@ -64,38 +64,65 @@ pub struct ImagePage {
 /// (the inference server's naming scheme). Nothing else is forwarded, so no `..`, `/`, hidden
 /// or foreign file can be asked for.
 pub fn is_output_file(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(".png").or_else(|| name.strip_suffix(".json")) else {
+    let Some(stem) = name
+        .strip_suffix(".png")
+        .or_else(|| name.strip_suffix(".json"))
+    else {
         return false;
     };
-    let digits = |s: &str, min: usize, max: usize| (min..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let digits = |s: &str, min: usize, max: usize| {
+        (min..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+    };
     let job = |s: &str| (1..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric());
     match stem.split('_').collect::<Vec<_>>().as_slice() {
-        [date, time, seed, job8] => digits(date, 8, 8) && digits(time, 6, 6) && digits(seed, 1, 20) && job(job8),
+        [date, time, seed, job8] => {
+            digits(date, 8, 8) && digits(time, 6, 6) && digits(seed, 1, 20) && job(job8)
+        }
         [date, time, seed, job8, index] => {
-            digits(date, 8, 8) && digits(time, 6, 6) && digits(seed, 1, 20) && job(job8) && digits(index, 1, 10)
+            digits(date, 8, 8)
+                && digits(time, 6, 6)
+                && digits(seed, 1, 20)
+                && job(job8)
+                && digits(index, 1, 10)
         }
         _ => false,
     }
 }
 
 /// Whose history the request is about.
-fn history_user<'a>(caller: &'a Caller, access: &TenantAccess, requested: Option<&'a str>) -> ApiResult<&'a str> {
+fn history_user<'a>(
+    caller: &'a Caller,
+    access: &TenantAccess,
+    requested: Option<&'a str>,
+) -> ApiResult<&'a str> {
     authz::target_user(access.role, caller.user(), requested)
         .map_err(|message| super::deny(caller, &access.name, "images", "AdminRequired", message))
 }
 
 /// `http://<ip:port>/v1/outputs/<user>[/<file>]` on one ready outputs pod.
-async fn outputs_url(state: &AppState, access: &TenantAccess, user: &str, file: Option<&str>) -> ApiResult<reqwest::Url> {
-    let endpoints = ready_endpoints(&state.kube, &access.namespace, OUTPUTS, HTTP_PORT_NAME).await?;
+async fn outputs_url(
+    state: &AppState,
+    access: &TenantAccess,
+    user: &str,
+    file: Option<&str>,
+) -> ApiResult<reqwest::Url> {
+    let endpoints =
+        ready_endpoints(&state.kube, &access.namespace, OUTPUTS, HTTP_PORT_NAME).await?;
     let Some(endpoint) = endpoints.first() else {
         return Err(ApiError::unavailable(
             "OutputsUnavailable",
-            format!("the image history of tenant {:?} is not reachable right now", access.name),
+            format!(
+                "the image history of tenant {:?} is not reachable right now",
+                access.name
+            ),
         ));
     };
-    let mut url = reqwest::Url::parse(&format!("http://{}/", endpoint.address)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut url = reqwest::Url::parse(&format!("http://{}/", endpoint.address))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     {
-        let mut segments = url.path_segments_mut().map_err(|()| ApiError::Internal("bad base URL".into()))?;
+        let mut segments = url
+            .path_segments_mut()
+            .map_err(|()| ApiError::Internal("bad base URL".into()))?;
         segments.extend(["v1", "outputs", user]);
         if let Some(file) = file {
             segments.push(file);
@@ -105,7 +132,10 @@ async fn outputs_url(state: &AppState, access: &TenantAccess, user: &str, file: 
 }
 
 fn unreachable(error: reqwest::Error) -> ApiError {
-    ApiError::unavailable("OutputsUnavailable", format!("the outputs server did not answer: {error}"))
+    ApiError::unavailable(
+        "OutputsUnavailable",
+        format!("the outputs server did not answer: {error}"),
+    )
 }
 
 /// List my images
@@ -128,25 +158,41 @@ pub async fn list(
 ) -> ApiResult<Json<ImagePage>> {
     let access = tenant_access(&state, &caller, &tenant, "images").await?;
     let user = history_user(&caller, &access, query.user.as_deref())?;
-    if query.before.as_deref().is_some_and(|before| !is_output_file(before)) {
-        return Err(ApiError::InvalidRequest("before must be an image file name (nextBefore of the previous page)".into()));
+    if query
+        .before
+        .as_deref()
+        .is_some_and(|before| !is_output_file(before))
+    {
+        return Err(ApiError::InvalidRequest(
+            "before must be an image file name (nextBefore of the previous page)".into(),
+        ));
     }
     let mut url = outputs_url(&state, &access, user, None).await?;
     {
         let mut pairs = url.query_pairs_mut();
-        pairs.append_pair("limit", &query.limit.unwrap_or(24).clamp(1, 200).to_string());
+        pairs.append_pair(
+            "limit",
+            &query.limit.unwrap_or(24).clamp(1, 200).to_string(),
+        );
         if let Some(before) = &query.before {
             pairs.append_pair("before", before);
         }
     }
     let response = state.http.get(url).send().await.map_err(unreachable)?;
     if !response.status().is_success() {
-        return Err(ApiError::unavailable("OutputsUnavailable", format!("the outputs server answered {}", response.status())));
+        return Err(ApiError::unavailable(
+            "OutputsUnavailable",
+            format!("the outputs server answered {}", response.status()),
+        ));
     }
     let mut page: ImagePage = response.json().await.map_err(unreachable)?;
     page.images.retain(|image| is_output_file(&image.file));
     for image in &mut page.images {
-        image.url = format!("/api/v1/tenants/{tenant}/images/{}?user={}", image.file, query_value(user));
+        image.url = format!(
+            "/api/v1/tenants/{tenant}/images/{}?user={}",
+            image.file,
+            query_value(user)
+        );
     }
     Ok(Json(page))
 }
@@ -186,17 +232,34 @@ pub async fn file(
     let response = state.http.get(url).send().await.map_err(unreachable)?;
     match response.status() {
         status if status.is_success() => {}
-        reqwest::StatusCode::NOT_FOUND => return Err(ApiError::NotFound(format!("no image {file:?}"))),
-        status => return Err(ApiError::unavailable("OutputsUnavailable", format!("the outputs server answered {status}"))),
+        reqwest::StatusCode::NOT_FOUND => {
+            return Err(ApiError::NotFound(format!("no image {file:?}")));
+        }
+        status => {
+            return Err(ApiError::unavailable(
+                "OutputsUnavailable",
+                format!("the outputs server answered {status}"),
+            ));
+        }
     }
-    let content_type = if file.ends_with(".png") { "image/png" } else { "application/json" };
+    let content_type = if file.ends_with(".png") {
+        "image/png"
+    } else {
+        "application/json"
+    };
     let bytes = response.bytes().await.map_err(unreachable)?;
     let mut answer = (StatusCode::OK, Body::from(bytes)).into_response();
     let headers = answer.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     // Images never change once written; they are private to the user.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400, immutable"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=86400, immutable"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(answer)
 }
 
@@ -206,7 +269,11 @@ mod tests {
 
     #[test]
     fn only_output_file_names_pass() {
-        for good in ["20261129_223501_42_1a2b3c4d.png", "20261129_223501_42_1a2b3c4d.json", "20261129_223501_0_ab_3.png"] {
+        for good in [
+            "20261129_223501_42_1a2b3c4d.png",
+            "20261129_223501_42_1a2b3c4d.json",
+            "20261129_223501_0_ab_3.png",
+        ] {
             assert!(is_output_file(good), "{good}");
         }
         for bad in [

@@ -60,7 +60,9 @@ pub struct Me {
 )]
 pub async fn me(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Me>> {
     let admin_group = state.settings.platform_admin_group.as_deref();
-    let tenants = Api::<Tenant>::all(state.kube.clone()).list(&ListParams::default()).await?;
+    let tenants = Api::<Tenant>::all(state.kube.clone())
+        .list(&ListParams::default())
+        .await?;
     let now = jiff::Timestamp::now();
     let mut memberships: Vec<TenantMembership> = tenants
         .items
@@ -72,7 +74,10 @@ pub async fn me(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult
                 name: tenant.name_any(),
                 display_name: tenant.spec.display_name.clone(),
                 role,
-                source_allowed: authz::source_allowed(&tenant.spec.allowed_source_cidrs, caller.client),
+                source_allowed: authz::source_allowed(
+                    &tenant.spec.allowed_source_cidrs,
+                    caller.client,
+                ),
                 quota: authz::quota_for(tenant, caller.user(), now),
                 limits: LimitsView {
                     max_steps: limits.max_steps,

@@ -30,7 +30,13 @@ impl TenantAccess {
         if self.role == Role::Admin {
             return Ok(());
         }
-        Err(deny(caller, &self.name, action, "AdminRequired", "only tenant admins may do this"))
+        Err(deny(
+            caller,
+            &self.name,
+            action,
+            "AdminRequired",
+            "only tenant admins may do this",
+        ))
     }
 
     pub fn is_admin(&self) -> bool {
@@ -40,15 +46,37 @@ impl TenantAccess {
 
 /// Resolves the caller's role in `tenant`. Unknown tenants and tenants the caller does not
 /// belong to get the same 403, so that tenant names cannot be probed.
-pub async fn tenant_access(state: &AppState, caller: &Caller, tenant: &str, action: &str) -> ApiResult<TenantAccess> {
-    let found = if is_dns_label(tenant) { Api::<Tenant>::all(state.kube.clone()).get_opt(tenant).await? } else { None };
+pub async fn tenant_access(
+    state: &AppState,
+    caller: &Caller,
+    tenant: &str,
+    action: &str,
+) -> ApiResult<TenantAccess> {
+    let found = if is_dns_label(tenant) {
+        Api::<Tenant>::all(state.kube.clone())
+            .get_opt(tenant)
+            .await?
+    } else {
+        None
+    };
     let admin_group = state.settings.platform_admin_group.as_deref();
-    let role = found.as_ref().and_then(|t| authz::tenant_role(&t.spec, &caller.identity, admin_group));
+    let role = found
+        .as_ref()
+        .and_then(|t| authz::tenant_role(&t.spec, &caller.identity, admin_group));
     let (Some(found), Some(role)) = (found, role) else {
-        return Err(deny(caller, tenant, action, "NotAMember", &format!("you are not a member of tenant {tenant:?}")));
+        return Err(deny(
+            caller,
+            tenant,
+            action,
+            "NotAMember",
+            &format!("you are not a member of tenant {tenant:?}"),
+        ));
     };
     if !authz::source_allowed(&found.spec.allowed_source_cidrs, caller.client) {
-        let message = format!("tenant {tenant:?} does not accept requests from your network ({})", caller.client);
+        let message = format!(
+            "tenant {tenant:?} does not accept requests from your network ({})",
+            caller.client
+        );
         return Err(deny(caller, tenant, action, "SourceNotAllowed", &message));
     }
     Ok(TenantAccess {
@@ -60,7 +88,13 @@ pub async fn tenant_access(state: &AppState, caller: &Caller, tenant: &str, acti
 }
 
 /// A 403, audited.
-pub fn deny(caller: &Caller, tenant: &str, action: &str, reason: &'static str, message: &str) -> ApiError {
+pub fn deny(
+    caller: &Caller,
+    tenant: &str,
+    action: &str,
+    reason: &'static str,
+    message: &str,
+) -> ApiError {
     Event::new(action, Outcome::Denied)
         .user(caller.user())
         .tenant(tenant)
@@ -86,7 +120,9 @@ pub fn hidden(caller: &Caller, tenant: &str, action: &str, object: &str) -> ApiE
 /// RFC 1123 label: what tenant and object names are.
 pub fn is_dns_label(name: &str) -> bool {
     (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }

@@ -79,7 +79,11 @@ pub struct Store {
 impl Store {
     pub fn from_config_map(map: Option<&ConfigMap>) -> Self {
         let data = map.and_then(|map| map.data.as_ref());
-        let read = |key: &str| data.and_then(|data| data.get(key)).map(String::as_str).unwrap_or("{}");
+        let read = |key: &str| {
+            data.and_then(|data| data.get(key))
+                .map(String::as_str)
+                .unwrap_or("{}")
+        };
         Self {
             tenant: serde_json::from_str(read(TENANT_KEY)).unwrap_or_default(),
             users: serde_json::from_str(read(USERS_KEY)).unwrap_or_default(),
@@ -92,12 +96,27 @@ impl Store {
         if tenant.len() + users.len() > MAX_STORED_BYTES {
             return Err("preset storage of this tenant is full".into());
         }
-        Ok([(TENANT_KEY.to_string(), tenant), (USERS_KEY.to_string(), users)].into())
+        Ok([
+            (TENANT_KEY.to_string(), tenant),
+            (USERS_KEY.to_string(), users),
+        ]
+        .into())
     }
 
     pub fn view(&self, user: &str) -> Presets {
-        let list = |named: &Named| named.iter().map(|(name, params)| Preset { name: name.clone(), params: params.clone() }).collect();
-        Presets { tenant: list(&self.tenant), mine: self.users.get(user).map(list).unwrap_or_default() }
+        let list = |named: &Named| {
+            named
+                .iter()
+                .map(|(name, params)| Preset {
+                    name: name.clone(),
+                    params: params.clone(),
+                })
+                .collect()
+        };
+        Presets {
+            tenant: list(&self.tenant),
+            mine: self.users.get(user).map(list).unwrap_or_default(),
+        }
     }
 }
 
@@ -109,7 +128,13 @@ pub enum Scope {
 }
 
 /// Applies one change (`Some` saves, `None` deletes) to the store.
-pub fn apply(store: &mut Store, scope: Scope, user: &str, name: &str, params: Option<PresetParams>) -> Result<(), String> {
+pub fn apply(
+    store: &mut Store,
+    scope: Scope,
+    user: &str,
+    name: &str,
+    params: Option<PresetParams>,
+) -> Result<(), String> {
     if !valid_name(name) {
         return Err("preset names are 1-64 letters, digits, spaces, '.', '_' or '-'".into());
     }
@@ -119,7 +144,11 @@ pub fn apply(store: &mut Store, scope: Scope, user: &str, name: &str, params: Op
     };
     match params {
         Some(params) => {
-            if params.prompt.as_ref().is_some_and(|prompt| prompt.chars().count() > 2000) {
+            if params
+                .prompt
+                .as_ref()
+                .is_some_and(|prompt| prompt.chars().count() > 2000)
+            {
                 return Err("prompt must be at most 2000 characters".into());
             }
             if !named.contains_key(name) && named.len() >= MAX_PER_SCOPE {
@@ -137,7 +166,9 @@ pub fn apply(store: &mut Store, scope: Scope, user: &str, name: &str, params: Op
 
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.chars().count())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '_' | '-'))
         && name.trim() == name
 }
 
@@ -158,7 +189,8 @@ async fn change(
     for attempt in 1..=WRITE_ATTEMPTS {
         let current = api.get_opt(CONFIG_MAP).await?;
         let mut store = Store::from_config_map(current.as_ref());
-        apply(&mut store, scope, caller.user(), name, params.clone()).map_err(ApiError::InvalidRequest)?;
+        apply(&mut store, scope, caller.user(), name, params.clone())
+            .map_err(ApiError::InvalidRequest)?;
         let data = store.to_data().map_err(ApiError::Conflict)?;
         let written = match current {
             Some(mut map) => {
@@ -167,7 +199,10 @@ async fn change(
             }
             None => {
                 let map = ConfigMap {
-                    metadata: ObjectMeta { name: Some(CONFIG_MAP.into()), ..ObjectMeta::default() },
+                    metadata: ObjectMeta {
+                        name: Some(CONFIG_MAP.into()),
+                        ..ObjectMeta::default()
+                    },
                     data: Some(data),
                     ..ConfigMap::default()
                 };
@@ -176,7 +211,11 @@ async fn change(
         };
         match written {
             Ok(_) => {
-                let action = if params.is_some() { "preset_save" } else { "preset_delete" };
+                let action = if params.is_some() {
+                    "preset_save"
+                } else {
+                    "preset_delete"
+                };
                 Event::new(action, Outcome::Success)
                     .user(caller.user())
                     .tenant(&access.name)
@@ -185,11 +224,15 @@ async fn change(
                     .emit();
                 return Ok(store.view(caller.user()));
             }
-            Err(kube::Error::Api(status)) if status.code == 409 && attempt < WRITE_ATTEMPTS => continue,
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < WRITE_ATTEMPTS => {
+                continue;
+            }
             Err(error) => return Err(error.into()),
         }
     }
-    Err(ApiError::Conflict("presets are being changed concurrently; try again".into()))
+    Err(ApiError::Conflict(
+        "presets are being changed concurrently; try again".into(),
+    ))
 }
 
 /// List presets
@@ -199,14 +242,23 @@ async fn change(
     responses((status = 200, description = "The tenant's and the caller's presets", body = Presets)),
     security(("bearer" = []), ("session" = []))
 )]
-pub async fn list(State(state): State<Arc<AppState>>, caller: Caller, Path(tenant): Path<String>) -> ApiResult<Json<Presets>> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "presets").await?;
     let current = config_maps(&state, &access).get_opt(CONFIG_MAP).await?;
-    Ok(Json(Store::from_config_map(current.as_ref()).view(caller.user())))
+    Ok(Json(
+        Store::from_config_map(current.as_ref()).view(caller.user()),
+    ))
 }
 
-fn parse_body(body: Result<Json<PresetParams>, axum::extract::rejection::JsonRejection>) -> ApiResult<PresetParams> {
-    body.map(|Json(params)| params).map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))
+fn parse_body(
+    body: Result<Json<PresetParams>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<PresetParams> {
+    body.map(|Json(params)| params)
+        .map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))
 }
 
 /// Save one of my presets
@@ -225,7 +277,9 @@ pub async fn save_mine(
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "preset_save").await?;
     let params = parse_body(body)?;
-    Ok(Json(change(&state, &access, &caller, Scope::Mine, &name, Some(params)).await?))
+    Ok(Json(
+        change(&state, &access, &caller, Scope::Mine, &name, Some(params)).await?,
+    ))
 }
 
 /// Delete one of my presets
@@ -241,7 +295,9 @@ pub async fn delete_mine(
     Path((tenant, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "preset_delete").await?;
-    Ok(Json(change(&state, &access, &caller, Scope::Mine, &name, None).await?))
+    Ok(Json(
+        change(&state, &access, &caller, Scope::Mine, &name, None).await?,
+    ))
 }
 
 /// Publish a tenant preset (admin)
@@ -261,7 +317,9 @@ pub async fn save_tenant(
     let access = tenant_access(&state, &caller, &tenant, "preset_save").await?;
     access.require_admin(&caller, "preset_save")?;
     let params = parse_body(body)?;
-    Ok(Json(change(&state, &access, &caller, Scope::Tenant, &name, Some(params)).await?))
+    Ok(Json(
+        change(&state, &access, &caller, Scope::Tenant, &name, Some(params)).await?,
+    ))
 }
 
 /// Withdraw a tenant preset (admin)
@@ -278,7 +336,9 @@ pub async fn delete_tenant(
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "preset_delete").await?;
     access.require_admin(&caller, "preset_delete")?;
-    Ok(Json(change(&state, &access, &caller, Scope::Tenant, &name, None).await?))
+    Ok(Json(
+        change(&state, &access, &caller, Scope::Tenant, &name, None).await?,
+    ))
 }
 
 #[cfg(test)]
@@ -286,7 +346,10 @@ mod tests {
     use super::*;
 
     fn params(steps: u32) -> PresetParams {
-        PresetParams { steps: Some(steps), ..PresetParams::default() }
+        PresetParams {
+            steps: Some(steps),
+            ..PresetParams::default()
+        }
     }
 
     #[test]
@@ -294,27 +357,59 @@ mod tests {
         let mut store = Store::default();
         apply(&mut store, Scope::Mine, "alice", "fast", Some(params(4))).unwrap();
         apply(&mut store, Scope::Mine, "bob", "fast", Some(params(8))).unwrap();
-        apply(&mut store, Scope::Tenant, "carol", "house style", Some(params(28))).unwrap();
+        apply(
+            &mut store,
+            Scope::Tenant,
+            "carol",
+            "house style",
+            Some(params(28)),
+        )
+        .unwrap();
         let alice = store.view("alice");
-        assert_eq!(alice.mine, vec![Preset { name: "fast".into(), params: params(4) }]);
+        assert_eq!(
+            alice.mine,
+            vec![Preset {
+                name: "fast".into(),
+                params: params(4)
+            }]
+        );
         assert_eq!(alice.tenant.len(), 1);
         assert_eq!(store.view("bob").mine[0].params, params(8));
         assert!(store.view("carol").mine.is_empty());
 
         // Round trip through the ConfigMap data.
-        let map = ConfigMap { data: Some(store.to_data().unwrap()), ..ConfigMap::default() };
+        let map = ConfigMap {
+            data: Some(store.to_data().unwrap()),
+            ..ConfigMap::default()
+        };
         assert_eq!(Store::from_config_map(Some(&map)), store);
 
         apply(&mut store, Scope::Mine, "alice", "fast", None).unwrap();
-        assert!(!store.users.contains_key("alice"), "empty entries are dropped");
+        assert!(
+            !store.users.contains_key("alice"),
+            "empty entries are dropped"
+        );
         for bad in ["", " x", "a/b", "../x", &"x".repeat(65)] {
-            assert!(apply(&mut store, Scope::Mine, "alice", bad, Some(params(1))).is_err(), "{bad:?}");
+            assert!(
+                apply(&mut store, Scope::Mine, "alice", bad, Some(params(1))).is_err(),
+                "{bad:?}"
+            );
         }
         for i in 0..MAX_PER_SCOPE {
-            apply(&mut store, Scope::Mine, "dave", &format!("p{i}"), Some(params(1))).unwrap();
+            apply(
+                &mut store,
+                Scope::Mine,
+                "dave",
+                &format!("p{i}"),
+                Some(params(1)),
+            )
+            .unwrap();
         }
         assert!(apply(&mut store, Scope::Mine, "dave", "one more", Some(params(1))).is_err());
-        assert!(apply(&mut store, Scope::Mine, "dave", "p0", Some(params(2))).is_ok(), "replacing is fine");
+        assert!(
+            apply(&mut store, Scope::Mine, "dave", "p0", Some(params(2))).is_ok(),
+            "replacing is fine"
+        );
         assert!(serde_json::from_str::<PresetParams>(r#"{"user": "bob"}"#).is_err());
     }
 }

@@ -31,7 +31,10 @@ struct TestSource {
 
 impl TestSource {
     fn new(keys: Vec<Value>) -> Self {
-        Self { jwks: Arc::new(std::sync::Mutex::new(json!({ "keys": keys }))), fetches: Arc::default() }
+        Self {
+            jwks: Arc::new(std::sync::Mutex::new(json!({ "keys": keys }))),
+            fetches: Arc::default(),
+        }
     }
 
     fn set(&self, keys: Vec<Value>) {
@@ -50,7 +53,10 @@ fn validator(source: TestSource, max_age: Duration) -> JwtValidator<TestSource> 
     let rules = TokenRules {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
-        claims: ClaimNames { user: "email".into(), groups: "groups".into() },
+        claims: ClaimNames {
+            user: "email".into(),
+            groups: "groups".into(),
+        },
         jwks_max_age: max_age,
     };
     JwtValidator::new(rules, source)
@@ -68,7 +74,9 @@ fn good_claims() -> Value {
 }
 
 fn sign(key_der: &str, kid: &str, claims: &Value) -> String {
-    let der = base64::engine::general_purpose::STANDARD.decode(key_der).unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(key_der)
+        .unwrap();
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid.into());
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&der)).unwrap()
@@ -86,27 +94,70 @@ fn with_claims(change: impl FnOnce(&mut Map<String, Value>)) -> Value {
 
 #[tokio::test]
 async fn a_good_token_names_the_user_and_groups() {
-    let v = validator(TestSource::new(vec![jwk("a", PUB_A)]), Duration::from_secs(300));
+    let v = validator(
+        TestSource::new(vec![jwk("a", PUB_A)]),
+        Duration::from_secs(300),
+    );
     let identity = v.validate(&sign(KEY_A, "a", &good_claims())).await.unwrap();
-    assert_eq!(identity, Identity { user: "alice@example.com".into(), groups: vec!["team-x".into()] });
+    assert_eq!(
+        identity,
+        Identity {
+            user: "alice@example.com".into(),
+            groups: vec!["team-x".into()]
+        }
+    );
 }
 
 #[tokio::test]
 async fn every_failed_check_has_its_reason() {
-    let v = validator(TestSource::new(vec![jwk("a", PUB_A)]), Duration::from_secs(300));
+    let v = validator(
+        TestSource::new(vec![jwk("a", PUB_A)]),
+        Duration::from_secs(300),
+    );
     let cases = [
-        (with_claims(|c| drop(c.insert("exp".into(), json!(now() - 120)))), TokenError::Expired),
-        (with_claims(|c| drop(c.insert("nbf".into(), json!(now() + 600)))), TokenError::NotYetValid),
-        (with_claims(|c| drop(c.insert("iss".into(), json!("https://evil.example.com")))), TokenError::WrongIssuer),
-        (with_claims(|c| drop(c.insert("iss".into(), json!(format!("{ISSUER}/"))))), TokenError::WrongIssuer),
-        (with_claims(|c| drop(c.insert("aud".into(), json!("another-api")))), TokenError::WrongAudience),
-        (with_claims(|c| drop(c.remove("aud"))), TokenError::MissingClaim("aud".into())),
-        (with_claims(|c| drop(c.remove("sub"))), TokenError::MissingClaim("sub".into())),
-        (with_claims(|c| drop(c.remove("exp"))), TokenError::MissingClaim("exp".into())),
-        (with_claims(|c| drop(c.remove("email"))), TokenError::MissingClaim("email".into())),
+        (
+            with_claims(|c| drop(c.insert("exp".into(), json!(now() - 120)))),
+            TokenError::Expired,
+        ),
+        (
+            with_claims(|c| drop(c.insert("nbf".into(), json!(now() + 600)))),
+            TokenError::NotYetValid,
+        ),
+        (
+            with_claims(|c| drop(c.insert("iss".into(), json!("https://evil.example.com")))),
+            TokenError::WrongIssuer,
+        ),
+        (
+            with_claims(|c| drop(c.insert("iss".into(), json!(format!("{ISSUER}/"))))),
+            TokenError::WrongIssuer,
+        ),
+        (
+            with_claims(|c| drop(c.insert("aud".into(), json!("another-api")))),
+            TokenError::WrongAudience,
+        ),
+        (
+            with_claims(|c| drop(c.remove("aud"))),
+            TokenError::MissingClaim("aud".into()),
+        ),
+        (
+            with_claims(|c| drop(c.remove("sub"))),
+            TokenError::MissingClaim("sub".into()),
+        ),
+        (
+            with_claims(|c| drop(c.remove("exp"))),
+            TokenError::MissingClaim("exp".into()),
+        ),
+        (
+            with_claims(|c| drop(c.remove("email"))),
+            TokenError::MissingClaim("email".into()),
+        ),
     ];
     for (claims, expected) in cases {
-        assert_eq!(v.validate(&sign(KEY_A, "a", &claims)).await, Err(expected.clone()), "{claims}");
+        assert_eq!(
+            v.validate(&sign(KEY_A, "a", &claims)).await,
+            Err(expected.clone()),
+            "{claims}"
+        );
     }
     // Within the leeway an expired token still passes (clock skew).
     let skewed = with_claims(|c| drop(c.insert("exp".into(), json!(now() - 5))));
@@ -116,24 +167,53 @@ async fn every_failed_check_has_its_reason() {
         c.insert("aud".into(), json!(["other", AUDIENCE]));
         c.remove("groups");
     });
-    assert!(v.validate(&sign(KEY_A, "a", &listed)).await.unwrap().groups.is_empty());
+    assert!(
+        v.validate(&sign(KEY_A, "a", &listed))
+            .await
+            .unwrap()
+            .groups
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn forged_tokens_are_refused() {
-    let v = validator(TestSource::new(vec![jwk("a", PUB_A)]), Duration::from_secs(300));
+    let v = validator(
+        TestSource::new(vec![jwk("a", PUB_A)]),
+        Duration::from_secs(300),
+    );
     let claims = good_claims();
     // alg none, no signature.
-    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "a"})), b64(&claims));
-    assert_eq!(v.validate(&none).await, Err(TokenError::UnsupportedAlgorithm("none".into())));
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": "a"})),
+        b64(&claims)
+    );
+    assert_eq!(
+        v.validate(&none).await,
+        Err(TokenError::UnsupportedAlgorithm("none".into()))
+    );
     // HS256 with the public key as the secret (the classic key confusion).
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("a".into());
-    let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(PUB_A).unwrap();
-    let hmac = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&public).unwrap()).unwrap();
-    assert_eq!(v.validate(&hmac).await, Err(TokenError::UnsupportedAlgorithm("HS256".into())));
+    let public = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(PUB_A)
+        .unwrap();
+    let hmac = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(&public).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        v.validate(&hmac).await,
+        Err(TokenError::UnsupportedAlgorithm("HS256".into()))
+    );
     // Signed by another key under a known kid.
-    assert_eq!(v.validate(&sign(KEY_B, "a", &claims)).await, Err(TokenError::BadSignature));
+    assert_eq!(
+        v.validate(&sign(KEY_B, "a", &claims)).await,
+        Err(TokenError::BadSignature)
+    );
     // A tampered payload.
     let token = sign(KEY_A, "a", &claims);
     let parts: Vec<&str> = token.split('.').collect();
@@ -141,19 +221,30 @@ async fn forged_tokens_are_refused() {
     let forged = format!("{}.{}.{}", parts[0], b64(&tampered), parts[2]);
     assert_eq!(v.validate(&forged).await, Err(TokenError::BadSignature));
     for garbage in ["", "abc", "a.b", "a.b.c.d", "!!.e30.x"] {
-        assert_eq!(v.validate(garbage).await, Err(TokenError::Malformed), "{garbage:?}");
+        assert_eq!(
+            v.validate(garbage).await,
+            Err(TokenError::Malformed),
+            "{garbage:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn symmetric_keys_in_the_jwks_are_never_used() {
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"shared-secret-shared-secret-1234");
-    let source = TestSource::new(vec![json!({"kty": "oct", "k": secret, "kid": "h", "alg": "HS256"})]);
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(b"shared-secret-shared-secret-1234");
+    let source = TestSource::new(vec![
+        json!({"kty": "oct", "k": secret, "kid": "h", "alg": "HS256"}),
+    ]);
     let v = validator(source, Duration::from_secs(300));
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("h".into());
-    let token = jsonwebtoken::encode(&header, &good_claims(), &EncodingKey::from_secret(b"shared-secret-shared-secret-1234").unwrap())
-        .unwrap();
+    let token = jsonwebtoken::encode(
+        &header,
+        &good_claims(),
+        &EncodingKey::from_secret(b"shared-secret-shared-secret-1234").unwrap(),
+    )
+    .unwrap();
     assert!(v.validate(&token).await.is_err());
 }
 
@@ -196,10 +287,16 @@ async fn an_unreachable_provider_is_not_the_callers_fault() {
     let rules = TokenRules {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
-        claims: ClaimNames { user: "email".into(), groups: "groups".into() },
+        claims: ClaimNames {
+            user: "email".into(),
+            groups: "groups".into(),
+        },
         jwks_max_age: Duration::from_secs(60),
     };
     let v = JwtValidator::new(rules, Down);
-    let error = v.validate(&sign(KEY_A, "a", &good_claims())).await.unwrap_err();
+    let error = v
+        .validate(&sign(KEY_A, "a", &good_claims()))
+        .await
+        .unwrap_err();
     assert_eq!(error.reason(), "keys_unavailable");
 }
