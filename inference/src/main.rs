@@ -1,3 +1,205 @@
-fn main() {
-    println!("atelier-inference: not implemented yet");
+//! `atelier-inference`: the inference pod's binary (see `docs/inference-api.md`).
+
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use atelier_inference::pipeline::{GenerateRequest, Pipeline, Precision};
+use atelier_inference::server::{self, ServeConfig};
+use atelier_inference::tiny::{self, TinyModelOptions};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "atelier-inference",
+    version,
+    about = "Atelier's Flux inference server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the model and serve generation jobs over HTTP.
+    Serve(ServeArgs),
+    /// Serve a tenant's image history from the outputs directory (no model).
+    ServeOutputs(ServeOutputsArgs),
+    /// Generate one image to a file, without a server.
+    Generate(GenerateArgs),
+    /// Write a tiny random-weight checkpoint with the real layout, for tests.
+    MakeTinyModel(MakeTinyModelArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "ATELIER_MODEL_DIR")]
+    model_dir: PathBuf,
+    #[arg(long, env = "ATELIER_OUTPUTS_DIR")]
+    outputs_dir: PathBuf,
+    #[arg(long, env = "ATELIER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[arg(long, env = "ATELIER_PRECISION", default_value = "bf16", value_parser = parse_precision)]
+    precision: Precision,
+    /// Jobs accepted at once (running + waiting); more are answered 429.
+    #[arg(long, env = "ATELIER_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Time without jobs after which the weights move from the device back to host memory.
+    #[arg(long, env = "ATELIER_IDLE_OFFLOAD", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_offload: Duration,
+    /// On SIGTERM, how long running jobs may finish before they are cancelled.
+    #[arg(long, env = "ATELIER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+#[derive(Args)]
+struct ServeOutputsArgs {
+    #[arg(long, env = "ATELIER_OUTPUTS_DIR")]
+    outputs_dir: PathBuf,
+    #[arg(long, env = "ATELIER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long, env = "ATELIER_MODEL_DIR")]
+    model_dir: PathBuf,
+    #[arg(long, env = "ATELIER_PRECISION", default_value = "bf16", value_parser = parse_precision)]
+    precision: Precision,
+    #[arg(long, env = "ATELIER_PROMPT")]
+    prompt: String,
+    #[arg(long, env = "ATELIER_SEED")]
+    seed: u64,
+    #[arg(long, env = "ATELIER_WIDTH", default_value_t = 1024)]
+    width: u32,
+    #[arg(long, env = "ATELIER_HEIGHT", default_value_t = 1024)]
+    height: u32,
+    /// Defaults to the model's own default.
+    #[arg(long, env = "ATELIER_STEPS")]
+    steps: Option<u32>,
+    /// Defaults to the model's own default.
+    #[arg(long, env = "ATELIER_GUIDANCE")]
+    guidance: Option<f32>,
+    #[arg(long, env = "ATELIER_OUT")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct MakeTinyModelArgs {
+    #[arg(long, env = "ATELIER_OUT")]
+    out: PathBuf,
+    #[arg(long, env = "ATELIER_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse::<Precision>().map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::ServeOutputs(args) => runtime()?.block_on(serve_outputs(args)),
+        Command::Generate(args) => generate(args),
+        Command::MakeTinyModel(args) => {
+            tiny::make_tiny_model(&args.out, args.seed, &TinyModelOptions::tiny())
+                .with_context(|| format!("writing a tiny model to {}", args.out.display()))?;
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    Ok(listener)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let config = ServeConfig {
+        model_dir: args.model_dir,
+        outputs_dir: args.outputs_dir,
+        precision: args.precision,
+        concurrency: usize::from(args.concurrency),
+        idle_offload: args.idle_offload,
+        shutdown_grace: args.shutdown_grace,
+    };
+    server::serve(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn serve_outputs(args: ServeOutputsArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    server::serve_outputs(listener, args.outputs_dir, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let pipeline = Pipeline::load(&args.model_dir, args.precision)
+        .with_context(|| format!("loading the model from {}", args.model_dir.display()))?;
+    let info = pipeline.info();
+    let request = GenerateRequest {
+        prompt: args.prompt,
+        width: args.width,
+        height: args.height,
+        steps: args.steps.unwrap_or(info.default_steps),
+        guidance: args.guidance.unwrap_or(info.default_guidance),
+        seed: args.seed,
+        num_images: 1,
+    };
+    let mut on_step = |step: u32, total: u32| {
+        tracing::info!(step, total, "denoising");
+        ControlFlow::Continue(())
+    };
+    let images = pipeline
+        .generate(&request, &mut on_step)
+        .context("generating")?;
+    let Some(image) = images.first() else {
+        bail!("the pipeline returned no image")
+    };
+    std::fs::write(&args.out, &image.png)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    tracing::info!(out = %args.out.display(), width = image.width, height = image.height, seed = image.seed, "image written");
+    Ok(())
 }

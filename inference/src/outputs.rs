@@ -61,7 +61,8 @@ pub fn safe_user_dir(user: &str) -> Result<String, Error> {
     }
     let mut out = String::with_capacity(user.len());
     for (i, b) in user.bytes().enumerate() {
-        let keep = b.is_ascii_alphanumeric() || matches!(b, b'@' | b'_' | b'-') || (b == b'.' && i > 0);
+        let keep =
+            b.is_ascii_alphanumeric() || matches!(b, b'@' | b'_' | b'-') || (b == b'.' && i > 0);
         if keep {
             out.push(char::from(b));
         } else {
@@ -79,7 +80,11 @@ pub fn safe_user_dir(user: &str) -> Result<String, Error> {
 /// `job8` is the first 8 ASCII alphanumerics of the job id (the hex prefix of a Kubernetes UID),
 /// which keeps names short while distinguishing jobs that finish in the same second.
 pub fn output_stem(created: Timestamp, seed: u64, job_id: &str, index: u32) -> String {
-    let job8: String = job_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
+    let job8: String = job_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
     let stamp = created.strftime("%Y%m%d_%H%M%S");
     if index == 0 {
         format!("{stamp}_{seed}_{job8}")
@@ -121,7 +126,9 @@ pub fn parse_file_name(name: &str) -> Option<FileKind> {
     let job = |s: &str| (1..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric());
     let parts: Vec<&str> = stem.split('_').collect();
     let valid = match parts.as_slice() {
-        [date, time, seed, job8] => digits(date, 8, 8) && digits(time, 6, 6) && digits(seed, 1, 20) && job(job8),
+        [date, time, seed, job8] => {
+            digits(date, 8, 8) && digits(time, 6, 6) && digits(seed, 1, 20) && job(job8)
+        }
         [date, time, seed, job8, index] => {
             digits(date, 8, 8)
                 && digits(time, 6, 6)
@@ -268,7 +275,10 @@ fn write_new_file(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf, Error>
     let temp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let target = dir.join(name);
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         file.write_all(data)?;
         file.sync_all()?;
         fs::hard_link(&temp, &target)
@@ -277,7 +287,9 @@ fn write_new_file(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf, Error>
     let _ = fs::remove_file(&temp);
     match result {
         Ok(()) => Ok(target),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Error::AlreadyExists(name.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(Error::AlreadyExists(name.to_owned()))
+        }
         Err(e) => Err(io_err(format!("writing {}", target.display()))(e)),
     }
 }
@@ -303,7 +315,12 @@ pub struct Listing {
 
 /// Lists a user's PNGs newest first (file names start with the UTC time, so name order is time
 /// order), at most `limit`, only those whose name sorts before `before`.
-pub fn list_images(root: &Path, user: &str, limit: usize, before: Option<&str>) -> Result<Listing, Error> {
+pub fn list_images(
+    root: &Path,
+    user: &str,
+    limit: usize,
+    before: Option<&str>,
+) -> Result<Listing, Error> {
     if let Some(before) = before
         && parse_file_name(before).is_none()
     {
@@ -314,15 +331,21 @@ pub fn list_images(root: &Path, user: &str, limit: usize, before: Option<&str>) 
         Ok(entries) => entries,
         // A user who never generated anything simply has an empty history.
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Listing { images: Vec::new(), next_before: None });
+            return Ok(Listing {
+                images: Vec::new(),
+                next_before: None,
+            });
         }
         Err(e) => return Err(io_err(format!("reading {}", dir.display()))(e)),
     };
     let mut names = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
-        let Ok(name) = entry.file_name().into_string() else { continue };
-        if parse_file_name(&name) == Some(FileKind::Png) && before.is_none_or(|b| name.as_str() < b) {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if parse_file_name(&name) == Some(FileKind::Png) && before.is_none_or(|b| name.as_str() < b)
+        {
             names.push(name);
         }
     }
@@ -348,9 +371,17 @@ pub fn list_images(root: &Path, user: &str, limit: usize, before: Option<&str>) 
                 .and_then(|t| Timestamp::try_from(t).ok())
                 .unwrap_or(Timestamp::UNIX_EPOCH),
         };
-        images.push(ListedImage { file: name, metadata, bytes: stat.len(), created_at });
+        images.push(ListedImage {
+            file: name,
+            metadata,
+            bytes: stat.len(),
+            created_at,
+        });
     }
-    Ok(Listing { images, next_before })
+    Ok(Listing {
+        images,
+        next_before,
+    })
 }
 
 fn read_metadata(dir: &Path, png_name: &str) -> Option<ImageMetadata> {
@@ -384,7 +415,10 @@ mod tests {
 
     #[test]
     fn safe_user_dir_keeps_plain_names() {
-        assert_eq!(safe_user_dir("alice@example.com").unwrap(), "alice@example.com");
+        assert_eq!(
+            safe_user_dir("alice@example.com").unwrap(),
+            "alice@example.com"
+        );
         assert_eq!(safe_user_dir("Bob_O-Neil.x").unwrap(), "Bob_O-Neil.x");
     }
 
@@ -393,24 +427,35 @@ mod tests {
         assert_eq!(safe_user_dir("..").unwrap(), "%2E.");
         assert_eq!(safe_user_dir(".").unwrap(), "%2E");
         assert_eq!(safe_user_dir(".hidden").unwrap(), "%2Ehidden");
-        assert_eq!(safe_user_dir("../etc/passwd").unwrap(), "%2E.%2Fetc%2Fpasswd");
+        assert_eq!(
+            safe_user_dir("../etc/passwd").unwrap(),
+            "%2E.%2Fetc%2Fpasswd"
+        );
         assert_eq!(safe_user_dir("a/b").unwrap(), "a%2Fb");
         assert_eq!(safe_user_dir("a\0b").unwrap(), "a%00b");
         assert_eq!(safe_user_dir("100%").unwrap(), "100%25");
         assert_eq!(safe_user_dir("é").unwrap(), "%C3%A9");
         assert!(matches!(safe_user_dir(""), Err(Error::InvalidUser(_))));
-        assert!(matches!(safe_user_dir(&"/".repeat(100)), Err(Error::InvalidUser(_))));
+        assert!(matches!(
+            safe_user_dir(&"/".repeat(100)),
+            Err(Error::InvalidUser(_))
+        ));
     }
 
     #[test]
     fn safe_user_dir_is_injective_on_tricky_pairs() {
         let users = [
-            "a/b", "a%2Fb", "a_b", "a b", "a%20b", ".a", "%2Ea", "a.", "A", "a", "..", "%2E.", "a\\b",
+            "a/b", "a%2Fb", "a_b", "a b", "a%20b", ".a", "%2Ea", "a.", "A", "a", "..", "%2E.",
+            "a\\b",
         ];
-        let dirs: std::collections::HashSet<String> = users.iter().map(|u| safe_user_dir(u).unwrap()).collect();
+        let dirs: std::collections::HashSet<String> =
+            users.iter().map(|u| safe_user_dir(u).unwrap()).collect();
         assert_eq!(dirs.len(), users.len());
         for dir in &dirs {
-            assert!(!dir.starts_with('.') && !dir.contains('/') && !dir.contains('\0'), "{dir}");
+            assert!(
+                !dir.starts_with('.') && !dir.contains('/') && !dir.contains('\0'),
+                "{dir}"
+            );
         }
     }
 
@@ -419,10 +464,16 @@ mod tests {
         let t = ts("2026-11-29T22:35:01Z");
         let stem = output_stem(t, 42, "1a2b3c4d-5e6f-7a8b-9c0d-111122223333", 0);
         assert_eq!(stem, "20261129_223501_42_1a2b3c4d");
-        assert_eq!(output_stem(t, 42, "1a2b3c4d-5e6f", 2), "20261129_223501_42_1a2b3c4d_2");
+        assert_eq!(
+            output_stem(t, 42, "1a2b3c4d-5e6f", 2),
+            "20261129_223501_42_1a2b3c4d_2"
+        );
         assert_eq!(output_stem(t, 7, "ab-c", 0), "20261129_223501_7_abc");
         assert_eq!(parse_file_name(&format!("{stem}.png")), Some(FileKind::Png));
-        assert_eq!(parse_file_name(&format!("{stem}_3.json")), Some(FileKind::Json));
+        assert_eq!(
+            parse_file_name(&format!("{stem}_3.json")),
+            Some(FileKind::Json)
+        );
         for bad in [
             "../x.png",
             ".20261129_223501_42_1a2b3c4d.png",
@@ -453,7 +504,12 @@ mod tests {
     }
 
     fn image(png: &[u8]) -> ImageData<'_> {
-        ImageData { png, width: 256, height: 256, seed: 42 }
+        ImageData {
+            png,
+            width: 256,
+            height: 256,
+            seed: 42,
+        }
     }
 
     #[test]
@@ -467,12 +523,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].path, "alice@example.com/20261129_223501_42_1a2b3c4d.png");
-        assert_eq!(files[1].metadata_path, "alice@example.com/20261129_223501_42_1a2b3c4d_1.json");
-        assert_eq!(fs::read(root.path().join(&files[1].path)).unwrap(), b"png-1");
+        assert_eq!(
+            files[0].path,
+            "alice@example.com/20261129_223501_42_1a2b3c4d.png"
+        );
+        assert_eq!(
+            files[1].metadata_path,
+            "alice@example.com/20261129_223501_42_1a2b3c4d_1.json"
+        );
+        assert_eq!(
+            fs::read(root.path().join(&files[1].path)).unwrap(),
+            b"png-1"
+        );
         assert_eq!(files[0].sha256, hex::encode(Sha256::digest(b"png-0")));
         let meta: ImageMetadata =
-            serde_json::from_slice(&fs::read(root.path().join(&files[0].metadata_path)).unwrap()).unwrap();
+            serde_json::from_slice(&fs::read(root.path().join(&files[0].metadata_path)).unwrap())
+                .unwrap();
         assert_eq!(meta.job_id, "1a2b3c4d-ffff");
         assert_eq!(meta.sha256, files[0].sha256);
         assert_eq!(meta.index, 0);
@@ -492,10 +558,14 @@ mod tests {
         write_job_outputs(root.path(), &info, 42, &[image(b"first")]).unwrap();
         // Same name again (same second, seed and job prefix), as a two-image batch: the second
         // image's name is free, but the first collides, so nothing new may remain.
-        let err = write_job_outputs(root.path(), &info, 42, &[image(b"x"), image(b"y")]).unwrap_err();
+        let err =
+            write_job_outputs(root.path(), &info, 42, &[image(b"x"), image(b"y")]).unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
         let dir = root.path().join("alice");
-        assert_eq!(fs::read(dir.join("20261129_223501_42_1a2b3c4d.png")).unwrap(), b"first");
+        assert_eq!(
+            fs::read(dir.join("20261129_223501_42_1a2b3c4d.png")).unwrap(),
+            b"first"
+        );
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
     }
 
@@ -519,22 +589,42 @@ mod tests {
     #[test]
     fn listing_pages_newest_first_and_isolates_users() {
         let root = tempfile::tempdir().unwrap();
-        for (i, created) in ["2026-11-29T10:00:00Z", "2026-11-29T11:00:00Z", "2026-11-30T09:00:00Z"]
-            .into_iter()
-            .enumerate()
+        for (i, created) in [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T11:00:00Z",
+            "2026-11-30T09:00:00Z",
+        ]
+        .into_iter()
+        .enumerate()
         {
             let id = format!("job{i}");
             write_job_outputs(root.path(), &job("alice", &id, created), 1, &[image(b"a")]).unwrap();
         }
-        write_job_outputs(root.path(), &job("bob", "bobjob", "2026-11-29T12:00:00Z"), 1, &[image(b"b")]).unwrap();
+        write_job_outputs(
+            root.path(),
+            &job("bob", "bobjob", "2026-11-29T12:00:00Z"),
+            1,
+            &[image(b"b")],
+        )
+        .unwrap();
         // A stray temp file and a foreign file are never listed.
-        fs::write(root.path().join("alice/.20261201_000000_1_x.png.1.0.tmp"), b"half").unwrap();
+        fs::write(
+            root.path().join("alice/.20261201_000000_1_x.png.1.0.tmp"),
+            b"half",
+        )
+        .unwrap();
         fs::write(root.path().join("alice/notes.txt"), b"").unwrap();
 
         let page1 = list_images(root.path(), "alice", 2, None).unwrap();
         let files: Vec<&str> = page1.images.iter().map(|i| i.file.as_str()).collect();
-        assert_eq!(files, ["20261130_090000_1_job2.png", "20261129_110000_1_job1.png"]);
-        assert_eq!(page1.next_before.as_deref(), Some("20261129_110000_1_job1.png"));
+        assert_eq!(
+            files,
+            ["20261130_090000_1_job2.png", "20261129_110000_1_job1.png"]
+        );
+        assert_eq!(
+            page1.next_before.as_deref(),
+            Some("20261129_110000_1_job1.png")
+        );
         assert_eq!(page1.images[0].metadata.as_ref().unwrap().job_id, "job2");
         assert_eq!(page1.images[0].bytes, 1);
         assert_eq!(page1.images[0].created_at, ts("2026-11-30T09:00:00Z"));
@@ -547,23 +637,48 @@ mod tests {
         let bob = list_images(root.path(), "bob", 50, None).unwrap();
         assert_eq!(bob.images.len(), 1);
         assert_eq!(bob.images[0].metadata.as_ref().unwrap().user, "bob");
-        assert!(list_images(root.path(), "carol", 50, None).unwrap().images.is_empty());
-        assert!(matches!(list_images(root.path(), "alice", 10, Some("../x")), Err(Error::InvalidFileName)));
+        assert!(
+            list_images(root.path(), "carol", 50, None)
+                .unwrap()
+                .images
+                .is_empty()
+        );
+        assert!(matches!(
+            list_images(root.path(), "alice", 10, Some("../x")),
+            Err(Error::InvalidFileName)
+        ));
     }
 
     #[test]
     fn read_output_rejects_traversal_and_symlinks() {
         let root = tempfile::tempdir().unwrap();
-        let files =
-            write_job_outputs(root.path(), &job("alice", "job0", "2026-11-29T10:00:00Z"), 1, &[image(b"a")]).unwrap();
+        let files = write_job_outputs(
+            root.path(),
+            &job("alice", "job0", "2026-11-29T10:00:00Z"),
+            1,
+            &[image(b"a")],
+        )
+        .unwrap();
         let file = files[0].path.strip_prefix("alice/").unwrap();
         let (data, kind) = read_output(root.path(), "alice", file).unwrap();
         assert_eq!((data.as_slice(), kind), (b"a".as_slice(), FileKind::Png));
-        assert!(matches!(read_output(root.path(), "bob", file), Err(Error::NotFound)));
-        assert!(matches!(read_output(root.path(), "alice", "../bob/x.png"), Err(Error::InvalidFileName)));
-        assert!(matches!(read_output(root.path(), "..", file), Err(Error::NotFound)));
-        std::os::unix::fs::symlink(root.path().join("alice").join(file), root.path().join("alice/20261129_100000_1_link.png"))
-            .unwrap();
+        assert!(matches!(
+            read_output(root.path(), "bob", file),
+            Err(Error::NotFound)
+        ));
+        assert!(matches!(
+            read_output(root.path(), "alice", "../bob/x.png"),
+            Err(Error::InvalidFileName)
+        ));
+        assert!(matches!(
+            read_output(root.path(), "..", file),
+            Err(Error::NotFound)
+        ));
+        std::os::unix::fs::symlink(
+            root.path().join("alice").join(file),
+            root.path().join("alice/20261129_100000_1_link.png"),
+        )
+        .unwrap();
         assert!(matches!(
             read_output(root.path(), "alice", "20261129_100000_1_link.png"),
             Err(Error::NotFound)

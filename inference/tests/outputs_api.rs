@@ -26,10 +26,20 @@ impl History {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve_outputs(listener, root.path().to_owned(), async {
-            let _ = stopped.await;
-        }));
-        History { root, addr, http: reqwest::Client::new(), stop, task }
+        let task = tokio::spawn(server::serve_outputs(
+            listener,
+            root.path().to_owned(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        History {
+            root,
+            addr,
+            http: reqwest::Client::new(),
+            stop,
+            task,
+        }
     }
 
     fn write(&self, user: &str, job_id: &str, created: &str, images: &[&[u8]]) -> Vec<String> {
@@ -37,7 +47,11 @@ impl History {
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.http.get(format!("http://{}{path}", self.addr)).send().await.unwrap()
+        self.http
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn json(&self, path: &str) -> (StatusCode, Value) {
@@ -58,11 +72,21 @@ impl History {
 
     async fn stop(self) {
         let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
-fn write_outputs(root: &Path, user: &str, job_id: &str, created: &str, images: &[&[u8]]) -> Vec<String> {
+fn write_outputs(
+    root: &Path,
+    user: &str,
+    job_id: &str,
+    created: &str,
+    images: &[&[u8]],
+) -> Vec<String> {
     let job = JobInfo {
         job_id,
         user,
@@ -72,26 +96,52 @@ fn write_outputs(root: &Path, user: &str, job_id: &str, created: &str, images: &
         model: "tiny",
         created_at: created.parse().unwrap(),
     };
-    let images: Vec<ImageData<'_>> =
-        images.iter().map(|png| ImageData { png, width: 256, height: 256, seed: 7 }).collect();
-    write_job_outputs(root, &job, 7, &images).unwrap().into_iter().map(|f| f.path).collect()
+    let images: Vec<ImageData<'_>> = images
+        .iter()
+        .map(|png| ImageData {
+            png,
+            width: 256,
+            height: 256,
+            seed: 7,
+        })
+        .collect();
+    write_job_outputs(root, &job, 7, &images)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect()
 }
 
 fn files(listing: &Value) -> Vec<&str> {
-    listing["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect()
+    listing["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["file"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
 async fn listing_is_newest_first_paged_and_per_user() {
     let history = History::start().await;
     history.write("alice@example.com", "a0", "2026-11-28T08:00:00Z", &[b"a0"]);
-    history.write("alice@example.com", "a1", "2026-11-29T09:00:00Z", &[b"a1-0", b"a1-1"]);
+    history.write(
+        "alice@example.com",
+        "a1",
+        "2026-11-29T09:00:00Z",
+        &[b"a1-0", b"a1-1"],
+    );
     history.write("alice@example.com", "a2", "2026-11-30T10:00:00Z", &[b"a2"]);
     history.write("bob@example.com", "b0", "2026-11-30T11:00:00Z", &[b"b0"]);
 
-    let (code, page) = history.json("/v1/outputs/alice%40example.com?limit=2").await;
+    let (code, page) = history
+        .json("/v1/outputs/alice%40example.com?limit=2")
+        .await;
     assert_eq!(code, StatusCode::OK);
-    assert_eq!(files(&page), ["20261130_100000_7_a2.png", "20261129_090000_7_a1_1.png"]);
+    assert_eq!(
+        files(&page),
+        ["20261130_100000_7_a2.png", "20261129_090000_7_a1_1.png"]
+    );
     let first = &page["images"][0];
     assert_eq!(first["bytes"], 2);
     assert_eq!(first["createdAt"], "2026-11-30T10:00:00Z");
@@ -99,8 +149,13 @@ async fn listing_is_newest_first_paged_and_per_user() {
     assert_eq!(first["metadata"]["user"], "alice@example.com");
     assert_eq!(page["nextBefore"], "20261129_090000_7_a1_1.png");
 
-    let (_, page) = history.json("/v1/outputs/alice@example.com?limit=2&before=20261129_090000_7_a1_1.png").await;
-    assert_eq!(files(&page), ["20261129_090000_7_a1.png", "20261128_080000_7_a0.png"]);
+    let (_, page) = history
+        .json("/v1/outputs/alice@example.com?limit=2&before=20261129_090000_7_a1_1.png")
+        .await;
+    assert_eq!(
+        files(&page),
+        ["20261129_090000_7_a1.png", "20261128_080000_7_a0.png"]
+    );
     assert_eq!(page["nextBefore"], Value::Null);
 
     // Bob sees only his; a stranger has an empty history.
@@ -109,33 +164,57 @@ async fn listing_is_newest_first_paged_and_per_user() {
     let (code, nobody) = history.json("/v1/outputs/carol@example.com").await;
     assert_eq!((code, files(&nobody).len()), (StatusCode::OK, 0));
 
-    let (code, bad) = history.json("/v1/outputs/alice@example.com?before=../../x").await;
-    assert_eq!((code, &bad["error"]["reason"]), (StatusCode::BAD_REQUEST, &Value::from("InvalidRequest")));
-    let (code, bad) = history.json("/v1/outputs/alice@example.com?limit=lots").await;
-    assert_eq!((code, &bad["error"]["reason"]), (StatusCode::BAD_REQUEST, &Value::from("InvalidRequest")));
+    let (code, bad) = history
+        .json("/v1/outputs/alice@example.com?before=../../x")
+        .await;
+    assert_eq!(
+        (code, &bad["error"]["reason"]),
+        (StatusCode::BAD_REQUEST, &Value::from("InvalidRequest"))
+    );
+    let (code, bad) = history
+        .json("/v1/outputs/alice@example.com?limit=lots")
+        .await;
+    assert_eq!(
+        (code, &bad["error"]["reason"]),
+        (StatusCode::BAD_REQUEST, &Value::from("InvalidRequest"))
+    );
     history.stop().await;
 }
 
 #[tokio::test]
 async fn files_are_served_with_their_content_type() {
     let history = History::start().await;
-    let paths = history.write("alice@example.com", "a0", "2026-11-28T08:00:00Z", &[b"\x89PNG-ish"]);
+    let paths = history.write(
+        "alice@example.com",
+        "a0",
+        "2026-11-28T08:00:00Z",
+        &[b"\x89PNG-ish"],
+    );
     let file = paths[0].strip_prefix("alice@example.com/").unwrap();
 
-    let response = history.get(&format!("/v1/outputs/alice@example.com/{file}")).await;
+    let response = history
+        .get(&format!("/v1/outputs/alice@example.com/{file}"))
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "image/png");
     assert_eq!(response.bytes().await.unwrap().as_ref(), b"\x89PNG-ish");
 
     let json_file = file.replace(".png", ".json");
-    let response = history.get(&format!("/v1/outputs/alice@example.com/{json_file}")).await;
+    let response = history
+        .get(&format!("/v1/outputs/alice@example.com/{json_file}"))
+        .await;
     assert_eq!(response.headers()["content-type"], "application/json");
     let metadata: Value = response.json().await.unwrap();
     assert_eq!(metadata["prompt"], "a red fox");
 
     // Another user asking for the same name finds nothing: names only resolve in one's own dir.
-    let (code, answer) = history.json(&format!("/v1/outputs/bob@example.com/{file}")).await;
-    assert_eq!((code, &answer["error"]["reason"]), (StatusCode::NOT_FOUND, &Value::from("NotFound")));
+    let (code, answer) = history
+        .json(&format!("/v1/outputs/bob@example.com/{file}"))
+        .await;
+    assert_eq!(
+        (code, &answer["error"]["reason"]),
+        (StatusCode::NOT_FOUND, &Value::from("NotFound"))
+    );
     history.stop().await;
 }
 
@@ -175,7 +254,12 @@ async fn traversal_and_hostile_names_never_reach_other_files() {
     assert_eq!(files(&listing), [bob_file.as_str()]);
     let (_, listing) = history.json("/v1/outputs/.hidden").await;
     assert_eq!(listing["images"][0]["metadata"]["user"], ".hidden");
-    assert_eq!(history.raw_status(&format!("/v1/outputs/bob/{bob_file}")).await, 200);
+    assert_eq!(
+        history
+            .raw_status(&format!("/v1/outputs/bob/{bob_file}"))
+            .await,
+        200
+    );
     history.stop().await;
 }
 
@@ -184,15 +268,27 @@ async fn health_readiness_and_metrics() {
     let history = History::start().await;
     assert_eq!(history.get("/healthz").await.status(), StatusCode::OK);
     let (code, ready) = history.json("/readyz").await;
-    assert_eq!((code, &ready["state"]), (StatusCode::OK, &Value::from("ready")));
+    assert_eq!(
+        (code, &ready["state"]),
+        (StatusCode::OK, &Value::from("ready"))
+    );
     history.get("/v1/outputs/alice").await;
     let metrics = history.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains(r#"atelier_inference_outputs_requests_total{kind="list"} 1"#), "{metrics}");
-    assert!(metrics.contains("atelier_inference_process_resident_memory_bytes "), "{metrics}");
+    assert!(
+        metrics.contains(r#"atelier_inference_outputs_requests_total{kind="list"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atelier_inference_process_resident_memory_bytes "),
+        "{metrics}"
+    );
     // Without its volume the server is not ready.
     let root = history.root.path().to_owned();
     std::fs::remove_dir_all(&root).unwrap();
-    assert_eq!(history.get("/readyz").await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        history.get("/readyz").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     std::fs::create_dir(&root).unwrap();
     history.stop().await;
 }

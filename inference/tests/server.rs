@@ -20,7 +20,10 @@ async fn job_runs_and_resubmission_is_idempotent() {
     let (code, first) = server.post_job(&body).await;
     assert_eq!(code, StatusCode::ACCEPTED, "{first}");
     assert_eq!(first["id"], "job-idem-1");
-    assert!(matches!(first["state"].as_str(), Some("queued" | "running")), "{first}");
+    assert!(
+        matches!(first["state"].as_str(), Some("queued" | "running")),
+        "{first}"
+    );
     assert_eq!(first["totalSteps"], 2);
     assert_eq!(first["seed"], 42);
 
@@ -33,22 +36,37 @@ async fn job_runs_and_resubmission_is_idempotent() {
     assert_eq!(done["step"], 2);
     assert_eq!(done["error"], Value::Null);
     let (code, after) = server.post_job(&body).await;
-    assert_eq!((code, &after["state"]), (StatusCode::OK, &json!("succeeded")));
+    assert_eq!(
+        (code, &after["state"]),
+        (StatusCode::OK, &json!("succeeded"))
+    );
 
     let outputs = done["outputs"].as_array().unwrap();
     assert_eq!(outputs.len(), 1);
     let output = &outputs[0];
     let path = output["path"].as_str().unwrap();
-    assert!(path.starts_with("alice@example.com/") && path.ends_with("_42_jobidem1.png"), "{path}");
-    assert_eq!((output["width"].as_u64(), output["height"].as_u64()), (Some(256), Some(256)));
+    assert!(
+        path.starts_with("alice@example.com/") && path.ends_with("_42_jobidem1.png"),
+        "{path}"
+    );
+    assert_eq!(
+        (output["width"].as_u64(), output["height"].as_u64()),
+        (Some(256), Some(256))
+    );
     let png = std::fs::read(server.outputs().join(path)).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(output["bytes"].as_u64(), Some(png.len() as u64));
     let sha = sha256_hex(&png);
     assert_eq!(output["sha256"].as_str(), Some(sha.as_str()));
-    let metadata: Value =
-        serde_json::from_slice(&std::fs::read(server.outputs().join(output["metadataPath"].as_str().unwrap())).unwrap())
-            .unwrap();
+    let metadata: Value = serde_json::from_slice(
+        &std::fs::read(
+            server
+                .outputs()
+                .join(output["metadataPath"].as_str().unwrap()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert_eq!(metadata["jobId"], "job-idem-1");
     assert_eq!(metadata["user"], "alice@example.com");
     assert_eq!(metadata["prompt"], "a red fox");
@@ -56,7 +74,10 @@ async fn job_runs_and_resubmission_is_idempotent() {
     assert_eq!(metadata["steps"], 2);
 
     // One generation: exactly one PNG and its metadata.
-    assert_eq!(list_files(&server.outputs().join("alice@example.com")).len(), 2);
+    assert_eq!(
+        list_files(&server.outputs().join("alice@example.com")).len(),
+        2
+    );
 
     // Same id, different request.
     let mut changed = body.clone();
@@ -70,7 +91,10 @@ async fn job_runs_and_resubmission_is_idempotent() {
     assert_eq!(list["capacity"], 1);
     assert_eq!(list["active"], 0);
     assert_eq!(list["jobs"][0]["id"], "job-idem-1");
-    assert_eq!(server.get("/v1/jobs/nope").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        server.get("/v1/jobs/nope").await.status(),
+        StatusCode::NOT_FOUND
+    );
     server.stop().await;
 }
 
@@ -82,10 +106,21 @@ async fn batch_writes_one_file_per_image() {
     server.post_job(&body).await;
     let done = server.wait_finished("batch-1").await;
     assert_eq!(done["state"], "succeeded", "{done}");
-    let paths: Vec<&str> = done["outputs"].as_array().unwrap().iter().map(|o| o["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = done["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths.len(), 2);
-    assert!(paths[0].ends_with("_batch1.png") && paths[1].ends_with("_batch1_1.png"), "{paths:?}");
-    assert_eq!(list_files(&server.outputs().join("alice@example.com")).len(), 4);
+    assert!(
+        paths[0].ends_with("_batch1.png") && paths[1].ends_with("_batch1_1.png"),
+        "{paths:?}"
+    );
+    assert_eq!(
+        list_files(&server.outputs().join("alice@example.com")).len(),
+        4
+    );
     server.stop().await;
 }
 
@@ -124,25 +159,58 @@ async fn full_server_answers_429_and_cancel_stops_mid_run() {
     let (code, _) = server.post_job(&job("slow-1", SLOW_STEPS)).await;
     assert_eq!(code, StatusCode::ACCEPTED);
 
-    let response = server.http.post(server.url("/v1/jobs")).json(&job("other-1", 2)).send().await.unwrap();
+    let response = server
+        .http
+        .post(server.url("/v1/jobs"))
+        .json(&job("other-1", 2))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(response.headers().get("retry-after").is_some());
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["error"]["reason"], "AtCapacity");
 
-    let running = server.wait_for("slow-1", |s| s["step"].as_u64() >= Some(1)).await;
+    let running = server
+        .wait_for("slow-1", |s| s["step"].as_u64() >= Some(1))
+        .await;
     assert_eq!(running["state"], "running");
-    let response = server.http.delete(server.url("/v1/jobs/slow-1")).send().await.unwrap();
+    let response = server
+        .http
+        .delete(server.url("/v1/jobs/slow-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let cancelled: Value = response.json().await.unwrap();
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     assert_eq!(cancelled["error"]["reason"], "Cancelled");
-    assert!(cancelled["step"].as_u64() < Some(u64::from(SLOW_STEPS)), "{cancelled}");
+    assert!(
+        cancelled["step"].as_u64() < Some(u64::from(SLOW_STEPS)),
+        "{cancelled}"
+    );
     assert_eq!(cancelled["outputs"], json!([]));
     // Idempotent on a finished job, 404 on an unknown one.
-    let again: Value = server.http.delete(server.url("/v1/jobs/slow-1")).send().await.unwrap().json().await.unwrap();
+    let again: Value = server
+        .http
+        .delete(server.url("/v1/jobs/slow-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(again["finishedAt"], cancelled["finishedAt"]);
-    assert_eq!(server.http.delete(server.url("/v1/jobs/nope")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        server
+            .http
+            .delete(server.url("/v1/jobs/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
     assert!(list_files(&server.outputs().join("alice@example.com")).is_empty());
 
     // The slot is free again.
@@ -157,18 +225,42 @@ async fn queued_job_is_cancelled_without_running() {
     let server = Server::start(|c| c.concurrency = 2).await;
     server.post_job(&job("slow-q1", SLOW_STEPS)).await;
     let (code, queued) = server.post_job(&job("quick-q2", 2)).await;
-    assert_eq!((code, &queued["state"]), (StatusCode::ACCEPTED, &json!("queued")));
+    assert_eq!(
+        (code, &queued["state"]),
+        (StatusCode::ACCEPTED, &json!("queued"))
+    );
     let (code, _) = server.post_job(&job("third-q3", 2)).await;
     assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
     let metrics = server.get_text("/metrics").await;
-    assert!(metrics.lines().any(|l| l == "atelier_inference_queue_depth 1"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "atelier_inference_queue_depth 1"),
+        "{metrics}"
+    );
 
-    let cancelled: Value = server.http.delete(server.url("/v1/jobs/quick-q2")).send().await.unwrap().json().await.unwrap();
+    let cancelled: Value = server
+        .http
+        .delete(server.url("/v1/jobs/quick-q2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(cancelled["state"], "cancelled");
     assert_eq!(cancelled["startedAt"], Value::Null);
-    server.http.delete(server.url("/v1/jobs/slow-q1")).send().await.unwrap();
+    server
+        .http
+        .delete(server.url("/v1/jobs/slow-q1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(server.wait_finished("slow-q1").await["state"], "cancelled");
-    assert_eq!(server.get_json("/v1/jobs/quick-q2").await["startedAt"], Value::Null);
+    assert_eq!(
+        server.get_json("/v1/jobs/quick-q2").await["startedAt"],
+        Value::Null
+    );
     server.stop().await;
 }
 
@@ -181,7 +273,10 @@ async fn timeout_fails_the_job_with_deadline_exceeded() {
     let done = server.wait_finished("deadline-1").await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["error"]["reason"], "DeadlineExceeded");
-    assert!(done["step"].as_u64() < Some(u64::from(SLOW_STEPS)), "the generation was stopped: {done}");
+    assert!(
+        done["step"].as_u64() < Some(u64::from(SLOW_STEPS)),
+        "the generation was stopped: {done}"
+    );
     assert!(list_files(&server.outputs().join("alice@example.com")).is_empty());
     server.stop().await;
 }
@@ -205,7 +300,9 @@ async fn output_write_error_fails_the_job_without_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_the_job_without_partial_files() {
     let Some(tmpfs) = TinyTmpfs::mount(8 * 1024) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the read-only-path test still runs");
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the read-only-path test still runs"
+        );
         return;
     };
     let outputs = tmpfs.path().to_owned();
@@ -214,9 +311,18 @@ async fn full_disk_fails_the_job_without_partial_files() {
     let done = server.wait_finished("full-1").await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["error"]["reason"], "OutputWriteFailed");
-    assert!(done["error"]["message"].as_str().unwrap().contains("No space left"), "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{done}"
+    );
     // Not the metadata written before the PNG, not a temp file: nothing at all.
-    assert_eq!(list_files(&tmpfs.path().join("alice@example.com")), Vec::<String>::new());
+    assert_eq!(
+        list_files(&tmpfs.path().join("alice@example.com")),
+        Vec::<String>::new()
+    );
     server.stop().await;
 }
 
@@ -225,7 +331,10 @@ async fn model_moves_to_device_for_jobs_and_back_when_idle() {
     let server = Server::start(|c| c.idle_offload = Duration::from_millis(500)).await;
     let (code, ready) = server.get_status_json("/readyz").await;
     assert_eq!(code, StatusCode::OK);
-    assert_eq!((&ready["state"], &ready["capacity"], &ready["active"]), (&json!("host"), &json!(1), &json!(0)));
+    assert_eq!(
+        (&ready["state"], &ready["capacity"], &ready["active"]),
+        (&json!("host"), &json!(1), &json!(0))
+    );
     let model = server.get_json("/v1/model").await;
     assert_eq!(model["state"], "host");
     assert_eq!(model["precision"], "bf16");
@@ -237,15 +346,27 @@ async fn model_moves_to_device_for_jobs_and_back_when_idle() {
     // Right after a job the weights stay on the device...
     assert_eq!(server.get_json("/readyz").await["state"], "device");
     let metrics = server.get_text("/metrics").await;
-    assert!(metrics.lines().any(|l| l == r#"atelier_inference_model_state{state="device"} 1"#), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"atelier_inference_model_state{state="device"} 1"#),
+        "{metrics}"
+    );
     // ...and go back to host memory after the idle period.
-    server.wait_model_state("host", Duration::from_secs(10)).await;
+    server
+        .wait_model_state("host", Duration::from_secs(10))
+        .await;
 
     // The next job brings them back; an explicit offload frees the device at once.
     server.post_job(&job("warm-2", 2)).await;
     server.wait_finished("warm-2").await;
     assert_eq!(server.get_json("/v1/model").await["state"], "device");
-    let response = server.http.post(server.url("/v1/model/offload")).send().await.unwrap();
+    let response = server
+        .http
+        .post(server.url("/v1/model/offload"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let model: Value = response.json().await.unwrap();
     assert_eq!(model["state"], "host");
@@ -257,11 +378,21 @@ async fn offload_is_refused_while_a_job_runs() {
     let server = Server::start(|_| {}).await;
     server.post_job(&job("busy-1", SLOW_STEPS)).await;
     server.wait_for("busy-1", |s| s["state"] == "running").await;
-    let response = server.http.post(server.url("/v1/model/offload")).send().await.unwrap();
+    let response = server
+        .http
+        .post(server.url("/v1/model/offload"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CONFLICT);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["error"]["reason"], "ModelBusy");
-    server.http.delete(server.url("/v1/jobs/busy-1")).send().await.unwrap();
+    server
+        .http
+        .delete(server.url("/v1/jobs/busy-1"))
+        .send()
+        .await
+        .unwrap();
     server.stop().await;
 }
 
@@ -282,8 +413,14 @@ async fn metrics_report_steps_jobs_and_memory() {
     assert!(value("atelier_inference_steps_per_second") > 0.0);
     assert_eq!(value("atelier_inference_generation_seconds_count"), 1.0);
     assert_eq!(value(r#"atelier_inference_jobs{state="succeeded"}"#), 1.0);
-    assert_eq!(value(r#"atelier_inference_jobs_finished_total{state="succeeded"}"#), 1.0);
-    assert_eq!(value(r#"atelier_inference_model_state{state="loading"}"#), 0.0);
+    assert_eq!(
+        value(r#"atelier_inference_jobs_finished_total{state="succeeded"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"atelier_inference_model_state{state="loading"}"#),
+        0.0
+    );
     assert_eq!(value("atelier_inference_queue_depth"), 0.0);
     assert_eq!(value("atelier_inference_capacity"), 1.0);
     assert!(value("atelier_inference_process_resident_memory_bytes") > 1e6);
@@ -305,13 +442,21 @@ async fn events_stream_progress_until_finished() {
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), read_all).await.expect("the stream ends");
-    let statuses: Vec<Value> =
-        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    tokio::time::timeout(Duration::from_secs(120), read_all)
+        .await
+        .expect("the stream ends");
+    let statuses: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert!(text.contains("event: status"));
     assert_eq!(statuses.last().unwrap()["state"], "succeeded", "{text}");
     assert!(statuses.len() >= 2, "{text}");
-    assert_eq!(server.get("/v1/jobs/nope/events").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        server.get("/v1/jobs/nope/events").await.status(),
+        StatusCode::NOT_FOUND
+    );
     server.stop().await;
 }
 
@@ -319,19 +464,31 @@ async fn events_stream_progress_until_finished() {
 async fn shutdown_finishes_running_job_and_refuses_new_ones() {
     let server = Server::start(|c| c.shutdown_grace = Duration::from_secs(60)).await;
     server.post_job(&job("drain-1", 4)).await;
-    server.wait_for("drain-1", |s| s["state"] == "running").await;
+    server
+        .wait_for("drain-1", |s| s["state"] == "running")
+        .await;
     let (base, http, outputs, handle) = server.begin_stop();
     // While draining: not ready, new ids refused, known ids still answered.
     let ready = http.get(format!("{base}/readyz")).send().await;
     if let Ok(ready) = ready {
         assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let refused = http.post(format!("{base}/v1/jobs")).json(&job("late-1", 2)).send().await.unwrap();
+        let refused = http
+            .post(format!("{base}/v1/jobs"))
+            .json(&job("late-1", 2))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-    let result = tokio::time::timeout(Duration::from_secs(120), handle).await.expect("server stops");
+    let result = tokio::time::timeout(Duration::from_secs(120), handle)
+        .await
+        .expect("server stops");
     result.unwrap().unwrap();
     // The running job was finished, not cancelled.
-    assert_eq!(list_files(&outputs.path().join("alice@example.com")).len(), 2);
+    assert_eq!(
+        list_files(&outputs.path().join("alice@example.com")).len(),
+        2
+    );
 }
 
 // ---- helpers ----
@@ -348,7 +505,12 @@ fn model_dir() -> &'static Path {
     MODEL
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            atelier_inference::tiny::make_tiny_model(dir.path(), 0, &atelier_inference::tiny::TinyModelOptions::tiny()).unwrap();
+            atelier_inference::tiny::make_tiny_model(
+                dir.path(),
+                0,
+                &atelier_inference::tiny::TinyModelOptions::tiny(),
+            )
+            .unwrap();
             dir
         })
         .path()
@@ -364,8 +526,12 @@ fn job(id: &str, steps: u32) -> Value {
 
 /// Names in a directory (hidden ones included), sorted; empty if it does not exist.
 fn list_files(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut names: Vec<String> = entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     names
 }
@@ -387,7 +553,9 @@ struct Server {
 
 impl Server {
     async fn start(configure: impl FnOnce(&mut ServeConfig)) -> Server {
-        let model_dir = tokio::task::spawn_blocking(|| model_dir().to_owned()).await.unwrap();
+        let model_dir = tokio::task::spawn_blocking(|| model_dir().to_owned())
+            .await
+            .unwrap();
         let outputs = tempfile::tempdir().unwrap();
         let mut config = ServeConfig {
             model_dir,
@@ -405,8 +573,17 @@ impl Server {
         let task = tokio::spawn(server::serve(listener, config, async {
             let _ = stopped.await;
         }));
-        let server = Server { base, http: reqwest::Client::new(), outputs, outputs_dir, stop, task };
-        server.wait_model_state("host", Duration::from_secs(120)).await;
+        let server = Server {
+            base,
+            http: reqwest::Client::new(),
+            outputs,
+            outputs_dir,
+            stop,
+            task,
+        };
+        server
+            .wait_model_state("host", Duration::from_secs(120))
+            .await;
         server
     }
 
@@ -438,7 +615,13 @@ impl Server {
     }
 
     async fn post_job(&self, body: &Value) -> (StatusCode, Value) {
-        let response = self.http.post(self.url("/v1/jobs")).json(body).send().await.unwrap();
+        let response = self
+            .http
+            .post(self.url("/v1/jobs"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         (response.status(), response.json().await.unwrap())
     }
 
@@ -455,7 +638,13 @@ impl Server {
     }
 
     async fn wait_finished(&self, id: &str) -> Value {
-        self.wait_for(id, |s| matches!(s["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))).await
+        self.wait_for(id, |s| {
+            matches!(
+                s["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+        })
+        .await
     }
 
     async fn wait_model_state(&self, state: &str, within: Duration) {
@@ -467,20 +656,34 @@ impl Server {
                     return;
                 }
             }
-            assert!(started.elapsed() < within, "model never reached state {state}");
+            assert!(
+                started.elapsed() < within,
+                "model never reached state {state}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Triggers shutdown; returns what the test still needs while the server drains.
-    fn begin_stop(self) -> (String, reqwest::Client, TempDir, JoinHandle<Result<(), server::Error>>) {
+    fn begin_stop(
+        self,
+    ) -> (
+        String,
+        reqwest::Client,
+        TempDir,
+        JoinHandle<Result<(), server::Error>>,
+    ) {
         let _ = self.stop.send(());
         (self.base, self.http, self.outputs, self.task)
     }
 
     async fn stop(self) {
         let (_, _, _outputs, task) = self.begin_stop();
-        tokio::time::timeout(Duration::from_secs(60), task).await.expect("server stops").unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -508,6 +711,8 @@ impl TinyTmpfs {
 
 impl Drop for TinyTmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
     }
 }

@@ -12,7 +12,11 @@ use serde_json::{Value, json};
 const BIN: &str = env!("CARGO_BIN_EXE_atelier-inference");
 
 fn make_tiny_model(dir: &Path) {
-    let status = Command::new(BIN).args(["make-tiny-model", "--out"]).arg(dir).status().unwrap();
+    let status = Command::new(BIN)
+        .args(["make-tiny-model", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -36,13 +40,17 @@ fn spawn_server(model: &Path, outputs: &Path) -> (Child, String) {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { return };
             eprintln!("server: {line}");
-            let Ok(log) = serde_json::from_str::<Value>(&line) else { continue };
+            let Ok(log) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
             if log["fields"]["message"] == "listening" {
                 let _ = addr_tx.send(log["fields"]["addr"].as_str().unwrap().to_owned());
             }
         }
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("the server logs its address");
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server logs its address");
     (child, addr)
 }
 
@@ -64,7 +72,17 @@ fn generate_writes_a_png() {
     let out = tempfile::tempdir().unwrap();
     let png = out.path().join("fox.png");
     let status = Command::new(BIN)
-        .args(["generate", "--prompt", "a red fox", "--seed", "3", "--width", "256", "--height", "256"])
+        .args([
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--seed",
+            "3",
+            "--width",
+            "256",
+            "--height",
+            "256",
+        ])
         .args(["--steps", "2", "--model-dir"])
         .arg(model.path())
         .arg("--out")
@@ -85,27 +103,54 @@ async fn serve_finishes_the_running_job_on_sigterm() {
     let base = format!("http://{addr}");
 
     let started = Instant::now();
-    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
         assert!(started.elapsed() < Duration::from_secs(120), "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let body = json!({"id": "bin-1", "user": "alice", "prompt": "a fox", "width": 256, "height": 256,
                       "steps": 20, "seed": 1});
-    let response = http.post(format!("{base}/v1/jobs")).json(&body).send().await.unwrap();
+    let response = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     loop {
-        let status: Value = http.get(format!("{base}/v1/jobs/bin-1")).send().await.unwrap().json().await.unwrap();
+        let status: Value = http
+            .get(format!("{base}/v1/jobs/bin-1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if status["state"] != "queued" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(120))).await.unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(120)))
+            .await
+            .unwrap();
     assert!(status.success(), "{status}");
     // The job that was running when SIGTERM came was finished, not dropped.
-    let written: Vec<_> = std::fs::read_dir(outputs.path().join("alice")).unwrap().collect();
+    let written: Vec<_> = std::fs::read_dir(outputs.path().join("alice"))
+        .unwrap()
+        .collect();
     assert_eq!(written.len(), 2, "a PNG and its metadata");
 }

@@ -89,8 +89,13 @@ impl IntoResponse for ApiError {
         }
         let body = Json(json!({"error": {"reason": self.reason(), "message": self.to_string()}}));
         let mut response = (status, body).into_response();
-        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
     }
@@ -120,9 +125,13 @@ impl From<jobs::Error> for ApiError {
 impl From<outputs::Error> for ApiError {
     fn from(e: outputs::Error) -> Self {
         match e {
-            outputs::Error::InvalidUser(_) | outputs::Error::InvalidFileName => ApiError::InvalidRequest(e.to_string()),
+            outputs::Error::InvalidUser(_) | outputs::Error::InvalidFileName => {
+                ApiError::InvalidRequest(e.to_string())
+            }
             outputs::Error::NotFound => ApiError::NotFound(e.to_string()),
-            outputs::Error::AlreadyExists(_) | outputs::Error::Io { .. } => ApiError::Internal(e.to_string()),
+            outputs::Error::AlreadyExists(_) | outputs::Error::Io { .. } => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -170,7 +179,10 @@ impl JobRequest {
         if self.id.is_empty()
             || self.id.len() > MAX_ID_LEN
             || !self.id.starts_with(|c: char| c.is_ascii_alphanumeric())
-            || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return invalid(format!(
                 "id must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9._-], starting with a letter or digit"
@@ -178,7 +190,9 @@ impl JobRequest {
         }
         outputs::safe_user_dir(&self.user).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
         if self.prompt.trim().is_empty() || self.prompt.len() > MAX_PROMPT_BYTES {
-            return invalid(format!("prompt must be non-empty and at most {MAX_PROMPT_BYTES} bytes"));
+            return invalid(format!(
+                "prompt must be non-empty and at most {MAX_PROMPT_BYTES} bytes"
+            ));
         }
         let Some(seed) = self.seed else {
             return invalid("seed is required".into());
@@ -187,24 +201,34 @@ impl JobRequest {
         let height = self.height.unwrap_or(DEFAULT_SIZE);
         for (name, value) in [("width", width), ("height", height)] {
             if value == 0 || value > MAX_SIDE || value % 16 != 0 {
-                return invalid(format!("{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}"));
+                return invalid(format!(
+                    "{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}"
+                ));
             }
         }
         let steps = self.steps.unwrap_or(model.default_steps);
         if !(1..=MAX_STEPS).contains(&steps) {
-            return invalid(format!("steps must be between 1 and {MAX_STEPS}, got {steps}"));
+            return invalid(format!(
+                "steps must be between 1 and {MAX_STEPS}, got {steps}"
+            ));
         }
         let guidance = self.guidance.unwrap_or(model.default_guidance);
         if !guidance.is_finite() || guidance < 0.0 {
-            return invalid(format!("guidance must be a finite number >= 0, got {guidance}"));
+            return invalid(format!(
+                "guidance must be a finite number >= 0, got {guidance}"
+            ));
         }
         let num_images = self.num_images.unwrap_or(1);
         if !(1..=MAX_IMAGES).contains(&num_images) {
-            return invalid(format!("numImages must be between 1 and {MAX_IMAGES}, got {num_images}"));
+            return invalid(format!(
+                "numImages must be between 1 and {MAX_IMAGES}, got {num_images}"
+            ));
         }
         let timeout_seconds = self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
         if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout_seconds) {
-            return invalid(format!("timeoutSeconds must be between 1 and {MAX_TIMEOUT_SECONDS}, got {timeout_seconds}"));
+            return invalid(format!(
+                "timeoutSeconds must be between 1 and {MAX_TIMEOUT_SECONDS}, got {timeout_seconds}"
+            ));
         }
         Ok(JobSpec {
             id: self.id,
@@ -234,11 +258,15 @@ impl AppState {
     pub fn jobs(&self) -> MutexGuard<'_, Registry> {
         // Registry methods leave it consistent at every point, so a panic elsewhere while the
         // lock was held does not make its content unusable.
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn job(&self, id: &str) -> Result<Arc<jobs::Job>, ApiError> {
-        self.jobs().get(id).ok_or_else(|| ApiError::JobNotFound(id.to_owned()))
+        self.jobs()
+            .get(id)
+            .ok_or_else(|| ApiError::JobNotFound(id.to_owned()))
     }
 }
 
@@ -308,11 +336,22 @@ pub struct JobList {
 
 async fn list_jobs(State(state): State<Arc<AppState>>) -> AppJson<JobList> {
     let mut jobs = state.jobs();
-    let list = jobs.list(Timestamp::now()).iter().map(|job| job.status()).collect();
-    AppJson(JobList { jobs: list, capacity: jobs.capacity(), active: jobs.active() })
+    let list = jobs
+        .list(Timestamp::now())
+        .iter()
+        .map(|job| job.status())
+        .collect();
+    AppJson(JobList {
+        jobs: list,
+        capacity: jobs.capacity(),
+        active: jobs.active(),
+    })
 }
 
-async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<AppJson<JobStatus>, ApiError> {
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<AppJson<JobStatus>, ApiError> {
     Ok(AppJson(state.job(&id)?.status()))
 }
 
@@ -343,7 +382,10 @@ async fn job_events(
         // An error means the job was dropped from the registry: nothing more will come.
         updates.changed().await.ok()?;
         let status = updates.borrow_and_update().clone();
-        let event = Event::default().event("status").json_data(&status).expect("JobStatus serializes");
+        let event = Event::default()
+            .event("status")
+            .json_data(&status)
+            .expect("JobStatus serializes");
         let next = (!status.state.is_finished()).then_some(updates);
         Some((Ok(event), next))
     });
@@ -361,7 +403,9 @@ async fn offload_model(State(state): State<Arc<AppState>>) -> Result<AppJson<Mod
     }
     let active = state.jobs().active();
     if active > 0 {
-        return Err(ApiError::ModelBusy(format!("{active} job(s) are queued or running")));
+        return Err(ApiError::ModelBusy(format!(
+            "{active} job(s) are queued or running"
+        )));
     }
     let (reply_tx, reply_rx) = oneshot::channel();
     state
@@ -400,13 +444,31 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, AppJson<Read
         (jobs.capacity(), jobs.active())
     };
     let ready = model_state != ModelState::Loading && !draining;
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, AppJson(Readiness { state: model_state, capacity, active, draining }))
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        AppJson(Readiness {
+            state: model_state,
+            capacity,
+            active,
+            draining,
+        }),
+    )
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let text = state.metrics.encode(&state.jobs());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 #[cfg(test)]
@@ -425,13 +487,19 @@ mod tests {
     }
 
     fn request(body: serde_json::Value) -> Result<JobSpec, ApiError> {
-        serde_json::from_value::<JobRequest>(body).unwrap().into_spec(&model())
+        serde_json::from_value::<JobRequest>(body)
+            .unwrap()
+            .into_spec(&model())
     }
 
     #[test]
     fn defaults_are_filled_in() {
-        let spec = request(json!({"id": "j1", "user": "alice", "prompt": "fox", "seed": 1})).unwrap();
-        assert_eq!((spec.width, spec.height, spec.steps, spec.num_images), (1024, 1024, 28, 1));
+        let spec =
+            request(json!({"id": "j1", "user": "alice", "prompt": "fox", "seed": 1})).unwrap();
+        assert_eq!(
+            (spec.width, spec.height, spec.steps, spec.num_images),
+            (1024, 1024, 28, 1)
+        );
         assert_eq!(spec.guidance, 3.5);
         assert_eq!(spec.timeout, Duration::from_secs(DEFAULT_TIMEOUT_SECONDS));
     }

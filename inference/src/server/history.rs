@@ -65,7 +65,9 @@ async fn list(
     state.metrics.request(OutputsRequest::List);
     let root = state.outputs_dir.clone();
     let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    let listing = blocking(move || outputs::list_images(&root, &user, limit, params.before.as_deref())).await?;
+    let listing =
+        blocking(move || outputs::list_images(&root, &user, limit, params.before.as_deref()))
+            .await?;
     Ok(AppJson(listing))
 }
 
@@ -78,19 +80,36 @@ async fn file(
     let (data, kind) = blocking(move || outputs::read_output(&root, &user, &file)).await?;
     // Images never change once written (no-clobber), so clients may cache them for good.
     Ok((
-        [(header::CONTENT_TYPE, kind.content_type()), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")],
+        [
+            (header::CONTENT_TYPE, kind.content_type()),
+            (
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            ),
+        ],
         data,
     ))
 }
 
 /// Ready while the outputs volume is mounted and readable.
 async fn readyz(State(state): State<Arc<HistoryState>>) -> impl IntoResponse {
-    let ready = tokio::fs::metadata(&state.outputs_dir).await.is_ok_and(|m| m.is_dir());
-    let (code, status) =
-        if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "unavailable") };
+    let ready = tokio::fs::metadata(&state.outputs_dir)
+        .await
+        .is_ok_and(|m| m.is_dir());
+    let (code, status) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
     (code, AppJson(json!({"state": status})))
 }
 
 async fn metrics(State(state): State<Arc<HistoryState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
 }

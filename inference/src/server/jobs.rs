@@ -44,11 +44,19 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 5] =
-        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
 
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -126,7 +134,12 @@ impl Job {
             started_at: None,
             finished_at: None,
         };
-        Job { deadline: clock + spec.timeout, spec, cancel: AtomicBool::new(false), status: watch::channel(status).0 }
+        Job {
+            deadline: clock + spec.timeout,
+            spec,
+            cancel: AtomicBool::new(false),
+            status: watch::channel(status).0,
+        }
     }
 
     pub fn status(&self) -> JobStatus {
@@ -153,7 +166,10 @@ impl Job {
                 return false;
             }
             s.state = JobState::Cancelled;
-            s.error = Some(JobError { reason: FailureReason::Cancelled, message: "cancelled while queued".into() });
+            s.error = Some(JobError {
+                reason: FailureReason::Cancelled,
+                message: "cancelled while queued".into(),
+            });
             s.finished_at = Some(now);
             true
         });
@@ -229,7 +245,10 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_age: Duration::from_secs(3600), max_finished: 1000 }
+        Retention {
+            max_age: Duration::from_secs(3600),
+            max_finished: 1000,
+        }
     }
 }
 
@@ -248,7 +267,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(capacity: usize, retention: Retention) -> Self {
-        Registry { jobs: HashMap::new(), capacity, retention }
+        Registry {
+            jobs: HashMap::new(),
+            capacity,
+            retention,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -256,7 +279,12 @@ impl Registry {
     }
 
     /// Accepts a job unless it exists already (idempotent on id) or the process is full.
-    pub fn submit(&mut self, spec: JobSpec, now: Timestamp, clock: Instant) -> Result<Submitted, Error> {
+    pub fn submit(
+        &mut self,
+        spec: JobSpec,
+        now: Timestamp,
+        clock: Instant,
+    ) -> Result<Submitted, Error> {
         self.prune(now);
         if let Some(job) = self.jobs.get(&spec.id) {
             return if job.spec == spec {
@@ -287,16 +315,23 @@ impl Registry {
 
     /// Jobs queued or running: what counts against the capacity.
     pub fn active(&self) -> usize {
-        self.jobs.values().filter(|job| !job.state().is_finished()).count()
+        self.jobs
+            .values()
+            .filter(|job| !job.state().is_finished())
+            .count()
     }
 
     pub fn count(&self, state: JobState) -> usize {
-        self.jobs.values().filter(|job| job.state() == state).count()
+        self.jobs
+            .values()
+            .filter(|job| job.state() == state)
+            .count()
     }
 
     /// Forgets finished jobs older than the retention age, then the oldest beyond the count.
     fn prune(&mut self, now: Timestamp) {
-        let max_age = jiff::SignedDuration::try_from(self.retention.max_age).unwrap_or(jiff::SignedDuration::MAX);
+        let max_age = jiff::SignedDuration::try_from(self.retention.max_age)
+            .unwrap_or(jiff::SignedDuration::MAX);
         let mut finished: Vec<(Timestamp, String)> = Vec::new();
         self.jobs.retain(|id, job| {
             let finished_at = job.status.borrow().finished_at;
@@ -363,10 +398,16 @@ mod tests {
         }
         let mut other = spec("a");
         other.prompt = "a blue fox".into();
-        assert_eq!(reg.submit(other, t(2), clock).err(), Some(Error::Conflict("a".into())));
+        assert_eq!(
+            reg.submit(other, t(2), clock).err(),
+            Some(Error::Conflict("a".into()))
+        );
         // Also after it finished: never a second generation for the same id.
         job.finish(Outcome::Succeeded(Vec::new()), t(3));
-        assert!(matches!(reg.submit(spec("a"), t(4), clock), Ok(Submitted::Existing(_))));
+        assert!(matches!(
+            reg.submit(spec("a"), t(4), clock),
+            Ok(Submitted::Existing(_))
+        ));
     }
 
     #[test]
@@ -376,7 +417,10 @@ mod tests {
         let a = created(reg.submit(spec("a"), t(0), clock));
         let b = created(reg.submit(spec("b"), t(0), clock));
         assert!(a.start(t(1)));
-        assert_eq!(reg.submit(spec("c"), t(1), clock).err(), Some(Error::AtCapacity(2)));
+        assert_eq!(
+            reg.submit(spec("c"), t(1), clock).err(),
+            Some(Error::AtCapacity(2))
+        );
         assert_eq!(reg.count(JobState::Queued), 1);
         assert_eq!(reg.count(JobState::Running), 1);
         b.cancel(t(2));
@@ -391,7 +435,10 @@ mod tests {
         queued.cancel(t(1));
         assert_eq!(queued.state(), JobState::Cancelled);
         assert!(!queued.start(t(2)), "a cancelled job must not start");
-        assert_eq!(queued.status().error.unwrap().reason, FailureReason::Cancelled);
+        assert_eq!(
+            queued.status().error.unwrap().reason,
+            FailureReason::Cancelled
+        );
 
         let running = Job::new(spec("b"), t(0), Instant::now());
         assert!(running.start(t(1)));
@@ -400,7 +447,10 @@ mod tests {
         assert_eq!(running.state(), JobState::Running);
         assert!(running.cancel_requested());
         running.finish(
-            Outcome::Failed(JobError { reason: FailureReason::Cancelled, message: "cancelled".into() }),
+            Outcome::Failed(JobError {
+                reason: FailureReason::Cancelled,
+                message: "cancelled".into(),
+            }),
             t(3),
         );
         assert_eq!(running.state(), JobState::Cancelled);
@@ -408,7 +458,10 @@ mod tests {
         running.finish(Outcome::Succeeded(Vec::new()), t(4));
         running.cancel(t(5));
         let status = running.status();
-        assert_eq!((status.state, status.finished_at), (JobState::Cancelled, Some(t(3))));
+        assert_eq!(
+            (status.state, status.finished_at),
+            (JobState::Cancelled, Some(t(3)))
+        );
     }
 
     #[test]
@@ -418,12 +471,18 @@ mod tests {
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
         job.progress(1, 4);
-        assert!(!rx.has_changed().unwrap(), "no progress before the job runs");
+        assert!(
+            !rx.has_changed().unwrap(),
+            "no progress before the job runs"
+        );
         job.start(t(1));
         job.progress(2, 4);
         assert_eq!(rx.borrow_and_update().step, 2);
         job.finish(
-            Outcome::Failed(JobError { reason: FailureReason::DeadlineExceeded, message: "too slow".into() }),
+            Outcome::Failed(JobError {
+                reason: FailureReason::DeadlineExceeded,
+                message: "too slow".into(),
+            }),
             t(2),
         );
         let status = job.status();
@@ -433,11 +492,15 @@ mod tests {
 
     #[test]
     fn finished_jobs_are_pruned_by_age_and_count() {
-        let retention = Retention { max_age: Duration::from_secs(60), max_finished: 2 };
+        let retention = Retention {
+            max_age: Duration::from_secs(60),
+            max_finished: 2,
+        };
         let mut reg = Registry::new(10, retention);
         let clock = Instant::now();
         for (i, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
-            created(reg.submit(spec(id), t(0), clock)).finish(Outcome::Succeeded(Vec::new()), t(i as i64));
+            created(reg.submit(spec(id), t(0), clock))
+                .finish(Outcome::Succeeded(Vec::new()), t(i as i64));
         }
         let running = created(reg.submit(spec("r"), t(0), clock));
         running.start(t(0));

@@ -31,7 +31,9 @@ struct KindLabels {
 }
 
 fn state(state: &str) -> StateLabels {
-    StateLabels { state: state.to_owned() }
+    StateLabels {
+        state: state.to_owned(),
+    }
 }
 
 /// Resident set size of this process, from `/proc/self/status` (Linux only; `None` elsewhere).
@@ -80,7 +82,11 @@ impl InferenceMetrics {
         };
         let r = &mut metrics.registry;
         r.register("steps", "Denoising steps completed", metrics.steps.clone());
-        r.register("steps_per_second", "Denoising speed of the latest step", metrics.steps_per_second.clone());
+        r.register(
+            "steps_per_second",
+            "Denoising speed of the latest step",
+            metrics.steps_per_second.clone(),
+        );
         r.register(
             "generation_seconds",
             "Wall time of successful jobs, from start to written outputs",
@@ -91,15 +97,37 @@ impl InferenceMetrics {
             "1 for the state the model is in (loading, host, device), 0 for the others",
             metrics.model_state.clone(),
         );
-        r.register("jobs", "Jobs held by this process, by state", metrics.jobs.clone());
-        r.register("jobs_finished", "Jobs that ended, by final state", metrics.jobs_finished.clone());
-        r.register("queue_depth", "Accepted jobs waiting for the generator", metrics.queue_depth.clone());
-        r.register("capacity", "Jobs this process accepts at once", metrics.capacity.clone());
-        r.register("process_resident_memory_bytes", "Resident memory of the process", metrics.resident_memory.clone());
-        metrics.capacity.set(i64::try_from(capacity).unwrap_or(i64::MAX));
+        r.register(
+            "jobs",
+            "Jobs held by this process, by state",
+            metrics.jobs.clone(),
+        );
+        r.register(
+            "jobs_finished",
+            "Jobs that ended, by final state",
+            metrics.jobs_finished.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Accepted jobs waiting for the generator",
+            metrics.queue_depth.clone(),
+        );
+        r.register(
+            "capacity",
+            "Jobs this process accepts at once",
+            metrics.capacity.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the process",
+            metrics.resident_memory.clone(),
+        );
+        metrics
+            .capacity
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
         // Every series exists from the start, so a dashboard never sees gaps before first use.
         for s in JobState::ALL.iter().filter(|s| s.is_finished()) {
-            metrics.jobs_finished.get_or_create(&state(s.as_str()));
+            let _ = metrics.jobs_finished.get_or_create(&state(s.as_str()));
         }
         metrics.set_model_state(ModelState::Loading);
         metrics
@@ -116,12 +144,16 @@ impl InferenceMetrics {
 
     pub fn set_model_state(&self, current: ModelState) {
         for s in ModelState::ALL {
-            self.model_state.get_or_create(&state(s.as_str())).set(i64::from(s == current));
+            self.model_state
+                .get_or_create(&state(s.as_str()))
+                .set(i64::from(s == current));
         }
     }
 
     pub fn job_finished(&self, final_state: JobState, took: Duration) {
-        self.jobs_finished.get_or_create(&state(final_state.as_str())).inc();
+        self.jobs_finished
+            .get_or_create(&state(final_state.as_str()))
+            .inc();
         if final_state == JobState::Succeeded {
             self.generation_seconds.observe(took.as_secs_f64());
         }
@@ -135,7 +167,8 @@ impl InferenceMetrics {
                 self.queue_depth.set(count);
             }
         }
-        self.resident_memory.set(resident_memory_bytes().unwrap_or(0));
+        self.resident_memory
+            .set(resident_memory_bytes().unwrap_or(0));
         encode_registry(&self.registry)
     }
 }
@@ -160,13 +193,21 @@ impl OutputsMetrics {
         let mut registry = Registry::with_prefix(PREFIX);
         let requests = Family::<KindLabels, Counter>::default();
         let resident_memory = Gauge::default();
-        registry.register("outputs_requests", "History requests served, by kind", requests.clone());
+        registry.register(
+            "outputs_requests",
+            "History requests served, by kind",
+            requests.clone(),
+        );
         registry.register(
             "process_resident_memory_bytes",
             "Resident memory of the process",
             resident_memory.clone(),
         );
-        OutputsMetrics { registry, requests, resident_memory }
+        OutputsMetrics {
+            registry,
+            requests,
+            resident_memory,
+        }
     }
 
     pub fn request(&self, kind: OutputsRequest) {
@@ -174,11 +215,16 @@ impl OutputsMetrics {
             OutputsRequest::List => "list",
             OutputsRequest::File => "file",
         };
-        self.requests.get_or_create(&KindLabels { kind: kind.to_owned() }).inc();
+        self.requests
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
-        self.resident_memory.set(resident_memory_bytes().unwrap_or(0));
+        self.resident_memory
+            .set(resident_memory_bytes().unwrap_or(0));
         encode_registry(&self.registry)
     }
 }
@@ -206,7 +252,10 @@ mod tests {
             "atelier_inference_queue_depth 0",
             "atelier_inference_capacity 2",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         let rss = text
             .lines()

@@ -60,7 +60,12 @@ pub struct WarmKeeper {
 
 impl WarmKeeper {
     pub fn new(idle_offload: Duration, now: Instant) -> Self {
-        WarmKeeper { state: ModelState::Loading, idle_offload, active_jobs: 0, idle_since: now }
+        WarmKeeper {
+            state: ModelState::Loading,
+            idle_offload,
+            active_jobs: 0,
+            idle_since: now,
+        }
     }
 
     pub fn state(&self) -> ModelState {
@@ -101,12 +106,15 @@ impl WarmKeeper {
 
     /// When [`WarmKeeper::poll`] will next have something to do, if ever.
     pub fn deadline(&self) -> Option<Instant> {
-        (self.state == ModelState::Device && self.active_jobs == 0).then(|| self.idle_since + self.idle_offload)
+        (self.state == ModelState::Device && self.active_jobs == 0)
+            .then(|| self.idle_since + self.idle_offload)
     }
 
     /// The idle offload, once it is due.
     pub fn poll(&self, now: Instant) -> Option<Move> {
-        self.deadline().filter(|&due| now >= due).map(|_| Move::ToHost)
+        self.deadline()
+            .filter(|&due| now >= due)
+            .map(|_| Move::ToHost)
     }
 
     /// An operator's "free the GPU now": allowed only while no job needs the device.

@@ -69,7 +69,11 @@ pub struct Spawned {
 /// Starts the worker thread; the model starts loading at once.
 pub fn spawn(config: WorkerConfig, metrics: Arc<InferenceMetrics>) -> std::io::Result<Spawned> {
     // Until the checkpoint is read, the directory name is the best name there is.
-    let name = config.model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = config
+        .model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (model_tx, model_rx) = watch::channel(ModelView {
         name,
         state: ModelState::Loading,
@@ -104,7 +108,11 @@ pub fn spawn(config: WorkerConfig, metrics: Arc<InferenceMetrics>) -> std::io::R
             Worker { pipeline, warm, outputs_dir: config.outputs_dir, model: model_tx, metrics, commands: commands_rx };
         worker.run();
     })?;
-    Ok(Spawned { commands: commands_tx, model: model_rx, load_failed: failed_rx })
+    Ok(Spawned {
+        commands: commands_tx,
+        model: model_rx,
+        load_failed: failed_rx,
+    })
 }
 
 struct Worker {
@@ -122,8 +130,13 @@ impl Worker {
     fn run(mut self) {
         loop {
             let command = match self.warm.deadline() {
-                Some(due) => self.commands.recv_timeout(due.saturating_duration_since(Instant::now())),
-                None => self.commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(due) => self
+                    .commands
+                    .recv_timeout(due.saturating_duration_since(Instant::now())),
+                None => self
+                    .commands
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
             };
             match command {
                 Ok(Command::Run(job)) => self.run_job(&job),
@@ -171,11 +184,17 @@ impl Worker {
         }
         let started = Instant::now();
         let outcome = if started >= job.deadline {
-            failed(FailureReason::DeadlineExceeded, "the deadline passed while the job was queued")
+            failed(
+                FailureReason::DeadlineExceeded,
+                "the deadline passed while the job was queued",
+            )
         } else {
             let needs_move = self.warm.job_started();
             let outcome = match needs_move.map(|to| self.apply(to)) {
-                Some(Err(e)) => failed(FailureReason::GenerationFailed, format!("moving the model to the device: {e}")),
+                Some(Err(e)) => failed(
+                    FailureReason::GenerationFailed,
+                    format!("moving the model to the device: {e}"),
+                ),
                 _ => self.generate(job),
             };
             self.warm.job_finished(Instant::now());
@@ -220,7 +239,9 @@ impl Worker {
             }
         };
         // A panic must fail this job, not kill the only thread that runs jobs.
-        let result = panic::catch_unwind(AssertUnwindSafe(|| self.pipeline.generate(&request, &mut on_step)));
+        let result = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.pipeline.generate(&request, &mut on_step)
+        }));
         // Checked after the run too: a cancel or the deadline can land after the last step
         // (during decoding), and then the images must not be written either.
         if job.cancel_requested() {
@@ -234,7 +255,9 @@ impl Worker {
         }
         let images = match result {
             Ok(Ok(images)) => images,
-            Ok(Err(pipeline::Error::InvalidRequest(message))) => return failed(FailureReason::InvalidRequest, message),
+            Ok(Err(pipeline::Error::InvalidRequest(message))) => {
+                return failed(FailureReason::InvalidRequest, message);
+            }
             Ok(Err(e)) => return failed(FailureReason::GenerationFailed, e.to_string()),
             Err(_) => return failed(FailureReason::GenerationFailed, "the generator panicked"),
         };
@@ -249,7 +272,12 @@ impl Worker {
         };
         let data: Vec<ImageData<'_>> = images
             .iter()
-            .map(|image| ImageData { png: &image.png, width: image.width, height: image.height, seed: image.seed })
+            .map(|image| ImageData {
+                png: &image.png,
+                width: image.width,
+                height: image.height,
+                seed: image.seed,
+            })
             .collect();
         match outputs::write_job_outputs(&self.outputs_dir, &info, spec.seed, &data) {
             Ok(files) => Outcome::Succeeded(files),
@@ -262,5 +290,8 @@ impl Worker {
 }
 
 fn failed(reason: FailureReason, message: impl Into<String>) -> Outcome {
-    Outcome::Failed(JobError { reason, message: message.into() })
+    Outcome::Failed(JobError {
+        reason,
+        message: message.into(),
+    })
 }
