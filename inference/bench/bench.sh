@@ -11,11 +11,15 @@ repo="$(cd "$here/../.." && pwd)"
 venv="${ATELIER_PARITY_VENV:-$HOME/.cache/atelier/parity-venv}"
 work="${1:-$(mktemp -d)}"
 steps="${BENCH_STEPS:-4}"
+# The dev profile builds dependencies (candle's kernels) at opt-level 2, as the whole team
+# already has them built; BENCH_PROFILE=release measures the shipped binary's profile.
+profile="${BENCH_PROFILE:-dev}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atelier/target}"
 
 [ -x "$venv/bin/python" ] || { echo "no venv at $venv: run inference/parity/run.sh first" >&2; exit 1; }
-(cd "$repo" && cargo build --quiet --release -p atelier-inference --example model_tool)
-tool="$CARGO_TARGET_DIR/release/examples/model_tool"
+(cd "$repo" && cargo build --quiet --profile "$profile" -p atelier-inference --example model_tool)
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+tool="$CARGO_TARGET_DIR/$dir/examples/model_tool"
 [ -d "$work/model" ] || "$tool" tiny --out "$work/model" --preset bench --seed 1
 
 # Runs a command under /usr/bin/time and prints its JSON line with peak_rss_mib added.

@@ -118,7 +118,12 @@ fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> 
     let (t5_ids, clip_ids) = pipeline.token_ids(&req.prompt)?;
     let conditioning = pipeline.encode_prompt(&req.prompt)?;
     let noise = pipeline.initial_noise(&req)?;
-    let ids = |ids: Vec<u32>| Tensor::new(ids.into_iter().map(i64::from).collect::<Vec<_>>(), &Device::Cpu);
+    let ids = |ids: Vec<u32>| {
+        Tensor::new(
+            ids.into_iter().map(i64::from).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+    };
     let mut tensors: HashMap<String, Tensor> = HashMap::from([
         ("t5_ids".into(), ids(t5_ids)?),
         ("clip_ids".into(), ids(clip_ids)?),
@@ -130,7 +135,10 @@ fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> 
     let mut schedules = serde_json::Map::new();
     for (name, schedule) in parity_schedules() {
         let sigmas = schedule.sigmas(req.steps, image_tokens);
-        let latents = pipeline.denoise(&conditioning, &noise, &sigmas, req.guidance, &mut |_, _| ControlFlow::Continue(()))?;
+        let latents =
+            pipeline.denoise(&conditioning, &noise, &sigmas, req.guidance, &mut |_, _| {
+                ControlFlow::Continue(())
+            })?;
         tensors.insert(format!("image.{name}"), pipeline.decode(&latents)?);
         tensors.insert(format!("latents.{name}"), latents.to_dtype(DType::F32)?);
         tensors.insert(format!("sigmas.{name}"), Tensor::new(sigmas, &Device::Cpu)?);
@@ -146,7 +154,8 @@ fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> 
         "schedules": schedules,
     });
     let json_path = out.with_extension("json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&params)?).with_context(|| json_path.display().to_string())?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&params)?)
+        .with_context(|| json_path.display().to_string())?;
     Ok(())
 }
 
@@ -160,11 +169,17 @@ fn bench(model: PathBuf, precision: Precision, args: &RequestArgs) -> anyhow::Re
     let noise = pipeline.initial_noise(&req)?;
     let mut step_s = Vec::new();
     let mut last = Instant::now();
-    pipeline.denoise(&conditioning, &noise, &pipeline.sigmas(&req), req.guidance, &mut |_, _| {
-        step_s.push(last.elapsed().as_secs_f64());
-        last = Instant::now();
-        ControlFlow::Continue(())
-    })?;
+    pipeline.denoise(
+        &conditioning,
+        &noise,
+        &pipeline.sigmas(&req),
+        req.guidance,
+        &mut |_, _| {
+            step_s.push(last.elapsed().as_secs_f64());
+            last = Instant::now();
+            ControlFlow::Continue(())
+        },
+    )?;
     // The first step also pays for one-off allocations; report the steady state too.
     let steady = &step_s[step_s.len().min(1)..];
     let report = serde_json::json!({
@@ -193,10 +208,21 @@ fn main() -> anyhow::Result<()> {
                 Preset::Tiny => TinyModelOptions::tiny(),
                 Preset::Bench => TinyModelOptions::bench(),
             };
-            make_tiny_model(&out, seed, &TinyModelOptions { diffusers_copy, ..options })?;
+            make_tiny_model(
+                &out,
+                seed,
+                &TinyModelOptions {
+                    diffusers_copy,
+                    ..options
+                },
+            )?;
             Ok(())
         }
-        Command::Dump { model, out, request } => dump(model, out, &request),
+        Command::Dump {
+            model,
+            out,
+            request,
+        } => dump(model, out, &request),
         Command::Bench {
             model,
             precision,

@@ -160,34 +160,29 @@ def denoise(transformer, scheduler, noise, t5, clip, guidance):
 @torch.no_grad()
 def text_checks(model_dir, manifest, dump, prompt):
     """Token ids and encoder outputs of HF transformers on the same files."""
-    from transformers import CLIPTextModel, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     results = {}
+    rust_clip_ids, rust_t5_ids = dump["clip_ids"].unsqueeze(0), dump["t5_ids"].unsqueeze(0)
     clip_files = manifest["clip"]
-    clip_tok = CLIPTokenizerFast(
-        vocab_file=str(model_dir / clip_files["vocab"]),
-        merges_file=str(model_dir / clip_files["merges"]),
-        unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    # From the directory, as a real CLIP-L tokenizer/ folder (vocab.json + merges.txt) loads.
+    clip_tok = CLIPTokenizer.from_pretrained(model_dir / Path(clip_files["vocab"]).parent)
     clip_ids = clip_tok(prompt, truncation=True, max_length=77, return_tensors="pt").input_ids
-    results["clip token ids equal"] = torch.equal(clip_ids, dump["clip_ids"])
+    results["clip token ids equal"] = torch.equal(clip_ids, rust_clip_ids)
     t5_files = manifest["t5"]
     t5_tok = T5TokenizerFast(tokenizer_file=str(model_dir / t5_files["tokenizer"]))
     t5_ids = t5_tok(
         prompt, padding="max_length", truncation=True, max_length=t5_files["max_length"], return_tensors="pt"
     ).input_ids
-    results["t5 token ids equal"] = torch.equal(t5_ids, dump["t5_ids"])
+    results["t5 token ids equal"] = torch.equal(t5_ids, rust_t5_ids)
 
     clip_dir = model_dir / Path(clip_files["config"]).parent
     clip = CLIPTextModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=torch.float32).eval()
-    pooled = clip(dump["clip_ids"]).pooler_output
+    pooled = clip(rust_clip_ids).pooler_output
     results["clip pooled max abs diff"] = (pooled - dump["clip"]).abs().max().item()
     t5_dir = model_dir / Path(t5_files["config"]).parent
     t5 = T5EncoderModel.from_pretrained(t5_dir, local_files_only=True, torch_dtype=torch.float32).eval()
-    states = t5(dump["t5_ids"]).last_hidden_state
+    states = t5(rust_t5_ids).last_hidden_state
     results["t5 states max abs diff"] = (states - dump["t5"]).abs().max().item()
     return results
 

@@ -11,6 +11,8 @@ repo="$(cd "$here/../.." && pwd)"
 venv="${ATELIER_PARITY_VENV:-$HOME/.cache/atelier/parity-venv}"
 work="${1:-$(mktemp -d)}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atelier/target}"
+# Offline and quiet: everything comes from the model directory.
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
 
 if [ ! -x "$venv/bin/python" ] || ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
     echo "== installing $here/requirements.txt into $venv"
@@ -27,7 +29,8 @@ tool="$CARGO_TARGET_DIR/debug/examples/model_tool"
 
 echo "== tiny model and Rust dump in $work"
 "$tool" tiny --out "$work/model" --seed 7 --diffusers-copy
-"$tool" dump --model "$work/model" --out "$work/dump.safetensors" --steps 4 --width 256 --height 256 --seed 3
+"$tool" dump --model "$work/model" --out "$work/dump.safetensors" --steps 4 --width 256 --height 256 --seed 3 \
+    --prompt "A photo of a red cat in the City at night, 42 Ünïcode's  TEST!!"
 
 echo "== diffusers side"
 "$venv/bin/python" "$here/parity.py" --model "$work/model" --dump "$work/dump.safetensors"

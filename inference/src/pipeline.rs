@@ -23,10 +23,10 @@ use crate::model::flux::{Flux, FluxConfig, Rope};
 use crate::model::flux_keys::{self, Layout};
 use crate::model::image::encode_png;
 use crate::model::manifest::{Manifest, Variant};
+use crate::model::noise;
 use crate::model::text::{self, TextEncoders, Tokenizers};
 use crate::model::vae::{self, VaeDecoder};
 use crate::model::weights::{self, SafetensorsFiles, TensorMap};
-use crate::model::noise;
 
 /// Largest accepted width or height, in pixels.
 pub const MAX_SIDE: u32 = 2048;
@@ -189,13 +189,25 @@ impl Configs {
             Err(Error::InvalidModel(format!("{what}: {a} != {b}")))
         };
         if configs.flux.context_in_dim != configs.t5.d_model {
-            return mismatch("transformer context_in_dim vs T5 d_model", configs.flux.context_in_dim, configs.t5.d_model);
+            return mismatch(
+                "transformer context_in_dim vs T5 d_model",
+                configs.flux.context_in_dim,
+                configs.t5.d_model,
+            );
         }
         if configs.flux.vec_in_dim != configs.clip.embed_dim {
-            return mismatch("transformer vec_in_dim vs CLIP hidden_size", configs.flux.vec_in_dim, configs.clip.embed_dim);
+            return mismatch(
+                "transformer vec_in_dim vs CLIP hidden_size",
+                configs.flux.vec_in_dim,
+                configs.clip.embed_dim,
+            );
         }
         if configs.flux.in_channels != 4 * configs.vae.z_channels {
-            return mismatch("transformer in_channels vs 4 x VAE z_channels", configs.flux.in_channels, 4 * configs.vae.z_channels);
+            return mismatch(
+                "transformer in_channels vs 4 x VAE z_channels",
+                configs.flux.in_channels,
+                4 * configs.vae.z_channels,
+            );
         }
         Ok(configs)
     }
@@ -211,7 +223,8 @@ struct HostWeights {
 
 impl HostWeights {
     fn read(model_dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Self, Error> {
-        let transformer = read_transformer(&model_dir.join(&manifest.transformer.weights), precision)?;
+        let transformer =
+            read_transformer(&model_dir.join(&manifest.transformer.weights), precision)?;
         // Text encoders and VAE are held in the dtype they compute in where they mostly
         // run: bf16 when a GPU is present (halving T5-XXL's 19 GB), f32 on CPU-only hosts,
         // where the models then share the host copies instead of converting them.
@@ -223,7 +236,10 @@ impl HostWeights {
             SafetensorsFiles::open(&weights::paths(model_dir, files))?.read(select, |_, _| dtype)
         };
         let all = |name: &str| Some(name.to_string());
-        let decoder = |name: &str| name.starts_with(vae::DECODER_PREFIX).then(|| name.to_string());
+        let decoder = |name: &str| {
+            name.starts_with(vae::DECODER_PREFIX)
+                .then(|| name.to_string())
+        };
         Ok(Self {
             transformer,
             vae: read(std::slice::from_ref(&manifest.vae.weights), &decoder)?,
@@ -334,7 +350,13 @@ impl Pipeline {
             Placement::Device => Device::cuda_if_available(0)?,
         };
         if !device.same_device(&self.models.device) {
-            self.models = build_models(&self.manifest, &self.configs, &self.host, self.precision, device)?;
+            self.models = build_models(
+                &self.manifest,
+                &self.configs,
+                &self.host,
+                self.precision,
+                device,
+            )?;
         }
         self.placement = placement;
         Ok(())
@@ -360,7 +382,13 @@ impl Pipeline {
         validate(req)?;
         let conditioning = self.encode_prompt(&req.prompt)?;
         let noise = self.initial_noise(req)?;
-        let latents = self.denoise(&conditioning, &noise, &self.sigmas(req), req.guidance, on_step)?;
+        let latents = self.denoise(
+            &conditioning,
+            &noise,
+            &self.sigmas(req),
+            req.guidance,
+            on_step,
+        )?;
         let images = self.decode(&latents)?;
         (0..req.num_images)
             .map(|i| {
@@ -384,7 +412,10 @@ impl Pipeline {
 
     /// The T5 (padded) and CLIP token ids of a prompt.
     pub fn token_ids(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>), Error> {
-        Ok((self.tokenizers.t5_ids(prompt)?, self.tokenizers.clip_ids(prompt)?))
+        Ok((
+            self.tokenizers.t5_ids(prompt)?,
+            self.tokenizers.clip_ids(prompt)?,
+        ))
     }
 
     /// Tokenizes and encodes a prompt. With offloaded text encoders they are built on the
@@ -395,7 +426,12 @@ impl Pipeline {
         let encoders = match &self.models.text {
             Some(encoders) => encoders,
             None => {
-                offloaded = text_encoders(&self.configs, &self.host, &self.models.device, self.models.dtype)?;
+                offloaded = text_encoders(
+                    &self.configs,
+                    &self.host,
+                    &self.models.device,
+                    self.models.dtype,
+                )?;
                 &offloaded
             }
         };
@@ -420,7 +456,9 @@ impl Pipeline {
             .flat_map(|i| noise::standard_normal(req.seed.wrapping_add(u64::from(i)), per_image))
             .collect();
         let noise = Tensor::from_vec(values, shape, &Device::Cpu)?;
-        Ok(noise.to_device(&self.models.device)?.to_dtype(self.models.dtype)?)
+        Ok(noise
+            .to_device(&self.models.device)?
+            .to_dtype(self.models.dtype)?)
     }
 
     /// The manifest's schedule for this request's step count and resolution.
@@ -443,14 +481,27 @@ impl Pipeline {
         let (batch, _, latent_h, latent_w) = noise.dims4()?;
         // Packs 2x2 latent patches into tokens and repeats the text for the batch.
         let state = sampling::State::new(&conditioning.t5, &conditioning.clip, noise)?;
-        let rope = Rope::new(&self.configs.flux, state.txt.dim(1)?, (latent_h / 2, latent_w / 2), device, dtype)?;
+        let rope = Rope::new(
+            &self.configs.flux,
+            state.txt.dim(1)?,
+            (latent_h / 2, latent_w / 2),
+            device,
+            dtype,
+        )?;
         let guidance = Tensor::full(guidance, batch, device)?;
         let total = sigmas.len().saturating_sub(1) as u32;
         let mut img = state.img;
         for (step, pair) in (1..).zip(sigmas.windows(2)) {
             let (sigma, next) = (pair[0], pair[1]);
             let t = Tensor::full(sigma as f32, batch, device)?;
-            let velocity = self.models.flux.forward(&img, &state.txt, &state.vec, &rope, &t, Some(&guidance))?;
+            let velocity = self.models.flux.forward(
+                &img,
+                &state.txt,
+                &state.vec,
+                &rope,
+                &t,
+                Some(&guidance),
+            )?;
             img = (img + (velocity * (next - sigma))?)?;
             if on_step(step, total).is_break() {
                 return Err(Error::Cancelled);
@@ -467,8 +518,20 @@ impl Pipeline {
     }
 }
 
-fn text_encoders(configs: &Configs, host: &HostWeights, device: &Device, dtype: DType) -> Result<TextEncoders, Error> {
-    TextEncoders::build(&host.t5, &configs.t5, &host.clip, &configs.clip, device, dtype)
+fn text_encoders(
+    configs: &Configs,
+    host: &HostWeights,
+    device: &Device,
+    dtype: DType,
+) -> Result<TextEncoders, Error> {
+    TextEncoders::build(
+        &host.t5,
+        &configs.t5,
+        &host.clip,
+        &configs.clip,
+        device,
+        dtype,
+    )
 }
 
 fn build_models(
@@ -515,7 +578,10 @@ fn validate(req: &GenerateRequest) -> Result<(), Error> {
         }
     }
     if !(1..=MAX_STEPS).contains(&req.steps) {
-        return invalid(format!("steps {} must be between 1 and {MAX_STEPS}", req.steps));
+        return invalid(format!(
+            "steps {} must be between 1 and {MAX_STEPS}",
+            req.steps
+        ));
     }
     if !(1..=MAX_IMAGES).contains(&req.num_images) {
         return invalid(format!(
@@ -524,7 +590,10 @@ fn validate(req: &GenerateRequest) -> Result<(), Error> {
         ));
     }
     if !req.guidance.is_finite() || req.guidance < 0.0 {
-        return invalid(format!("guidance {} must be a finite number >= 0", req.guidance));
+        return invalid(format!(
+            "guidance {} must be a finite number >= 0",
+            req.guidance
+        ));
     }
     Ok(())
 }

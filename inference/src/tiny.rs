@@ -15,14 +15,18 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
 use candle_transformers::models::flux::{autoencoder, model as upstream_flux};
 use candle_transformers::models::t5;
 use serde_json::json;
 
 use crate::model::flux::FluxConfig;
 use crate::model::flux_keys;
-use crate::model::manifest::{ClipFiles, Defaults, Manifest, T5Files, TransformerFiles, VaeFiles, Variant};
+use crate::model::manifest::{
+    ClipFiles, Defaults, Manifest, T5Files, TransformerFiles, VaeFiles, Variant,
+};
 use crate::model::noise;
 use crate::model::schedule::Schedule;
 use crate::model::vae::VaeConfig;
@@ -51,7 +55,8 @@ pub struct TinyModelOptions {
 impl TinyModelOptions {
     /// The smallest dimensions the real code paths accept: hidden 64, 2 heads of 32
     /// (rotary axes 4 + 14 + 14), 2 double + 2 single blocks, T5 and CLIP width 32, a
-    /// 4-level VAE with 32 base channels and 16 latent channels.
+    /// 4-level VAE with 32 base channels (multipliers 1, 1, 2, 2 rather than FLUX's 1, 2, 4, 4,
+    /// which would make decoding the slowest part of every test) and 16 latent channels.
     pub fn tiny() -> Self {
         Self {
             name: "flux-tiny".into(),
@@ -75,6 +80,7 @@ impl TinyModelOptions {
             },
             vae: VaeConfig {
                 ch: 32,
+                ch_mult: vec![1, 1, 2, 2],
                 num_res_blocks: 1,
                 ..VaeConfig::default()
             },
@@ -118,20 +124,31 @@ pub fn make_tiny_model(out: &Path, seed: u64, options: &TinyModelOptions) -> Res
             source,
         })
     };
-    for dir in ["", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+    for dir in [
+        "",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+    ] {
         create_dir(&out.join(dir))?;
     }
     let t5_vocab = tokenizers::write_t5_tokenizer(&out.join("tokenizer_2/tokenizer.json"))?;
-    let clip_vocab = tokenizers::write_clip_bpe(&out.join("tokenizer/vocab.json"), &out.join("tokenizer/merges.txt"))?;
+    let clip_vocab = tokenizers::write_clip_bpe(
+        &out.join("tokenizer/vocab.json"),
+        &out.join("tokenizer/merges.txt"),
+    )?;
 
     let flux = &options.flux;
     let transformer = random_weights(seed, "transformer", |vb| {
         let cfg = flux.to_candle(options.variant == Variant::Dev);
         upstream_flux::Flux::new(&cfg, vb).map(drop)
     })?;
-    let transformer = with_dtypes(transformer, |name, t| match t.rank() == 2 && name.ends_with(".weight") {
-        true => options.transformer_dtype,
-        false => DType::BF16,
+    let transformer = with_dtypes(transformer, |name, t| {
+        match t.rank() == 2 && name.ends_with(".weight") {
+            true => options.transformer_dtype,
+            false => DType::BF16,
+        }
     })?;
     save(&transformer, &out.join("flux1-tiny.safetensors"))?;
     if options.diffusers_copy {
@@ -144,15 +161,21 @@ pub fn make_tiny_model(out: &Path, seed: u64, options: &TinyModelOptions) -> Res
     }
 
     // BFL ships ae.safetensors in f32, the text encoders in bf16.
-    let vae = random_weights(seed, "vae", |vb| autoencoder::AutoEncoder::new(&options.vae.to_candle(), vb).map(drop))?;
+    let vae = random_weights(seed, "vae", |vb| {
+        autoencoder::AutoEncoder::new(&options.vae.to_candle(), vb).map(drop)
+    })?;
     save(&vae, &out.join("ae.safetensors"))?;
 
     let t5_config = tiny_t5_config(flux.context_in_dim, t5_vocab);
     let t5_weights = random_weights(seed, "t5", |vb| {
-        let cfg: t5::Config = serde_json::from_value(t5_config.clone()).map_err(candle_core::Error::wrap)?;
+        let cfg: t5::Config =
+            serde_json::from_value(t5_config.clone()).map_err(candle_core::Error::wrap)?;
         t5::T5EncoderModel::load(vb, &cfg).map(drop)
     })?;
-    save(&with_dtypes(t5_weights, |_, _| DType::BF16)?, &out.join("text_encoder_2/model.safetensors"))?;
+    save(
+        &with_dtypes(t5_weights, |_, _| DType::BF16)?,
+        &out.join("text_encoder_2/model.safetensors"),
+    )?;
     write_json(&out.join("text_encoder_2/config.json"), &t5_config)?;
 
     let clip_config = tiny_clip_config(flux.vec_in_dim, clip_vocab);
@@ -170,7 +193,10 @@ pub fn make_tiny_model(out: &Path, seed: u64, options: &TinyModelOptions) -> Res
         };
         ClipTextTransformer::new(vb.pp("text_model"), &cfg).map(drop)
     })?;
-    save(&with_dtypes(clip_weights, |_, _| DType::BF16)?, &out.join("text_encoder/model.safetensors"))?;
+    save(
+        &with_dtypes(clip_weights, |_, _| DType::BF16)?,
+        &out.join("text_encoder/model.safetensors"),
+    )?;
     write_json(&out.join("text_encoder/config.json"), &clip_config)?;
 
     manifest(options).write(out)
@@ -263,14 +289,24 @@ struct RandomWeights {
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let dims = shape.dims();
         // Norm gains around 1, biases small, weights scaled by fan-in so activations keep
         // unit scale through the random layers and the outputs stay finite and varied.
         let (offset, std) = match dims.len() {
             1 if name.ends_with(".bias") => (0.0, 0.02),
             1 => (1.0, 0.1),
-            _ => (0.0, 1.0 / (dims[1..].iter().product::<usize>() as f32).sqrt()),
+            _ => (
+                0.0,
+                1.0 / (dims[1..].iter().product::<usize>() as f32).sqrt(),
+            ),
         };
         let seed = noise::named_seed(self.seed, &format!("{}/{name}", self.component));
         let values: Vec<f32> = noise::standard_normal(seed, shape.elem_count())
@@ -278,7 +314,10 @@ impl SimpleBackend for RandomWeights {
             .map(|v| offset + std * v)
             .collect();
         let tensor = Tensor::from_vec(values, shape, dev)?;
-        let mut tensors = self.tensors.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut tensors = self
+            .tensors
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         tensors.insert(name.to_string(), tensor.clone());
         tensor.to_dtype(dtype)
     }
@@ -306,12 +345,22 @@ fn random_weights(
         component,
         tensors: tensors.clone(),
     };
-    build(VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu))?;
-    let map = tensors.lock().map_err(|_| Error::InvalidModel("poisoned".into()))?.clone();
+    build(VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    let map = tensors
+        .lock()
+        .map_err(|_| Error::InvalidModel("poisoned".into()))?
+        .clone();
     Ok(map)
 }
 
-fn with_dtypes(map: TensorMap, dtype_of: impl Fn(&str, &Tensor) -> DType) -> Result<TensorMap, Error> {
+fn with_dtypes(
+    map: TensorMap,
+    dtype_of: impl Fn(&str, &Tensor) -> DType,
+) -> Result<TensorMap, Error> {
     map.into_iter()
         .map(|(name, t)| {
             let dtype = dtype_of(&name, &t);
@@ -325,7 +374,8 @@ fn save(map: &TensorMap, path: &Path) -> Result<(), Error> {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), Error> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::InvalidModel(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::InvalidModel(e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,

@@ -17,11 +17,12 @@ fn tiny_model(options: &TinyModelOptions) -> TempDir {
     dir
 }
 
+/// 128x128 keeps the tests fast (VAE decoding dominates); two tests use 256-pixel sides.
 fn request(seed: u64) -> GenerateRequest {
     GenerateRequest {
         prompt: "a photo of a red cat in the city at night".into(),
-        width: 256,
-        height: 256,
+        width: 128,
+        height: 128,
         steps: 3,
         guidance: 3.5,
         seed,
@@ -34,7 +35,9 @@ fn no_progress() -> impl FnMut(u32, u32) -> ControlFlow<()> {
 }
 
 fn generate_png(pipeline: &Pipeline, req: &GenerateRequest) -> Vec<u8> {
-    let images = pipeline.generate(req, &mut no_progress()).expect("generate");
+    let images = pipeline
+        .generate(req, &mut no_progress())
+        .expect("generate");
     assert_eq!(images.len(), req.num_images as usize);
     images.into_iter().next().expect("one image").png
 }
@@ -53,18 +56,40 @@ fn latents(pipeline: &Pipeline, req: &GenerateRequest) -> Tensor {
     let conditioning = pipeline.encode_prompt(&req.prompt).expect("encode");
     let noise = pipeline.initial_noise(req).expect("noise");
     pipeline
-        .denoise(&conditioning, &noise, &pipeline.sigmas(req), req.guidance, &mut no_progress())
+        .denoise(
+            &conditioning,
+            &noise,
+            &pipeline.sigmas(req),
+            req.guidance,
+            &mut no_progress(),
+        )
         .expect("denoise")
         .to_dtype(DType::F32)
         .expect("f32")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn rms(a: &Tensor) -> f32 {
-    a.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar().unwrap()
+    a.sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Rewrites the model directory's manifest.
@@ -98,10 +123,18 @@ fn tiny_model_generation_is_deterministic() {
     ];
     for file in files {
         let read = |dir: &TempDir| std::fs::read(dir.path().join(file)).expect(file);
-        assert_eq!(read(&a), read(&b), "{file} differs between two runs with one seed");
+        assert_eq!(
+            read(&a),
+            read(&b),
+            "{file} differs between two runs with one seed"
+        );
     }
     let read = |dir: &TempDir| std::fs::read(dir.path().join("flux1-tiny.safetensors")).unwrap();
-    assert_ne!(read(&a), read(&other_seed), "another seed must give other weights");
+    assert_ne!(
+        read(&a),
+        read(&other_seed),
+        "another seed must give other weights"
+    );
 }
 
 #[test]
@@ -128,7 +161,9 @@ fn tiny_files_use_the_real_key_layouts() {
     assert!(vae.contains(&"encoder.down.0.block.0.conv1.weight".to_string()));
     let t5 = keys("text_encoder_2/model.safetensors");
     assert!(t5.contains(&"shared.weight".to_string()));
-    assert!(t5.contains(&"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".to_string()));
+    assert!(t5.contains(
+        &"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".to_string()
+    ));
     assert!(t5.contains(&"encoder.block.1.layer.1.DenseReluDense.wi_1.weight".to_string()));
     let clip = keys("text_encoder/model.safetensors");
     assert!(clip.contains(&"text_model.encoder.layers.1.self_attn.q_proj.weight".to_string()));
@@ -143,9 +178,14 @@ fn bfl_and_diffusers_layouts_give_the_same_image() {
     });
     let bfl = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let bfl_png = generate_png(&bfl, &request(1));
-    edit_manifest(dir.path(), |m| m.transformer.weights = DIFFUSERS_TRANSFORMER.into());
+    edit_manifest(dir.path(), |m| {
+        m.transformer.weights = DIFFUSERS_TRANSFORMER.into()
+    });
     let diffusers = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
-    assert_eq!(diffusers.transformer_weight_bytes(), bfl.transformer_weight_bytes());
+    assert_eq!(
+        diffusers.transformer_weight_bytes(),
+        bfl.transformer_weight_bytes()
+    );
     assert_eq!(generate_png(&diffusers, &request(1)), bfl_png);
 }
 
@@ -161,34 +201,64 @@ fn bundled_checkpoint_prefix_is_stripped() {
             .map(|(k, v)| (format!("model.diffusion_model.{k}"), v))
             .collect();
     // A bundled checkpoint also carries other components, which must be ignored.
-    bundled.insert("first_stage_model.decoder.conv_in.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    bundled.insert(
+        "first_stage_model.decoder.conv_in.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&bundled, &path).unwrap();
     let from_bundle = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
-    assert_eq!(generate_png(&from_bundle, &request(2)), generate_png(&plain, &request(2)));
+    assert_eq!(
+        generate_png(&from_bundle, &request(2)),
+        generate_png(&plain, &request(2))
+    );
 }
 
 /// fp8 keeps the transformer's linear weights in float8 e4m3 (3 mantissa bits, relative
 /// rounding error up to 1/16 per weight). Tolerance: the final latents stay within 10% RMS of
-/// the bf16 latents' RMS (observed: about 2-4%), and the decoded images agree to 25 dB PSNR.
+/// the bf16 latents' RMS (observed: 4.7%), and the decoded images agree to 25 dB PSNR
+/// (observed: 37.5 dB).
 #[test]
 fn fp8_is_close_to_bf16_and_halves_transformer_memory() {
     let dir = tiny_model(&TinyModelOptions::tiny());
     let bf16 = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let fp8 = Pipeline::load(dir.path(), Precision::Fp8).unwrap();
-    let (bf16_bytes, fp8_bytes) = (bf16.transformer_weight_bytes(), fp8.transformer_weight_bytes());
-    assert!(fp8_bytes * 100 < bf16_bytes * 55, "fp8 {fp8_bytes} B vs bf16 {bf16_bytes} B");
-    assert_eq!(bf16.weight_bytes() - fp8.weight_bytes(), bf16_bytes - fp8_bytes);
+    let (bf16_bytes, fp8_bytes) = (
+        bf16.transformer_weight_bytes(),
+        fp8.transformer_weight_bytes(),
+    );
+    assert!(
+        fp8_bytes * 100 < bf16_bytes * 55,
+        "fp8 {fp8_bytes} B vs bf16 {bf16_bytes} B"
+    );
+    assert_eq!(
+        bf16.weight_bytes() - fp8.weight_bytes(),
+        bf16_bytes - fp8_bytes
+    );
 
-    let req = request(3);
+    let req = GenerateRequest {
+        width: 256,
+        height: 256,
+        ..request(3)
+    };
     let (reference, quantized) = (latents(&bf16, &req), latents(&fp8, &req));
     let relative = rms(&(&quantized - &reference).unwrap()) / rms(&reference);
+    eprintln!("fp8 vs bf16: latents relative RMS difference {relative:.4}");
     assert!(relative > 0.0, "fp8 must actually change the weights");
-    assert!(relative < 0.10, "fp8 latents differ by {relative:.4} relative RMS");
+    assert!(
+        relative < 0.10,
+        "fp8 latents differ by {relative:.4} relative RMS"
+    );
 
     let (_, a) = decode_png(&generate_png(&bf16, &req));
     let (_, b) = decode_png(&generate_png(&fp8, &req));
-    let mse = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+    eprintln!("fp8 vs bf16: image PSNR {psnr:.1} dB");
     assert!(psnr > 25.0, "fp8 vs bf16 image PSNR {psnr:.1} dB");
 }
 
@@ -201,7 +271,10 @@ fn float8_checkpoints_load_in_both_precisions() {
     for precision in [Precision::Bf16, Precision::Fp8] {
         let pipeline = Pipeline::load(dir.path(), precision).unwrap();
         let (_, pixels) = decode_png(&generate_png(&pipeline, &request(4)));
-        assert!(pixels.iter().any(|&p| p != pixels[0]), "{precision}: flat image");
+        assert!(
+            pixels.iter().any(|&p| p != pixels[0]),
+            "{precision}: flat image"
+        );
     }
 }
 
@@ -221,17 +294,38 @@ fn same_seed_same_png_other_seed_other_png() {
 fn images_are_varied_and_carry_their_parameters() {
     let dir = tiny_model(&TinyModelOptions::tiny());
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
-    let req = request(7);
+    let req = GenerateRequest {
+        width: 256,
+        height: 192,
+        ..request(7)
+    };
     let final_latents = latents(&pipeline, &req);
-    let values = final_latents.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let values = final_latents
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(values.iter().all(|v| v.is_finite()), "non-finite latents");
     let (info, pixels) = decode_png(&generate_png(&pipeline, &req));
-    assert_eq!((info.width, info.height), (256, 256));
+    assert_eq!((info.width, info.height), (256, 192));
     let mean = pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / pixels.len() as f64;
-    let std = (pixels.iter().map(|&p| (f64::from(p) - mean).powi(2)).sum::<f64>() / pixels.len() as f64).sqrt();
-    assert!(std > 10.0, "pixel standard deviation {std:.1}: degenerate image");
-    let saturated = pixels.iter().filter(|&&p| p == 0 || p == 255).count() as f64 / pixels.len() as f64;
-    assert!(saturated < 0.5, "{:.0}% of pixels saturated", saturated * 100.0);
+    let std = (pixels
+        .iter()
+        .map(|&p| (f64::from(p) - mean).powi(2))
+        .sum::<f64>()
+        / pixels.len() as f64)
+        .sqrt();
+    assert!(
+        std > 10.0,
+        "pixel standard deviation {std:.1}: degenerate image"
+    );
+    let saturated =
+        pixels.iter().filter(|&&p| p == 0 || p == 255).count() as f64 / pixels.len() as f64;
+    assert!(
+        saturated < 0.5,
+        "{:.0}% of pixels saturated",
+        saturated * 100.0
+    );
     let text: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
@@ -244,7 +338,10 @@ fn images_are_varied_and_carry_their_parameters() {
         ("guidance", "3.5"),
         ("model", "flux-tiny"),
     ] {
-        assert!(text.contains(&(key.to_string(), value.to_string())), "{key}={value} missing in {text:?}");
+        assert!(
+            text.contains(&(key.to_string(), value.to_string())),
+            "{key}={value} missing in {text:?}"
+        );
     }
 }
 
@@ -253,14 +350,31 @@ fn batch_images_use_consecutive_seeds() {
     let dir = tiny_model(&TinyModelOptions::tiny());
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let batch = pipeline
-        .generate(&GenerateRequest { num_images: 3, ..request(10) }, &mut no_progress())
+        .generate(
+            &GenerateRequest {
+                num_images: 3,
+                ..request(10)
+            },
+            &mut no_progress(),
+        )
         .unwrap();
-    assert_eq!(batch.iter().map(|i| i.seed).collect::<Vec<_>>(), vec![10, 11, 12]);
+    assert_eq!(
+        batch.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        vec![10, 11, 12]
+    );
     // Image 1 of the batch is the image of seed 11 alone, up to batched-matmul rounding.
     let (_, batched) = decode_png(&batch[1].png);
     let (_, alone) = decode_png(&generate_png(&pipeline, &request(11)));
-    let worst = batched.iter().zip(&alone).map(|(&a, &b)| a.abs_diff(b)).max().unwrap();
-    assert!(worst <= 2, "batched image differs from the single one by {worst} levels");
+    let worst = batched
+        .iter()
+        .zip(&alone)
+        .map(|(&a, &b)| a.abs_diff(b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 2,
+        "batched image differs from the single one by {worst} levels"
+    );
     assert_ne!(batch[0].png, batch[1].png);
 }
 
@@ -269,13 +383,19 @@ fn cancelling_stops_at_the_requested_step() {
     let dir = tiny_model(&TinyModelOptions::tiny());
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let mut seen = Vec::new();
-    let result = pipeline.generate(&GenerateRequest { steps: 4, ..request(8) }, &mut |step, total| {
-        seen.push((step, total));
-        match step {
-            2 => ControlFlow::Break(()),
-            _ => ControlFlow::Continue(()),
-        }
-    });
+    let result = pipeline.generate(
+        &GenerateRequest {
+            steps: 4,
+            ..request(8)
+        },
+        &mut |step, total| {
+            seen.push((step, total));
+            match step {
+                2 => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        },
+    );
     assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
     assert_eq!(seen, vec![(1, 4), (2, 4)]);
 }
@@ -286,7 +406,7 @@ fn progress_reports_every_step() {
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let mut seen = Vec::new();
     pipeline
-        .generate(&GenerateRequest { width: 128, height: 128, ..request(8) }, &mut |step, total| {
+        .generate(&request(8), &mut |step, total| {
             seen.push((step, total));
             ControlFlow::Continue(())
         })
@@ -299,13 +419,55 @@ fn invalid_requests_are_rejected_with_clear_messages() {
     let dir = tiny_model(&TinyModelOptions::tiny());
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let cases = [
-        (GenerateRequest { width: 100, ..request(0) }, "width 100 must be a positive multiple of 16"),
-        (GenerateRequest { height: 0, ..request(0) }, "height 0 must be a positive multiple of 16"),
-        (GenerateRequest { width: 4096, ..request(0) }, "width 4096 must be a positive multiple of 16 up to 2048"),
-        (GenerateRequest { steps: 0, ..request(0) }, "steps 0 must be between 1 and 100"),
-        (GenerateRequest { num_images: 0, ..request(0) }, "num_images 0 must be between 1 and 4"),
-        (GenerateRequest { num_images: 5, ..request(0) }, "num_images 5 must be between 1 and 4"),
-        (GenerateRequest { guidance: f32::NAN, ..request(0) }, "guidance NaN must be a finite number >= 0"),
+        (
+            GenerateRequest {
+                width: 100,
+                ..request(0)
+            },
+            "width 100 must be a positive multiple of 16",
+        ),
+        (
+            GenerateRequest {
+                height: 0,
+                ..request(0)
+            },
+            "height 0 must be a positive multiple of 16",
+        ),
+        (
+            GenerateRequest {
+                width: 4096,
+                ..request(0)
+            },
+            "width 4096 must be a positive multiple of 16 up to 2048",
+        ),
+        (
+            GenerateRequest {
+                steps: 0,
+                ..request(0)
+            },
+            "steps 0 must be between 1 and 100",
+        ),
+        (
+            GenerateRequest {
+                num_images: 0,
+                ..request(0)
+            },
+            "num_images 0 must be between 1 and 4",
+        ),
+        (
+            GenerateRequest {
+                num_images: 5,
+                ..request(0)
+            },
+            "num_images 5 must be between 1 and 4",
+        ),
+        (
+            GenerateRequest {
+                guidance: f32::NAN,
+                ..request(0)
+            },
+            "guidance NaN must be a finite number >= 0",
+        ),
     ];
     for (req, expected) in cases {
         let mut called = false;
@@ -313,7 +475,9 @@ fn invalid_requests_are_rejected_with_clear_messages() {
             called = true;
             ControlFlow::Continue(())
         }) {
-            Err(Error::InvalidRequest(message)) => assert!(message.contains(expected), "{message:?} lacks {expected:?}"),
+            Err(Error::InvalidRequest(message)) => {
+                assert!(message.contains(expected), "{message:?} lacks {expected:?}")
+            }
             other => panic!("{req:?}: expected InvalidRequest, got {other:?}"),
         }
         assert!(!called, "{req:?} must be rejected before denoising");
@@ -324,14 +488,20 @@ fn invalid_requests_are_rejected_with_clear_messages() {
 fn constant_shift_schedule_and_schnell_variant_generate() {
     let dir = tiny_model(&TinyModelOptions {
         variant: atelier_inference::model::manifest::Variant::Schnell,
-        schedule: Schedule::Shift { shift: 3.0, sigma_min: 0.003 / 1.002 },
+        schedule: Schedule::Shift {
+            shift: 3.0,
+            sigma_min: 0.003 / 1.002,
+        },
         ..TinyModelOptions::tiny()
     });
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     assert_eq!(pipeline.info().variant, "schnell");
     let sigmas = pipeline.sigmas(&request(0));
     assert_eq!(sigmas.len(), 4);
-    assert!((sigmas[1] - 3.0 * 0.5 / (1.0 + 2.0 * 0.5)).abs() < 0.01, "{sigmas:?}");
+    assert!(
+        (sigmas[1] - 3.0 * 0.5 / (1.0 + 2.0 * 0.5)).abs() < 0.01,
+        "{sigmas:?}"
+    );
     let (_, pixels) = decode_png(&generate_png(&pipeline, &request(9)));
     assert!(pixels.iter().any(|&p| p != pixels[0]));
 }
@@ -345,7 +515,10 @@ fn moving_on_a_cpu_only_build_records_the_placement() {
     pipeline.move_to(Placement::Device).unwrap();
     assert_eq!(pipeline.placement(), Placement::Device);
     let expected_same = !candle_core::utils::cuda_is_available();
-    assert_eq!(generate_png(&pipeline, &request(12)) == before, expected_same);
+    assert_eq!(
+        generate_png(&pipeline, &request(12)) == before,
+        expected_same
+    );
     pipeline.move_to(Placement::Host).unwrap();
     assert_eq!(pipeline.placement(), Placement::Host);
     assert_eq!(generate_png(&pipeline, &request(12)), before);
@@ -354,32 +527,47 @@ fn moving_on_a_cpu_only_build_records_the_placement() {
 #[test]
 fn model_directory_errors_name_the_problem() {
     let missing = tempfile::tempdir().unwrap();
-    let err = Pipeline::load(missing.path(), Precision::Bf16).err().expect("no manifest");
+    let err = Pipeline::load(missing.path(), Precision::Bf16)
+        .err()
+        .expect("no manifest");
     assert!(err.to_string().contains("atelier-model.json"), "{err}");
 
     let dir = tiny_model(&TinyModelOptions::tiny());
     edit_manifest(dir.path(), |m| m.transformer.config.depth = 3);
-    let err = Pipeline::load(dir.path(), Precision::Bf16).err().expect("a block too many");
+    let err = Pipeline::load(dir.path(), Precision::Bf16)
+        .err()
+        .expect("a block too many");
     assert!(matches!(err, Error::InvalidModel(_)), "{err}");
     assert!(err.to_string().contains("double_blocks.2"), "{err}");
 
     let dir = tiny_model(&TinyModelOptions::tiny());
     std::fs::remove_file(dir.path().join("ae.safetensors")).unwrap();
-    let err = Pipeline::load(dir.path(), Precision::Bf16).err().expect("no vae");
+    let err = Pipeline::load(dir.path(), Precision::Bf16)
+        .err()
+        .expect("no vae");
     assert!(err.to_string().contains("ae.safetensors"), "{err}");
 }
 
 #[test]
 fn diffusers_conversion_round_trips() {
     let dir = tiny_model(&TinyModelOptions::tiny());
-    let bfl = candle_core::safetensors::load(dir.path().join("flux1-tiny.safetensors"), &Device::Cpu).unwrap();
+    let bfl =
+        candle_core::safetensors::load(dir.path().join("flux1-tiny.safetensors"), &Device::Cpu)
+            .unwrap();
     let diffusers = flux_keys::bfl_to_diffusers(bfl.clone(), 64).unwrap();
     assert!(diffusers.contains_key("single_transformer_blocks.1.proj_mlp.weight"));
     assert!(diffusers.contains_key("transformer_blocks.0.attn.norm_added_k.weight"));
     let back = flux_keys::diffusers_to_bfl(diffusers).unwrap();
     assert_eq!(back.len(), bfl.len());
     for (name, tensor) in &bfl {
-        assert_eq!(max_abs_diff(&tensor.to_dtype(DType::F32).unwrap(), &back[name].to_dtype(DType::F32).unwrap()), 0.0, "{name}");
+        assert_eq!(
+            max_abs_diff(
+                &tensor.to_dtype(DType::F32).unwrap(),
+                &back[name].to_dtype(DType::F32).unwrap()
+            ),
+            0.0,
+            "{name}"
+        );
     }
 }
 

@@ -74,7 +74,10 @@ impl FluxConfig {
             return invalid(format!("axes_dim {:?} must be even", self.axes_dim));
         }
         if self.in_channels % 4 != 0 {
-            return invalid(format!("in_channels {} must be 4 x latent channels", self.in_channels));
+            return invalid(format!(
+                "in_channels {} must be 4 x latent channels",
+                self.in_channels
+            ));
         }
         Ok(())
     }
@@ -88,7 +91,10 @@ impl FluxConfig {
     }
 
     /// The same dimensions as candle-transformers' config (used to enumerate the BFL keys).
-    pub fn to_candle(&self, guidance_embed: bool) -> candle_transformers::models::flux::model::Config {
+    pub fn to_candle(
+        &self,
+        guidance_embed: bool,
+    ) -> candle_transformers::models::flux::model::Config {
         candle_transformers::models::flux::model::Config {
             in_channels: self.in_channels,
             vec_in_dim: self.vec_in_dim,
@@ -213,7 +219,10 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> 
     let k = rope.apply(k)?;
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let weights = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-    weights.matmul(&v.contiguous()?)?.transpose(1, 2)?.flatten_from(2)
+    weights
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .flatten_from(2)
 }
 
 /// Splits `(batch, tokens, 3 * hidden)` into q, k, v of `(batch, heads, tokens, head_dim)`.
@@ -345,7 +354,13 @@ struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
-    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor)> {
         let img_mod = self.img.modulation.forward(vec)?;
         let txt_mod = self.txt.modulation.forward(vec)?;
         let qkv = |stream: &Stream, xs: &Tensor, m: &ModulationOut| -> Result<_> {
@@ -391,13 +406,17 @@ struct SingleStreamBlock {
 impl SingleStreamBlock {
     fn forward(&self, xs: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
         let m = &self.modulation.forward(vec)?[0];
-        let x_mod = self.linear1.forward(&m.scale_shift(&self.norm.forward(xs)?)?)?;
+        let x_mod = self
+            .linear1
+            .forward(&m.scale_shift(&self.norm.forward(xs)?)?)?;
         let h3 = 3 * self.hidden_size;
         let (q, k, v) = split_qkv(&x_mod.narrow(D::Minus1, 0, h3)?, self.num_heads)?;
         let mlp = x_mod.narrow(D::Minus1, h3, x_mod.dim(D::Minus1)? - h3)?;
         let (q, k) = self.qk_norm.forward(&q, &k)?;
         let attn = attention(&q, &k, &v, rope)?;
-        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp.gelu()?], 2)?)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[attn, mlp.gelu()?], 2)?)?;
         xs + m.gate(&out)?
     }
 }
@@ -437,7 +456,12 @@ pub struct Flux {
 impl Flux {
     /// Linear weights are read in `storage` dtype, everything else in the builder's dtype
     /// (the compute dtype). `guidance_embed` is true for dev models.
-    pub fn load(cfg: &FluxConfig, guidance_embed: bool, storage: DType, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        cfg: &FluxConfig,
+        guidance_embed: bool,
+        storage: DType,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let norm = LayerNorm::new(h, &vb)?;
         let double_blocks = (0..cfg.depth)
@@ -455,7 +479,13 @@ impl Flux {
             .map(|i| {
                 let vb = vb.pp(format!("single_blocks.{i}"));
                 Ok(SingleStreamBlock {
-                    linear1: Linear::load(vb.pp("linear1"), h, 3 * h + cfg.mlp_dim(), true, storage)?,
+                    linear1: Linear::load(
+                        vb.pp("linear1"),
+                        h,
+                        3 * h + cfg.mlp_dim(),
+                        true,
+                        storage,
+                    )?,
                     linear2: Linear::load(vb.pp("linear2"), h + cfg.mlp_dim(), h, true, storage)?,
                     qk_norm: QkNorm::load(cfg.head_dim(), vb.pp("norm"))?,
                     norm: norm.clone(),
@@ -469,7 +499,13 @@ impl Flux {
         let final_layer = LastLayer {
             norm,
             linear: Linear::load(final_vb.pp("linear"), h, cfg.in_channels, true, storage)?,
-            ada_ln_modulation: Linear::load(final_vb.pp("adaLN_modulation.1"), h, 2 * h, true, storage)?,
+            ada_ln_modulation: Linear::load(
+                final_vb.pp("adaLN_modulation.1"),
+                h,
+                2 * h,
+                true,
+                storage,
+            )?,
         };
         let guidance_in = match guidance_embed {
             true => Some(MlpEmbedder::load(256, h, storage, vb.pp("guidance_in"))?),
@@ -500,7 +536,9 @@ impl Flux {
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
         let dtype = img.dtype();
-        let mut vec = self.time_in.forward(&timestep_embedding(timesteps, 256, dtype)?)?;
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(timesteps, 256, dtype)?)?;
         match (&self.guidance_in, guidance) {
             (Some(embedder), Some(guidance)) => {
                 vec = (vec + embedder.forward(&timestep_embedding(guidance, 256, dtype)?)?)?

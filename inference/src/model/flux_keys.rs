@@ -65,17 +65,42 @@ fn rules(double_blocks: usize, single_blocks: usize) -> Vec<Rule> {
     let mut linear = |bfl: &str, diffusers: &str| push(bfl.into(), vec![diffusers.into()], false);
     linear("img_in", "x_embedder");
     linear("txt_in", "context_embedder");
-    linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1");
-    linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2");
-    linear("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1");
-    linear("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2");
-    linear("vector_in.in_layer", "time_text_embed.text_embedder.linear_1");
-    linear("vector_in.out_layer", "time_text_embed.text_embedder.linear_2");
+    linear(
+        "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_1",
+    );
+    linear(
+        "time_in.out_layer",
+        "time_text_embed.timestep_embedder.linear_2",
+    );
+    linear(
+        "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_1",
+    );
+    linear(
+        "guidance_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_2",
+    );
+    linear(
+        "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_1",
+    );
+    linear(
+        "vector_in.out_layer",
+        "time_text_embed.text_embedder.linear_2",
+    );
     linear("final_layer.linear", "proj_out");
     for i in 0..double_blocks {
-        let (b, d) = (format!("double_blocks.{i}"), format!("transformer_blocks.{i}"));
+        let (b, d) = (
+            format!("double_blocks.{i}"),
+            format!("transformer_blocks.{i}"),
+        );
         let mut linear = |bfl: &str, diffusers: &str| {
-            push(format!("{b}.{bfl}"), vec![format!("{d}.{diffusers}")], false)
+            push(
+                format!("{b}.{bfl}"),
+                vec![format!("{d}.{diffusers}")],
+                false,
+            )
         };
         linear("img_mod.lin", "norm1.linear");
         linear("txt_mod.lin", "norm1_context.linear");
@@ -86,7 +111,11 @@ fn rules(double_blocks: usize, single_blocks: usize) -> Vec<Rule> {
         linear("txt_mlp.0", "ff_context.net.0.proj");
         linear("txt_mlp.2", "ff_context.net.2");
         let fused = |parts: [&str; 3]| parts.iter().map(|p| format!("{d}.attn.{p}")).collect();
-        push(format!("{b}.img_attn.qkv"), fused(["to_q", "to_k", "to_v"]), false);
+        push(
+            format!("{b}.img_attn.qkv"),
+            fused(["to_q", "to_k", "to_v"]),
+            false,
+        );
         push(
             format!("{b}.txt_attn.qkv"),
             fused(["add_q_proj", "add_k_proj", "add_v_proj"]),
@@ -94,13 +123,28 @@ fn rules(double_blocks: usize, single_blocks: usize) -> Vec<Rule> {
         );
     }
     for i in 0..single_blocks {
-        let (b, d) = (format!("single_blocks.{i}"), format!("single_transformer_blocks.{i}"));
-        push(format!("{b}.modulation.lin"), vec![format!("{d}.norm.linear")], false);
+        let (b, d) = (
+            format!("single_blocks.{i}"),
+            format!("single_transformer_blocks.{i}"),
+        );
+        push(
+            format!("{b}.modulation.lin"),
+            vec![format!("{d}.norm.linear")],
+            false,
+        );
         push(format!("{b}.linear2"), vec![format!("{d}.proj_out")], false);
         let parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"];
-        push(format!("{b}.linear1"), parts.iter().map(|p| format!("{d}.{p}")).collect(), false);
+        push(
+            format!("{b}.linear1"),
+            parts.iter().map(|p| format!("{d}.{p}")).collect(),
+            false,
+        );
     }
-    push("final_layer.adaLN_modulation.1".into(), vec!["norm_out.linear".into()], true);
+    push(
+        "final_layer.adaLN_modulation.1".into(),
+        vec!["norm_out.linear".into()],
+        true,
+    );
     // RMSNorm scales have no bias and are named differently on each side.
     let mut scale = |bfl: String, diffusers: String| {
         rules.push(Rule {
@@ -110,14 +154,29 @@ fn rules(double_blocks: usize, single_blocks: usize) -> Vec<Rule> {
         })
     };
     for i in 0..double_blocks {
-        let (b, d) = (format!("double_blocks.{i}"), format!("transformer_blocks.{i}.attn"));
-        scale(format!("{b}.img_attn.norm.query_norm"), format!("{d}.norm_q"));
+        let (b, d) = (
+            format!("double_blocks.{i}"),
+            format!("transformer_blocks.{i}.attn"),
+        );
+        scale(
+            format!("{b}.img_attn.norm.query_norm"),
+            format!("{d}.norm_q"),
+        );
         scale(format!("{b}.img_attn.norm.key_norm"), format!("{d}.norm_k"));
-        scale(format!("{b}.txt_attn.norm.query_norm"), format!("{d}.norm_added_q"));
-        scale(format!("{b}.txt_attn.norm.key_norm"), format!("{d}.norm_added_k"));
+        scale(
+            format!("{b}.txt_attn.norm.query_norm"),
+            format!("{d}.norm_added_q"),
+        );
+        scale(
+            format!("{b}.txt_attn.norm.key_norm"),
+            format!("{d}.norm_added_k"),
+        );
     }
     for i in 0..single_blocks {
-        let (b, d) = (format!("single_blocks.{i}"), format!("single_transformer_blocks.{i}.attn"));
+        let (b, d) = (
+            format!("single_blocks.{i}"),
+            format!("single_transformer_blocks.{i}.attn"),
+        );
         scale(format!("{b}.norm.query_norm"), format!("{d}.norm_q"));
         scale(format!("{b}.norm.key_norm"), format!("{d}.norm_k"));
     }
@@ -127,7 +186,13 @@ fn rules(double_blocks: usize, single_blocks: usize) -> Vec<Rule> {
 /// Number of blocks `prefix.N.` in a map's keys.
 fn count_blocks(map: &TensorMap, prefix: &str) -> usize {
     map.keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .map(|i| i + 1)
         .max()
         .unwrap_or(0)
@@ -144,7 +209,11 @@ pub fn diffusers_to_bfl(mut map: TensorMap) -> Result<TensorMap, Error> {
     let single_blocks = count_blocks(&map, "single_transformer_blocks.");
     let mut out = TensorMap::new();
     for rule in rules(double_blocks, single_blocks) {
-        let present = rule.diffusers.iter().filter(|k| map.contains_key(*k)).count();
+        let present = rule
+            .diffusers
+            .iter()
+            .filter(|k| map.contains_key(*k))
+            .count();
         if present == 0 {
             continue; // e.g. no guidance embedder in schnell
         }
@@ -154,7 +223,11 @@ pub fn diffusers_to_bfl(mut map: TensorMap) -> Result<TensorMap, Error> {
                 rule.bfl, rule.diffusers
             )));
         }
-        let parts: Vec<Tensor> = rule.diffusers.iter().filter_map(|k| map.remove(k)).collect();
+        let parts: Vec<Tensor> = rule
+            .diffusers
+            .iter()
+            .filter_map(|k| map.remove(k))
+            .collect();
         let tensor = Tensor::cat(&parts, 0)?;
         let tensor = match rule.swap_halves {
             true => swap_halves(&tensor)?,
@@ -187,7 +260,12 @@ pub fn bfl_to_diffusers(mut map: TensorMap, hidden_size: usize) -> Result<Tensor
         };
         let rows = tensor.dim(0)?;
         let sizes = match rule.diffusers.len() {
-            4 => vec![hidden_size, hidden_size, hidden_size, rows - 3 * hidden_size],
+            4 => vec![
+                hidden_size,
+                hidden_size,
+                hidden_size,
+                rows - 3 * hidden_size,
+            ],
             n => vec![rows / n; n],
         };
         let mut start = 0;
@@ -197,7 +275,9 @@ pub fn bfl_to_diffusers(mut map: TensorMap, hidden_size: usize) -> Result<Tensor
         }
     }
     if let Some(unknown) = map.keys().min() {
-        return Err(Error::InvalidModel(format!("transformer: unknown BFL key {unknown}")));
+        return Err(Error::InvalidModel(format!(
+            "transformer: unknown BFL key {unknown}"
+        )));
     }
     Ok(out)
 }

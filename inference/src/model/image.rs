@@ -10,7 +10,9 @@ use crate::pipeline::Error;
 pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> Result<Vec<u8>, Error> {
     let (channels, height, width) = image.dims3()?;
     if channels != 3 {
-        return Err(Error::InvalidModel(format!("decoder produced {channels} channels, not 3")));
+        return Err(Error::InvalidModel(format!(
+            "decoder produced {channels} channels, not 3"
+        )));
     }
     // [-1, 1] -> [0, 255], rounded; channel-last for PNG.
     let pixels = ((image.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
@@ -46,7 +48,8 @@ mod tests {
 
     #[test]
     fn pixels_and_text_round_trip() -> Result<(), Error> {
-        let image = Tensor::new(&[-1f32, 0.0, 1.0, 0.5, -0.5, 2.0], &Device::Cpu)?.reshape((3, 1, 2))?;
+        let image =
+            Tensor::new(&[-1f32, 0.0, 1.0, 0.5, -0.5, 2.0], &Device::Cpu)?.reshape((3, 1, 2))?;
         let png = encode_png(
             &image,
             &[("prompt", "a cat".to_string()), ("model", "猫".to_string())],

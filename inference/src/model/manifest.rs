@@ -131,7 +131,8 @@ impl Manifest {
         if self.t5.max_length == 0 {
             return invalid("t5.max_length must be at least 1".into());
         }
-        if self.clip.tokenizer.is_none() && (self.clip.vocab.is_none() || self.clip.merges.is_none())
+        if self.clip.tokenizer.is_none()
+            && (self.clip.vocab.is_none() || self.clip.merges.is_none())
         {
             return invalid("clip needs either tokenizer or both vocab and merges".into());
         }

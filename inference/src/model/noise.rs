@@ -50,7 +50,11 @@ mod tests {
     fn moments_are_standard_normal() {
         let xs = standard_normal(1, 100_000);
         let mean = xs.iter().map(|&x| f64::from(x)).sum::<f64>() / xs.len() as f64;
-        let var = xs.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        let var = xs
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / xs.len() as f64;
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.02, "variance {var}");
     }

@@ -85,10 +85,8 @@ mod tests {
             base_shift: 0.5,
             max_shift: 1.15,
         };
-        let reference = candle_transformers::models::flux::sampling::get_schedule(
-            4,
-            Some((1024, 0.5, 1.15)),
-        );
+        let reference =
+            candle_transformers::models::flux::sampling::get_schedule(4, Some((1024, 0.5, 1.15)));
         assert_close(&schedule.sigmas(4, 1024), &reference);
     }
 

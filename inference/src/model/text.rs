@@ -6,7 +6,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
 use candle_transformers::models::t5;
 use serde::Deserialize;
 use tokenizers::models::bpe::BPE;
@@ -94,7 +96,10 @@ mod defaults {
 /// Reads a `CLIPTextConfig` or the `text_config` of a full `CLIPConfig`.
 pub fn clip_config(path: &Path) -> Result<ClipTextConfig, Error> {
     let mut json: serde_json::Value = read_json(path)?;
-    let text = json.get_mut("text_config").map(serde_json::Value::take).unwrap_or(json);
+    let text = json
+        .get_mut("text_config")
+        .map(serde_json::Value::take)
+        .unwrap_or(json);
     let hf: HfClipTextConfig = serde_json::from_value(text)
         .map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
     if hf.hidden_act != "quick_gelu" {
@@ -122,7 +127,11 @@ pub fn clip_config(path: &Path) -> Result<ClipTextConfig, Error> {
 /// `<|startoftext|> ... <|endoftext|>` around the ids.
 pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, Error> {
     let context = "building the CLIP BPE tokenizer";
-    let to_str = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| tokenizer_error(context, "non-UTF-8 path"));
+    let to_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| tokenizer_error(context, "non-UTF-8 path"))
+    };
     let bpe = BPE::from_file(&to_str(vocab)?, &to_str(merges)?)
         .unk_token(CLIP_EOS.into())
         .end_of_word_suffix("</w>".into())
@@ -131,7 +140,12 @@ pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, Erro
         .map_err(|e| tokenizer_error(context, e))?;
     let (bos, eos) = match (bpe.token_to_id(CLIP_BOS), bpe.token_to_id(CLIP_EOS)) {
         (Some(bos), Some(eos)) => (bos, eos),
-        _ => return Err(tokenizer_error(context, "vocab lacks <|startoftext|> / <|endoftext|>")),
+        _ => {
+            return Err(tokenizer_error(
+                context,
+                "vocab lacks <|startoftext|> / <|endoftext|>",
+            ));
+        }
     };
     let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
         .map_err(|e| tokenizer_error(context, e))?;
@@ -148,10 +162,9 @@ pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, Erro
             whitespace.into(),
             Lowercase.into(),
         ])))
-        .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])))
+        .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(
+            vec![split.into(), ByteLevel::new(false, true, false).into()],
+        )))
         .with_decoder(Some(ByteLevel::default()))
         .with_post_processor(Some(
             RobertaProcessing::new((CLIP_EOS.into(), eos), (CLIP_BOS.into(), bos))
@@ -168,7 +181,13 @@ pub struct Tokenizers {
 }
 
 impl Tokenizers {
-    pub fn load(model_dir: &Path, t5: &T5Files, t5_pad_id: u32, clip: &ClipFiles, clip_max: usize) -> Result<Self, Error> {
+    pub fn load(
+        model_dir: &Path,
+        t5: &T5Files,
+        t5_pad_id: u32,
+        clip: &ClipFiles,
+        clip_max: usize,
+    ) -> Result<Self, Error> {
         let from_json = |file: &str| {
             let path = model_dir.join(file);
             Tokenizer::from_file(&path).map_err(|e| tokenizer_error(&path.display().to_string(), e))
@@ -193,7 +212,11 @@ impl Tokenizers {
             (None, Some(vocab), Some(merges)) => {
                 clip_bpe_tokenizer(&model_dir.join(vocab), &model_dir.join(merges))?
             }
-            _ => return Err(Error::InvalidModel("clip needs tokenizer or vocab + merges".into())),
+            _ => {
+                return Err(Error::InvalidModel(
+                    "clip needs tokenizer or vocab + merges".into(),
+                ));
+            }
         };
         // CLIP is causal and pooled at the end-of-text token, so padding would change
         // nothing: truncate to the position table and leave it unpadded.
@@ -211,12 +234,18 @@ impl Tokenizers {
     }
 
     pub fn t5_ids(&self, prompt: &str) -> Result<Vec<u32>, Error> {
-        let encoding = self.t5.encode(prompt, true).map_err(|e| tokenizer_error("T5", e))?;
+        let encoding = self
+            .t5
+            .encode(prompt, true)
+            .map_err(|e| tokenizer_error("T5", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, Error> {
-        let encoding = self.clip.encode(prompt, true).map_err(|e| tokenizer_error("CLIP", e))?;
+        let encoding = self
+            .clip
+            .encode(prompt, true)
+            .map_err(|e| tokenizer_error("CLIP", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 }

@@ -24,7 +24,10 @@ impl SafetensorsFiles {
     pub fn open(paths: &[PathBuf]) -> Result<Self, Error> {
         for path in paths {
             if !path.is_file() {
-                return Err(Error::InvalidModel(format!("{}: no such file", path.display())));
+                return Err(Error::InvalidModel(format!(
+                    "{}: no such file",
+                    path.display()
+                )));
             }
         }
         // SAFETY: the files are read-only model weights that nothing modifies while loaded;

@@ -16,8 +16,8 @@ use crate::pipeline::Error;
 /// Words that get whole-word pieces in both vocabularies; anything else falls back to
 /// characters (T5) or byte-level symbols (CLIP).
 const WORDS: &[&str] = &[
-    "a", "the", "of", "in", "on", "with", "and", "photo", "portrait", "cat", "dog", "woman",
-    "man", "city", "night", "forest", "red", "blue", "green", "light",
+    "a", "the", "of", "in", "on", "with", "and", "photo", "portrait", "cat", "dog", "woman", "man",
+    "city", "night", "forest", "red", "blue", "green", "light",
 ];
 
 fn tokenizer_error(e: impl std::fmt::Display) -> Error {
@@ -38,7 +38,10 @@ pub fn write_t5_tokenizer(path: &Path) -> Result<usize, Error> {
     let mut vocab: Vec<(String, f64)> = specials.iter().map(|s| (s.to_string(), 0.0)).collect();
     vocab.extend(WORDS.iter().map(|w| (format!("▁{w}"), -4.0)));
     vocab.push(("▁".into(), -6.0));
-    let characters = ('a'..='z').chain('A'..='Z').chain('0'..='9').chain(".,!?'-".chars());
+    let characters = ('a'..='z')
+        .chain('A'..='Z')
+        .chain('0'..='9')
+        .chain(".,!?'-".chars());
     vocab.extend(characters.map(|c| (c.to_string(), -8.0)));
     let size = vocab.len();
     let model = Unigram::from(vocab, Some(2), false).map_err(tokenizer_error)?;
@@ -57,7 +60,10 @@ pub fn write_t5_tokenizer(path: &Path) -> Result<usize, Error> {
                 .build()
                 .map_err(tokenizer_error)?,
         ));
-    write(path, tokenizer.to_string(true).map_err(tokenizer_error)? + "\n")?;
+    write(
+        path,
+        tokenizer.to_string(true).map_err(tokenizer_error)? + "\n",
+    )?;
     Ok(size)
 }
 
