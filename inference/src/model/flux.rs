@@ -57,7 +57,7 @@ impl Default for FluxConfig {
 impl FluxConfig {
     pub fn validate(&self) -> std::result::Result<(), Error> {
         let invalid = |reason: String| Err(Error::InvalidModel(format!("transformer: {reason}")));
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return invalid(format!(
                 "hidden_size {} is not a multiple of num_heads {}",
                 self.hidden_size, self.num_heads
@@ -70,10 +70,10 @@ impl FluxConfig {
                 self.axes_dim
             ));
         }
-        if self.axes_dim.iter().any(|d| d % 2 != 0) {
+        if self.axes_dim.iter().any(|d| !d.is_multiple_of(2)) {
             return invalid(format!("axes_dim {:?} must be even", self.axes_dim));
         }
-        if self.in_channels % 4 != 0 {
+        if !self.in_channels.is_multiple_of(4) {
             return invalid(format!(
                 "in_channels {} must be 4 x latent channels",
                 self.in_channels

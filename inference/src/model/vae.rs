@@ -52,7 +52,11 @@ impl VaeConfig {
                 self.ch_mult
             )));
         }
-        if self.ch_mult.iter().any(|m| (self.ch * m) % 32 != 0) {
+        if self
+            .ch_mult
+            .iter()
+            .any(|m| !(self.ch * m).is_multiple_of(32))
+        {
             return Err(Error::InvalidModel(format!(
                 "vae: ch {} x ch_mult {:?} must be multiples of 32 (GroupNorm groups)",
                 self.ch, self.ch_mult
