@@ -71,6 +71,7 @@ try {
     const user = await page.textContent('#user');
     if (user !== args.login) throw new Error(`logged in as ${user}`);
     await page.locator('#quota').filter({ hasText: 'images left today' }).waitFor();
+    if (await page.locator('#admin-tab').isVisible()) throw new Error('a plain user sees the admin tab');
     await shot('3-logged-in');
   });
 
