@@ -224,6 +224,10 @@ async fn full_server_answers_429_and_cancel_stops_mid_run() {
 async fn queued_job_is_cancelled_without_running() {
     let server = Server::start(|c| c.concurrency = 2).await;
     server.post_job(&job("slow-q1", SLOW_STEPS)).await;
+    // Once the first runs, the second can only wait.
+    server
+        .wait_for("slow-q1", |s| s["state"] == "running")
+        .await;
     let (code, queued) = server.post_job(&job("quick-q2", 2)).await;
     assert_eq!(
         (code, &queued["state"]),

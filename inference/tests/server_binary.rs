@@ -115,7 +115,7 @@ async fn serve_finishes_the_running_job_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let body = json!({"id": "bin-1", "user": "alice", "prompt": "a fox", "width": 256, "height": 256,
-                      "steps": 20, "seed": 1});
+                      "steps": 4, "seed": 1});
     let response = http
         .post(format!("{base}/v1/jobs"))
         .json(&body)
