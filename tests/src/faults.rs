@@ -19,20 +19,27 @@ impl TestCluster {
 
     /// Makes a node NotReady (its heartbeats stop, the Ready condition turns False and the
     /// `node.kubernetes.io/not-ready:NoSchedule` taint keeps new pods off it), or Ready again.
-    /// Returns once the Node object shows it. Its running pods keep running.
+    /// Returns once the Node object shows both. Its running pods keep running, but their
+    /// statuses are no longer updated while it is NotReady.
     pub async fn set_node_ready(&self, node: &str, ready: bool) -> anyhow::Result<()> {
         self.kubelet.set_node_ready(node, ready)?;
         let nodes: Api<Node> = Api::all(self.client().await);
         let wanted = if ready { "True" } else { "False" };
         wait_for(&format!("node {node} Ready={wanted}"), DEFAULT_TIMEOUT, || async {
             let current = nodes.get(node).await?;
-            let shows = current
+            let condition_shows = current
                 .status
                 .and_then(|status| status.conditions)
                 .unwrap_or_default()
                 .iter()
                 .any(|condition| condition.type_ == "Ready" && condition.status == wanted);
-            Ok(shows.then_some(()))
+            let tainted = current
+                .spec
+                .and_then(|spec| spec.taints)
+                .unwrap_or_default()
+                .iter()
+                .any(|taint| taint.key == "node.kubernetes.io/not-ready" && taint.effect == "NoSchedule");
+            Ok((condition_shows && tainted != ready).then_some(()))
         })
         .await
     }

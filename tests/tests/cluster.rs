@@ -113,13 +113,9 @@ async fn create_test_server_pod(client: &Client, namespace: &str, name: &str, sp
         .await?)
 }
 
-#[tokio::test]
-async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away() -> anyhow::Result<()> {
-    let cluster = TestCluster::shared().await;
-    let client = cluster.client().await;
-    let namespace = cluster.create_namespace("web").await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+/// A Deployment of the test server and a Service selecting it, in a fresh namespace.
+async fn deploy_web(cluster: &TestCluster, client: &Client, prefix: &str) -> anyhow::Result<String> {
+    let namespace = cluster.create_namespace(prefix).await?;
     let deployment = from_json(json!({
         "metadata": {"name": "web"},
         "spec": {
@@ -131,7 +127,9 @@ async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away()
             },
         },
     }));
-    deployments.create(&PostParams::default(), &deployment).await?;
+    Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &deployment)
+        .await?;
     let service = from_json(json!({
         "metadata": {"name": "web"},
         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 8080, "targetPort": "http"}]},
@@ -139,23 +137,21 @@ async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away()
     Api::<Service>::namespaced(client.clone(), &namespace)
         .create(&PostParams::default(), &service)
         .await?;
+    Ok(namespace)
+}
+
+#[tokio::test]
+async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> anyhow::Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let namespace = deploy_web(cluster, &client, "web").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
 
     let pod = ready_pod(&pods, "app=web").await?;
     let ip = pod_ip(&pod);
     let last_octet: u8 = ip.strip_prefix("127.0.0.").context("a loopback pod IP")?.parse()?;
     assert!(last_octet >= 2, "pod IP {ip}");
     assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
-
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
-    wait_for("the EndpointSlice of web to list the pod as ready", DEFAULT_TIMEOUT, || async {
-        let list = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web")).await?;
-        let listed = list.items.iter().flat_map(|slice| slice.endpoints.iter().flatten()).any(|endpoint| {
-            endpoint.addresses.contains(&ip)
-                && endpoint.conditions.as_ref().and_then(|conditions| conditions.ready) == Some(true)
-        });
-        Ok(listed.then_some(()))
-    })
-    .await?;
     let (status, body) = get_text(&format!("http://{ip}:8080/")).await?;
     assert_eq!((status, body.trim()), (200, format!("hello from {}", pod.name_any()).as_str()));
 
@@ -176,7 +172,9 @@ async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away()
     .await?;
 
     // Deleting the Deployment removes its pods (garbage collection) and their processes.
-    deployments.delete("web", &DeleteParams::foreground()).await?;
+    Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .delete("web", &DeleteParams::foreground())
+        .await?;
     wait_for("the Deployment's pods to be gone", DEFAULT_TIMEOUT, || async {
         Ok(pods.list(&ListParams::default().labels("app=web")).await?.items.is_empty().then_some(()))
     })
@@ -185,6 +183,33 @@ async fn a_deployment_serves_through_its_endpoint_slice_restarts_and_goes_away()
         tokio::net::TcpStream::connect((ip.as_str(), 8080)).await.is_err(),
         "the server process must be gone"
     );
+    Ok(())
+}
+
+/// The real endpointslice controller lists the pod's 127.0.0.N address, which answers.
+#[tokio::test]
+async fn a_service_endpoint_slice_lists_the_ready_pod_address() -> anyhow::Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let namespace = deploy_web(cluster, &client, "slices").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let ip = pod_ip(&ready_pod(&pods, "app=web").await?);
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
+    let listed = wait_for("the EndpointSlice of web to list the pod as ready", DEFAULT_TIMEOUT, || async {
+        let list = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web")).await?;
+        let endpoint = list
+            .items
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter().flatten())
+            .find(|endpoint| endpoint.conditions.as_ref().and_then(|conditions| conditions.ready) == Some(true))
+            .and_then(|endpoint| endpoint.addresses.first().cloned());
+        Ok(endpoint)
+    })
+    .await?;
+    assert_eq!(listed, ip);
+    let (status, _) = get_text(&format!("http://{listed}:8080/readyz")).await?;
+    assert_eq!(status, 200);
     Ok(())
 }
 
@@ -500,7 +525,8 @@ async fn pods_get_their_service_account_identity_and_environment() -> anyhow::Re
     Ok(())
 }
 
-/// The CRDs of the chart install and validate (nothing to check while the chart has none).
+/// The CRDs of the chart install, fill in defaults and refuse invalid objects with their
+/// schema or CEL message (nothing to check while the chart has none).
 #[tokio::test]
 async fn atelier_crds_default_and_validate_objects() -> anyhow::Result<()> {
     let cluster = TestCluster::shared().await;
@@ -551,6 +577,29 @@ async fn atelier_crds_default_and_validate_objects() -> anyhow::Result<()> {
     match jobs.replace("valid", &PostParams::default(), &changed).await {
         Err(kube::Error::Api(status)) => assert!(status.message.contains("spec.user is immutable"), "{}", status.message),
         other => panic!("changing spec.user must be refused, got {other:?}"),
+    }
+
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("atelier.dev", "v1alpha1", "Tenant"));
+    let tenants: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let tenant = |name: &str, spec: Value| -> DynamicObject {
+        from_json(json!({"apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}))
+    };
+    let name = unique_name("team");
+    let created = tenants.create(&PostParams::default(), &tenant(&name, json!({}))).await?;
+    let spec = &created.data["spec"];
+    assert_eq!(spec["gpus"]["resourceName"], "nvidia.com/gpu", "{spec}");
+    assert_eq!(spec["gpus"]["max"], 1, "{spec}");
+    assert_eq!(spec["storage"]["size"], "50Gi", "{spec}");
+    tenants.delete(&name, &DeleteParams::default()).await?;
+    let refused = [
+        (json!({"gpus": {"perReplica": 4, "max": 2}}), "gpus.perReplica must not exceed gpus.max"),
+        (json!({"members": [{"group": "g", "user": "u", "role": "user"}]}), "exactly one of group or user"),
+    ];
+    for (spec, expected) in refused {
+        match tenants.create(&PostParams::default(), &tenant(&unique_name("bad"), spec.clone())).await {
+            Err(kube::Error::Api(status)) => assert!(status.message.contains(expected), "{spec}: {}", status.message),
+            other => panic!("{spec} must be refused, got {other:?}"),
+        }
     }
     Ok(())
 }

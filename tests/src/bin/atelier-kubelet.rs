@@ -18,7 +18,7 @@ struct Args {
     /// Admin kubeconfig of the cluster.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: PathBuf,
-    /// Pod directories, container logs (`logs/`) and volumes (`volumes/`).
+    /// Pod directories (`pods/`), container logs (`logs/`) and volumes (`volumes/`).
     #[arg(long)]
     root: PathBuf,
     /// Where image names are looked up as binaries [default: this executable's directory].
@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|name| NodeConfig::new(name).with_resource(&args.gpu_resource, &gpus))
         .collect();
     let bin_dir = args.bin_dir.unwrap_or_else(paths::default_bin_dir);
-    let config = KubeletConfig::new(&args.kubeconfig, &args.root.join("kubelet"), &bin_dir, nodes);
+    let config = KubeletConfig::new(&args.kubeconfig, &args.root, &bin_dir, nodes);
 
     provisioner::ensure_storage_class(&client).await?;
     let provisioner = tokio::spawn(provisioner::run(client.clone(), args.root.join("volumes")));
