@@ -372,6 +372,24 @@ async fn start_outputs_server(
     dir: &Path,
     namespace: &str,
 ) -> anyhow::Result<bool> {
+    let port = free_port();
+    // Published first: where the cluster refuses the address, nothing else is needed.
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "outputs-test", "labels": {"kubernetes.io/service-name": "outputs"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+    }))?;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), namespace);
+    match slices.create(&PostParams::default(), &slice).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status))
+            if status.code == 422 && status.message.contains("loopback") =>
+        {
+            return Ok(false);
+        }
+        Err(error) => return Err(error.into()),
+    }
     let outputs = dir.join("outputs");
     for (user, stem, seed) in [
         ("alice", "20261129_100000_11_aaaaaaaa", 11),
@@ -388,7 +406,6 @@ async fn start_outputs_server(
             serde_json::to_vec(&metadata)?,
         )?;
     }
-    let port = free_port();
     let mut command = Command::new(binary("atelier-inference")?);
     command
         .args(["serve-outputs", "--outputs-dir"])
@@ -408,24 +425,7 @@ async fn start_outputs_server(
             .then_some(()))
     })
     .await?;
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": "outputs-test", "labels": {"kubernetes.io/service-name": "outputs"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-    }))?;
-    match Api::<EndpointSlice>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &slice)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(status))
-            if status.code == 422 && status.message.contains("loopback") =>
-        {
-            Ok(false)
-        }
-        Err(error) => Err(error.into()),
-    }
+    Ok(true)
 }
 
 /// Distinct bytes per user (the outputs server serves files as they are).
