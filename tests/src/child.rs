@@ -16,7 +16,14 @@ pub(crate) fn die_with_parent(command: &mut Command, signal: c_int) {
     unsafe {
         command.pre_exec(move || {
             let unused: libc::c_ulong = 0;
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, unused, unused, unused) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                signal as libc::c_ulong,
+                unused,
+                unused,
+                unused,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The parent may have died between fork and prctl; then nobody would signal us.

@@ -79,24 +79,26 @@ impl TestCluster {
     pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Self> {
         let (started_sender, started) = oneshot::channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("atelier-test-cluster".into()).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime for the test cluster");
-            runtime.block_on(async move {
-                match start_services(options).await {
-                    Ok((cluster, services)) => {
-                        let _ = started_sender.send(Ok(cluster));
-                        let _ = stopped.await;
-                        services.stop().await;
+        let thread = std::thread::Builder::new()
+            .name("atelier-test-cluster".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime for the test cluster");
+                runtime.block_on(async move {
+                    match start_services(options).await {
+                        Ok((cluster, services)) => {
+                            let _ = started_sender.send(Ok(cluster));
+                            let _ = stopped.await;
+                            services.stop().await;
+                        }
+                        Err(error) => {
+                            let _ = started_sender.send(Err(error));
+                        }
                     }
-                    Err(error) => {
-                        let _ = started_sender.send(Err(error));
-                    }
-                }
-            });
-        })?;
+                });
+            })?;
         let mut cluster = started.await.context("the test cluster thread died")??;
         cluster.background = Some(Background { stop, thread });
         Ok(cluster)
@@ -147,7 +149,11 @@ impl TestCluster {
     }
 
     pub fn node_names(&self) -> Vec<&str> {
-        self.options.nodes.iter().map(|node| node.name.as_str()).collect()
+        self.options
+            .nodes
+            .iter()
+            .map(|node| node.name.as_str())
+            .collect()
     }
 
     /// Names of the CRDs installed from `charts/atelier/crds` (none while it is empty).
@@ -167,12 +173,21 @@ impl TestCluster {
         };
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&prefix)))
+            .filter(|path| {
+                path.file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with(&prefix))
+            })
             .collect();
         paths.sort();
         paths
             .iter()
-            .map(|path| format!("==> {} <==\n{}", path.display(), std::fs::read_to_string(path).unwrap_or_default()))
+            .map(|path| {
+                format!(
+                    "==> {} <==\n{}",
+                    path.display(),
+                    std::fs::read_to_string(path).unwrap_or_default()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -194,9 +209,11 @@ impl TestCluster {
             .await
             .with_context(|| format!("creating namespace {name}"))?;
         let accounts: Api<ServiceAccount> = Api::namespaced(client, &name);
-        wait_for(&format!("the default ServiceAccount of {name}"), DEFAULT_TIMEOUT, || async {
-            Ok(accounts.get_opt("default").await?.map(|_| ()))
-        })
+        wait_for(
+            &format!("the default ServiceAccount of {name}"),
+            DEFAULT_TIMEOUT,
+            || async { Ok(accounts.get_opt("default").await?.map(|_| ())) },
+        )
         .await?;
         Ok(name)
     }
@@ -219,14 +236,22 @@ async fn start_services(options: ClusterOptions) -> anyhow::Result<(TestCluster,
     let server_url = format!("https://{proxy_address}");
     let kubeconfig = dir.path().join("admin-via-proxy.kubeconfig");
     write_proxied_kubeconfig(&dir.path().join("kubeconfig"), &kubeconfig, &server_url)?;
-    let config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &KubeConfigOptions::default())
-        .await
-        .context("loading the admin kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(&kubeconfig)?,
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .context("loading the admin kubeconfig")?;
     let client = Client::try_from(config.clone())?;
     let crds = crds::install_crds(&client, &paths::crd_dir()).await?;
     provisioner::ensure_storage_class(&client).await?;
     let provisioner = tokio::spawn(provisioner::run(client.clone(), dir.path().join("volumes")));
-    let kubelet_config = KubeletConfig::new(&kubeconfig, &dir.path().join("kubelet"), &options.bin_dir, options.nodes.clone());
+    let kubelet_config = KubeletConfig::new(
+        &kubeconfig,
+        &dir.path().join("kubelet"),
+        &options.bin_dir,
+        options.nodes.clone(),
+    );
     let kubelet = Arc::new(kubelet::start(client, kubelet_config).await?);
     let cluster = TestCluster {
         dir: dir.path().to_path_buf(),
@@ -264,7 +289,10 @@ fn cluster_dir() -> anyhow::Result<tempfile::TempDir> {
     std::fs::create_dir_all(&base)?;
     for entry in std::fs::read_dir(&base)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let owner = name.split('-').next().and_then(|pid| pid.parse::<u32>().ok());
+        let owner = name
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok());
         if owner.is_some_and(|pid| !child::process_exists(pid)) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -276,11 +304,18 @@ fn cluster_dir() -> anyhow::Result<tempfile::TempDir> {
 
 /// Copies the admin kubeconfig with every cluster's server replaced by `server_url`.
 fn write_proxied_kubeconfig(source: &Path, target: &Path, server_url: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(source).with_context(|| format!("reading {}", source.display()))?;
+    let text =
+        std::fs::read_to_string(source).with_context(|| format!("reading {}", source.display()))?;
     let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&text)?;
-    if let Some(clusters) = kubeconfig.get_mut("clusters").and_then(|clusters| clusters.as_sequence_mut()) {
+    if let Some(clusters) = kubeconfig
+        .get_mut("clusters")
+        .and_then(|clusters| clusters.as_sequence_mut())
+    {
         for cluster in clusters {
-            if let Some(cluster) = cluster.get_mut("cluster").and_then(|cluster| cluster.as_mapping_mut()) {
+            if let Some(cluster) = cluster
+                .get_mut("cluster")
+                .and_then(|cluster| cluster.as_mapping_mut())
+            {
                 cluster.insert("server".into(), server_url.into());
             }
         }

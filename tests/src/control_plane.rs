@@ -42,7 +42,10 @@ impl ControlPlane {
             );
         }
         let log_path = dir.join("testcluster.log");
-        let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let mut command = Command::new(&binary);
         command
             .arg("--dir")
@@ -57,7 +60,8 @@ impl ControlPlane {
             .with_context(|| format!("starting {}", binary.display()))?;
         let stdout = process.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
-        let waited = tokio::time::timeout(STARTUP_TIMEOUT, read_ready_line(&mut lines, &log_path)).await;
+        let waited =
+            tokio::time::timeout(STARTUP_TIMEOUT, read_ready_line(&mut lines, &log_path)).await;
         let server_url = match waited {
             Ok(Ok(url)) => url,
             Ok(Err(error)) => {
@@ -90,13 +94,19 @@ impl ControlPlane {
         if let Some(pid) = self.process.id() {
             let _ = child::signal_process(pid, libc::SIGTERM);
         }
-        if tokio::time::timeout(STOP_TIMEOUT, self.process.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_TIMEOUT, self.process.wait())
+            .await
+            .is_err()
+        {
             let _ = self.process.kill().await;
         }
     }
 }
 
-async fn read_ready_line(lines: &mut Lines<BufReader<ChildStdout>>, log_path: &Path) -> anyhow::Result<String> {
+async fn read_ready_line(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    log_path: &Path,
+) -> anyhow::Result<String> {
     while let Some(line) = lines.next_line().await? {
         append_line(log_path, &line);
         if let Some(url) = line.trim().strip_prefix("READY ") {

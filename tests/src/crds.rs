@@ -18,7 +18,10 @@ pub fn read_crds(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
     };
     let mut files: Vec<_> = entries
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        })
         .collect();
     files.sort();
     let mut crds = Vec::new();
@@ -30,7 +33,8 @@ pub fn read_crds(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
             if value.is_null() {
                 continue;
             }
-            let crd = serde_yaml::from_value(value).with_context(|| format!("a CRD in {}", file.display()))?;
+            let crd = serde_yaml::from_value(value)
+                .with_context(|| format!("a CRD in {}", file.display()))?;
             crds.push(crd);
         }
     }
@@ -51,16 +55,22 @@ pub async fn install_crds(client: &Client, dir: &Path) -> anyhow::Result<Vec<Str
         names.push(name);
     }
     for name in &names {
-        wait_for(&format!("CRD {name} to be Established"), DEFAULT_TIMEOUT, || async {
-            let crd = api.get(name).await?;
-            let established = crd
-                .status
-                .and_then(|status| status.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|condition| condition.type_ == "Established" && condition.status == "True");
-            Ok(established.then_some(()))
-        })
+        wait_for(
+            &format!("CRD {name} to be Established"),
+            DEFAULT_TIMEOUT,
+            || async {
+                let crd = api.get(name).await?;
+                let established = crd
+                    .status
+                    .and_then(|status| status.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|condition| {
+                        condition.type_ == "Established" && condition.status == "True"
+                    });
+                Ok(established.then_some(()))
+            },
+        )
         .await?;
     }
     Ok(names)

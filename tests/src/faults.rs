@@ -25,22 +25,28 @@ impl TestCluster {
         self.kubelet.set_node_ready(node, ready)?;
         let nodes: Api<Node> = Api::all(self.client().await);
         let wanted = if ready { "True" } else { "False" };
-        wait_for(&format!("node {node} Ready={wanted}"), DEFAULT_TIMEOUT, || async {
-            let current = nodes.get(node).await?;
-            let condition_shows = current
-                .status
-                .and_then(|status| status.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|condition| condition.type_ == "Ready" && condition.status == wanted);
-            let tainted = current
-                .spec
-                .and_then(|spec| spec.taints)
-                .unwrap_or_default()
-                .iter()
-                .any(|taint| taint.key == "node.kubernetes.io/not-ready" && taint.effect == "NoSchedule");
-            Ok((condition_shows && tainted != ready).then_some(()))
-        })
+        wait_for(
+            &format!("node {node} Ready={wanted}"),
+            DEFAULT_TIMEOUT,
+            || async {
+                let current = nodes.get(node).await?;
+                let condition_shows = current
+                    .status
+                    .and_then(|status| status.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|condition| condition.type_ == "Ready" && condition.status == wanted);
+                let tainted = current
+                    .spec
+                    .and_then(|spec| spec.taints)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|taint| {
+                        taint.key == "node.kubernetes.io/not-ready" && taint.effect == "NoSchedule"
+                    });
+                Ok((condition_shows && tainted != ready).then_some(()))
+            },
+        )
         .await
     }
 

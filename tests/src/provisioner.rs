@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    HostPathVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
+    HostPathVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeSpec,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -40,7 +41,11 @@ pub async fn ensure_storage_class(client: &Client) -> anyhow::Result<()> {
         ..StorageClass::default()
     };
     Api::<StorageClass>::all(client.clone())
-        .patch(STORAGE_CLASS, &PatchParams::apply("atelier-provisioner").force(), &Patch::Apply(&class))
+        .patch(
+            STORAGE_CLASS,
+            &PatchParams::apply("atelier-provisioner").force(),
+            &Patch::Apply(&class),
+        )
         .await
         .context("creating the local StorageClass")?;
     Ok(())
@@ -48,51 +53,77 @@ pub async fn ensure_storage_class(client: &Client) -> anyhow::Result<()> {
 
 /// Provisions and reclaims volumes under `root` until the watch ends (it retries errors).
 pub async fn run(client: Client, root: PathBuf) {
-    let claims = watcher(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .applied_objects()
-        .for_each(|claim| {
-            let client = client.clone();
-            let root = root.clone();
-            async move {
-                if let Ok(claim) = claim
-                    && let Err(error) = provision(&client, &root, &claim).await
-                {
-                    tracing::warn!("provisioning for claim {}/{}: {error:#}", claim.namespace().unwrap_or_default(), claim.name_any());
-                }
+    let claims = watcher(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|claim| {
+        let client = client.clone();
+        let root = root.clone();
+        async move {
+            if let Ok(claim) = claim
+                && let Err(error) = provision(&client, &root, &claim).await
+            {
+                tracing::warn!(
+                    "provisioning for claim {}/{}: {error:#}",
+                    claim.namespace().unwrap_or_default(),
+                    claim.name_any()
+                );
             }
-        });
-    let volumes = watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .applied_objects()
-        .for_each(|volume| {
-            let client = client.clone();
-            let root = root.clone();
-            async move {
-                if let Ok(volume) = volume
-                    && let Err(error) = reclaim(&client, &root, &volume).await
-                {
-                    tracing::warn!("reclaiming volume {}: {error:#}", volume.name_any());
-                }
+        }
+    });
+    let volumes = watcher(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|volume| {
+        let client = client.clone();
+        let root = root.clone();
+        async move {
+            if let Ok(volume) = volume
+                && let Err(error) = reclaim(&client, &root, &volume).await
+            {
+                tracing::warn!("reclaiming volume {}: {error:#}", volume.name_any());
             }
-        });
+        }
+    });
     futures::join!(claims, volumes);
 }
 
 /// Creates the directory and a PV pre-bound to the claim, if the claim is pending and of one
 /// of our classes.
-async fn provision(client: &Client, root: &Path, claim: &PersistentVolumeClaim) -> anyhow::Result<()> {
+async fn provision(
+    client: &Client,
+    root: &Path,
+    claim: &PersistentVolumeClaim,
+) -> anyhow::Result<()> {
     let spec = claim.spec.clone().unwrap_or_default();
-    let pending = claim.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Pending");
-    let class_name = spec.storage_class_name.as_deref().filter(|name| !name.is_empty());
+    let pending = claim
+        .status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref())
+        == Some("Pending");
+    let class_name = spec
+        .storage_class_name
+        .as_deref()
+        .filter(|name| !name.is_empty());
     let (Some(class_name), true, None) = (class_name, pending, spec.volume_name.as_deref()) else {
         return Ok(());
     };
-    let Some(class) = Api::<StorageClass>::all(client.clone()).get_opt(class_name).await? else {
+    let Some(class) = Api::<StorageClass>::all(client.clone())
+        .get_opt(class_name)
+        .await?
+    else {
         return Ok(());
     };
     let waits_for_consumer = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
-    if class.provisioner != PROVISIONER_NAME || (waits_for_consumer && !claim.annotations().contains_key(SELECTED_NODE)) {
+    if class.provisioner != PROVISIONER_NAME
+        || (waits_for_consumer && !claim.annotations().contains_key(SELECTED_NODE))
+    {
         return Ok(());
     }
     let uid = claim.uid().unwrap_or_default();
@@ -112,7 +143,10 @@ async fn provision(client: &Client, root: &Path, claim: &PersistentVolumeClaim) 
     let volume = PersistentVolume {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            annotations: Some(BTreeMap::from([(PROVISIONED_BY.to_string(), PROVISIONER_NAME.to_string())])),
+            annotations: Some(BTreeMap::from([(
+                PROVISIONED_BY.to_string(),
+                PROVISIONER_NAME.to_string(),
+            )])),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeSpec {
@@ -120,7 +154,9 @@ async fn provision(client: &Client, root: &Path, claim: &PersistentVolumeClaim) 
             access_modes: spec.access_modes.or(Some(vec!["ReadWriteOnce".into()])),
             volume_mode: spec.volume_mode,
             storage_class_name: Some(class_name.to_string()),
-            persistent_volume_reclaim_policy: Some(class.reclaim_policy.unwrap_or_else(|| "Delete".into())),
+            persistent_volume_reclaim_policy: Some(
+                class.reclaim_policy.unwrap_or_else(|| "Delete".into()),
+            ),
             host_path: Some(HostPathVolumeSource {
                 path: dir.to_string_lossy().into_owned(),
                 type_: Some("Directory".into()),
@@ -147,8 +183,13 @@ async fn provision(client: &Client, root: &Path, claim: &PersistentVolumeClaim) 
 /// Removes a released volume of ours whose reclaim policy is Delete: its directory (only
 /// inside `root`), then the object.
 async fn reclaim(client: &Client, root: &Path, volume: &PersistentVolume) -> anyhow::Result<()> {
-    let ours = volume.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(PROVISIONER_NAME);
-    let released = volume.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Released");
+    let ours =
+        volume.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(PROVISIONER_NAME);
+    let released = volume
+        .status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref())
+        == Some("Released");
     let spec = volume.spec.clone().unwrap_or_default();
     let deletes = spec.persistent_volume_reclaim_policy.as_deref() == Some("Delete");
     if !(ours && released && deletes) || volume.metadata.deletion_timestamp.is_some() {

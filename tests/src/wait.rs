@@ -28,7 +28,9 @@ where
         }
         if Instant::now() >= deadline {
             return Err(match last_error {
-                Some(error) => error.context(format!("timed out after {timeout:?} waiting for {what}")),
+                Some(error) => {
+                    error.context(format!("timed out after {timeout:?} waiting for {what}"))
+                }
                 None => anyhow!("timed out after {timeout:?} waiting for {what}"),
             });
         }

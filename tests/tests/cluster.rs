@@ -5,11 +5,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use atelier_tests::{ClusterOptions, DEFAULT_TIMEOUT, NodeConfig, TestCluster, unique_name, wait_for};
+use atelier_tests::{
+    ClusterOptions, DEFAULT_TIMEOUT, NodeConfig, TestCluster, unique_name, wait_for,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Secret, Service, ServiceAccount,
+    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Secret,
+    Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -41,11 +44,18 @@ fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|status| status.conditions.as_ref())
-        .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
 }
 
 fn pod_ip(pod: &Pod) -> String {
-    pod.status.as_ref().and_then(|status| status.pod_ip.clone()).unwrap_or_default()
+    pod.status
+        .as_ref()
+        .and_then(|status| status.pod_ip.clone())
+        .unwrap_or_default()
 }
 
 fn restart_count(pod: &Pod) -> i32 {
@@ -77,10 +87,17 @@ async fn wait_for_pod(
 
 /// The single ready pod matching `selector`.
 async fn ready_pod(pods: &Api<Pod>, selector: &str) -> anyhow::Result<Pod> {
-    wait_for(&format!("a ready pod with {selector}"), DEFAULT_TIMEOUT, || async {
-        let list = pods.list(&ListParams::default().labels(selector)).await?;
-        Ok(list.items.into_iter().find(|pod| is_ready(pod) && pod.metadata.deletion_timestamp.is_none()))
-    })
+    wait_for(
+        &format!("a ready pod with {selector}"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let list = pods.list(&ListParams::default().labels(selector)).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|pod| is_ready(pod) && pod.metadata.deletion_timestamp.is_none()))
+        },
+    )
     .await
 }
 
@@ -102,19 +119,29 @@ async fn put_text(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
     Ok((response.status().as_u16(), response.text().await?))
 }
 
-async fn create_test_server_pod(client: &Client, namespace: &str, name: &str, spec_extra: Value) -> anyhow::Result<Pod> {
+async fn create_test_server_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec_extra: Value,
+) -> anyhow::Result<Pod> {
     let mut spec = json!({"containers": [test_server_container()]});
     if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
         spec.extend(extra.clone());
     }
-    let pod: Pod = from_json(json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": spec}));
+    let pod: Pod =
+        from_json(json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": spec}));
     Ok(Api::<Pod>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &pod)
         .await?)
 }
 
 /// A Deployment of the test server and a Service selecting it, in a fresh namespace.
-async fn deploy_web(cluster: &TestCluster, client: &Client, prefix: &str) -> anyhow::Result<String> {
+async fn deploy_web(
+    cluster: &TestCluster,
+    client: &Client,
+    prefix: &str,
+) -> anyhow::Result<String> {
     let namespace = cluster.create_namespace(prefix).await?;
     let deployment = from_json(json!({
         "metadata": {"name": "web"},
@@ -149,11 +176,20 @@ async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> 
 
     let pod = ready_pod(&pods, "app=web").await?;
     let ip = pod_ip(&pod);
-    let last_octet: u8 = ip.strip_prefix("127.0.0.").context("a loopback pod IP")?.parse()?;
+    let last_octet: u8 = ip
+        .strip_prefix("127.0.0.")
+        .context("a loopback pod IP")?
+        .parse()?;
     assert!(last_octet >= 2, "pod IP {ip}");
-    assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(
+        pod.status.as_ref().unwrap().phase.as_deref(),
+        Some("Running")
+    );
     let (status, body) = get_text(&format!("http://{ip}:8080/")).await?;
-    assert_eq!((status, body.trim()), (200, format!("hello from {}", pod.name_any()).as_str()));
+    assert_eq!(
+        (status, body.trim()),
+        (200, format!("hello from {}", pod.name_any()).as_str())
+    );
 
     // A crash: the kubelet restarts the container in the same pod.
     let name = pod.name_any();
@@ -162,25 +198,53 @@ async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> 
         restart_count(pod) == 1 && is_ready(pod)
     })
     .await?;
-    let last_state = restarted.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].last_state.clone();
-    let exit_code = last_state.and_then(|state| state.terminated).map(|terminated| terminated.exit_code);
+    let last_state = restarted
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .last_state
+        .clone();
+    let exit_code = last_state
+        .and_then(|state| state.terminated)
+        .map(|terminated| terminated.exit_code);
     assert_eq!(exit_code, Some(137), "SIGKILL shows as 128 + 9");
     assert_eq!(pod_ip(&restarted), ip, "a restart keeps the pod's address");
-    wait_for("the restarted server to answer", DEFAULT_TIMEOUT, || async {
-        Ok(get_text(&format!("http://{ip}:8080/readyz")).await.ok().filter(|(status, _)| *status == 200))
-    })
+    wait_for(
+        "the restarted server to answer",
+        DEFAULT_TIMEOUT,
+        || async {
+            Ok(get_text(&format!("http://{ip}:8080/readyz"))
+                .await
+                .ok()
+                .filter(|(status, _)| *status == 200))
+        },
+    )
     .await?;
 
     // Deleting the Deployment removes its pods (garbage collection) and their processes.
     Api::<Deployment>::namespaced(client.clone(), &namespace)
         .delete("web", &DeleteParams::foreground())
         .await?;
-    wait_for("the Deployment's pods to be gone", DEFAULT_TIMEOUT, || async {
-        Ok(pods.list(&ListParams::default().labels("app=web")).await?.items.is_empty().then_some(()))
-    })
+    wait_for(
+        "the Deployment's pods to be gone",
+        DEFAULT_TIMEOUT,
+        || async {
+            Ok(pods
+                .list(&ListParams::default().labels("app=web"))
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        },
+    )
     .await?;
     assert!(
-        tokio::net::TcpStream::connect((ip.as_str(), 8080)).await.is_err(),
+        tokio::net::TcpStream::connect((ip.as_str(), 8080))
+            .await
+            .is_err(),
         "the server process must be gone"
     );
     Ok(())
@@ -196,16 +260,28 @@ async fn a_service_endpoint_slice_lists_the_ready_pod_address() -> anyhow::Resul
     let ip = pod_ip(&ready_pod(&pods, "app=web").await?);
 
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
-    let listed = wait_for("the EndpointSlice of web to list the pod as ready", DEFAULT_TIMEOUT, || async {
-        let list = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web")).await?;
-        let endpoint = list
-            .items
-            .iter()
-            .flat_map(|slice| slice.endpoints.iter().flatten())
-            .find(|endpoint| endpoint.conditions.as_ref().and_then(|conditions| conditions.ready) == Some(true))
-            .and_then(|endpoint| endpoint.addresses.first().cloned());
-        Ok(endpoint)
-    })
+    let listed = wait_for(
+        "the EndpointSlice of web to list the pod as ready",
+        DEFAULT_TIMEOUT,
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+                .await?;
+            let endpoint = list
+                .items
+                .iter()
+                .flat_map(|slice| slice.endpoints.iter().flatten())
+                .find(|endpoint| {
+                    endpoint
+                        .conditions
+                        .as_ref()
+                        .and_then(|conditions| conditions.ready)
+                        == Some(true)
+                })
+                .and_then(|endpoint| endpoint.addresses.first().cloned());
+            Ok(endpoint)
+        },
+    )
     .await?;
     assert_eq!(listed, ip);
     let (status, _) = get_text(&format!("http://{listed}:8080/readyz")).await?;
@@ -225,36 +301,83 @@ async fn unknown_images_and_exiting_containers_are_reported() -> anyhow::Result<
             "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": image, "command": command}]},
         }))
     };
-    pods.create(&PostParams::default(), &pod("missing", "ghcr.io/nobody/no-such-binary:1", Value::Null))
-        .await?;
-    pods.create(&PostParams::default(), &pod("fails", TEST_SERVER_IMAGE, json!(["/bin/sh", "-c", "echo bye; exit 3"])))
-        .await?;
-    pods.create(&PostParams::default(), &pod("succeeds", TEST_SERVER_IMAGE, json!(["/bin/sh", "-c", "exit 0"])))
-        .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod("missing", "ghcr.io/nobody/no-such-binary:1", Value::Null),
+    )
+    .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "fails",
+            TEST_SERVER_IMAGE,
+            json!(["/bin/sh", "-c", "echo bye; exit 3"]),
+        ),
+    )
+    .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "succeeds",
+            TEST_SERVER_IMAGE,
+            json!(["/bin/sh", "-c", "exit 0"]),
+        ),
+    )
+    .await?;
 
-    let missing = wait_for_pod(cluster, &pods, "missing", "waiting on ErrImagePull", |pod| {
-        let statuses = pod.status.as_ref().and_then(|status| status.container_statuses.clone()).unwrap_or_default();
-        statuses.first().and_then(|status| status.state.clone()).and_then(|state| state.waiting).and_then(|w| w.reason)
-            == Some("ErrImagePull".into())
-    })
+    let missing = wait_for_pod(
+        cluster,
+        &pods,
+        "missing",
+        "waiting on ErrImagePull",
+        |pod| {
+            let statuses = pod
+                .status
+                .as_ref()
+                .and_then(|status| status.container_statuses.clone())
+                .unwrap_or_default();
+            statuses
+                .first()
+                .and_then(|status| status.state.clone())
+                .and_then(|state| state.waiting)
+                .and_then(|w| w.reason)
+                == Some("ErrImagePull".into())
+        },
+    )
     .await?;
     assert!(!is_ready(&missing));
     let status = missing.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Pending"));
-    let waiting = status.container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
+    let waiting = status.container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .waiting
+        .unwrap();
     assert!(waiting.message.unwrap().contains("no-such-binary"));
 
     let failed = wait_for_pod(cluster, &pods, "fails", "Failed", |pod| {
-        pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Failed")
+        pod.status
+            .as_ref()
+            .and_then(|status| status.phase.as_deref())
+            == Some("Failed")
     })
     .await?;
-    let terminated = failed.status.unwrap().container_statuses.unwrap()[0].state.clone().unwrap().terminated.unwrap();
+    let terminated = failed.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
     assert_eq!(terminated.exit_code, 3);
     let log = std::fs::read_to_string(cluster.container_log_path(&namespace, "fails", "main"))?;
     assert_eq!(log.trim(), "bye");
 
     wait_for_pod(cluster, &pods, "succeeds", "Succeeded", |pod| {
-        pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Succeeded")
+        pod.status
+            .as_ref()
+            .and_then(|status| status.phase.as_deref())
+            == Some("Succeeded")
     })
     .await?;
     Ok(())
@@ -272,40 +395,68 @@ async fn gpus_are_scheduled_by_capacity_and_limited_by_quota() -> anyhow::Result
 
     let namespace = cluster.create_namespace("gpu-capacity").await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    pods.create(&PostParams::default(), &gpu_pod("too-big", 8)).await?;
+    pods.create(&PostParams::default(), &gpu_pod("too-big", 8))
+        .await?;
     let pending = wait_for_pod(cluster, &pods, "too-big", "unschedulable", |pod| {
-        pod.status.as_ref().and_then(|status| status.conditions.as_ref()).is_some_and(|conditions| {
-            conditions.iter().any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"))
-        })
+        pod.status
+            .as_ref()
+            .and_then(|status| status.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions.iter().any(|c| {
+                    c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
     })
     .await?;
     let status = pending.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Pending"));
-    let scheduled = status.conditions.unwrap().into_iter().find(|c| c.type_ == "PodScheduled").unwrap();
+    let scheduled = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "PodScheduled")
+        .unwrap();
     let message = scheduled.message.unwrap_or_default();
     assert!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
 
     let namespace = cluster.create_namespace("gpu-quota").await?;
     let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &namespace);
-    let quota = from_json(json!({"metadata": {"name": "gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}}));
+    let quota = from_json(
+        json!({"metadata": {"name": "gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}}),
+    );
     quotas.create(&PostParams::default(), &quota).await?;
     // Admission enforces a quota once the quota controller has computed its usage.
     wait_for("the quota's usage", DEFAULT_TIMEOUT, || async {
         let quota = quotas.get("gpus").await?;
-        Ok(quota.status.and_then(|status| status.used).filter(|used| !used.is_empty()).map(|_| ()))
+        Ok(quota
+            .status
+            .and_then(|status| status.used)
+            .filter(|used| !used.is_empty())
+            .map(|_| ()))
     })
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let refused = pods.create(&PostParams::default(), &gpu_pod("over-quota", 2)).await;
+    let refused = pods
+        .create(&PostParams::default(), &gpu_pod("over-quota", 2))
+        .await;
     match refused {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 403, "{status:?}");
-            assert!(status.message.contains("exceeded quota: gpus"), "{}", status.message);
-            assert!(status.message.contains("requests.nvidia.com/gpu"), "{}", status.message);
+            assert!(
+                status.message.contains("exceeded quota: gpus"),
+                "{}",
+                status.message
+            );
+            assert!(
+                status.message.contains("requests.nvidia.com/gpu"),
+                "{}",
+                status.message
+            );
         }
         other => panic!("a pod over the GPU quota must be refused, got {other:?}"),
     }
-    pods.create(&PostParams::default(), &gpu_pod("within-quota", 1)).await?;
+    pods.create(&PostParams::default(), &gpu_pod("within-quota", 1))
+        .await?;
     Ok(())
 }
 
@@ -316,16 +467,25 @@ async fn owners_and_namespaces_take_their_objects_with_them() -> anyhow::Result<
     let namespace = cluster.create_namespace("gc").await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let owner = config_maps
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "owner"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "owner"}})),
+        )
         .await?;
     let owned = json!({"metadata": {"name": "owned", "ownerReferences": [{
         "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.uid().unwrap(),
     }]}});
-    config_maps.create(&PostParams::default(), &from_json(owned)).await?;
-    config_maps.delete("owner", &DeleteParams::default()).await?;
-    wait_for("the owned ConfigMap to be collected", DEFAULT_TIMEOUT, || async {
-        Ok(config_maps.get_opt("owned").await?.is_none().then_some(()))
-    })
+    config_maps
+        .create(&PostParams::default(), &from_json(owned))
+        .await?;
+    config_maps
+        .delete("owner", &DeleteParams::default())
+        .await?;
+    wait_for(
+        "the owned ConfigMap to be collected",
+        DEFAULT_TIMEOUT,
+        || async { Ok(config_maps.get_opt("owned").await?.is_none().then_some(())) },
+    )
     .await?;
 
     // A namespace with a running pod: the namespace controller deletes the pod, the kubelet
@@ -338,11 +498,23 @@ async fn owners_and_namespaces_take_their_objects_with_them() -> anyhow::Result<
         .delete(&namespace, &DeleteParams::default())
         .await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    wait_for(&format!("namespace {namespace} to be gone"), Duration::from_secs(90), || async {
-        Ok(namespaces.get_opt(&namespace).await?.is_none().then_some(()))
-    })
+    wait_for(
+        &format!("namespace {namespace} to be gone"),
+        Duration::from_secs(90),
+        || async {
+            Ok(namespaces
+                .get_opt(&namespace)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
     .await?;
-    assert!(tokio::net::TcpStream::connect((ip.as_str(), 8080)).await.is_err());
+    assert!(
+        tokio::net::TcpStream::connect((ip.as_str(), 8080))
+            .await
+            .is_err()
+    );
     Ok(())
 }
 
@@ -352,7 +524,10 @@ async fn rbac_limits_service_accounts_to_their_roles() -> anyhow::Result<()> {
     let admin = cluster.client().await;
     let namespace = cluster.create_namespace("rbac").await?;
     Api::<ServiceAccount>::namespaced(admin.clone(), &namespace)
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "reader"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "reader"}})),
+        )
         .await?;
     let mut config = cluster.kube_config();
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:reader"));
@@ -379,11 +554,18 @@ async fn rbac_limits_service_accounts_to_their_roles() -> anyhow::Result<()> {
         .create(&PostParams::default(), &binding)
         .await?;
     wait_for("the Role to take effect", DEFAULT_TIMEOUT, || async {
-        Ok(as_reader.list(&ListParams::default()).await.ok().map(|_| ()))
+        Ok(as_reader
+            .list(&ListParams::default())
+            .await
+            .ok()
+            .map(|_| ()))
     })
     .await?;
     let other_namespace: Api<Pod> = Api::namespaced(as_reader.clone().into_client(), "default");
-    assert!(other_namespace.list(&ListParams::default()).await.is_err(), "the Role is namespaced");
+    assert!(
+        other_namespace.list(&ListParams::default()).await.is_err(),
+        "the Role is namespaced"
+    );
     Ok(())
 }
 
@@ -400,19 +582,30 @@ async fn local_volumes_bind_and_mount_with_their_access_mode() -> anyhow::Result
     claims.create(&PostParams::default(), &claim).await?;
     let bound = wait_for("the claim to be Bound", DEFAULT_TIMEOUT, || async {
         let claim = claims.get("data").await?;
-        let bound = claim.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Bound");
+        let bound = claim
+            .status
+            .as_ref()
+            .and_then(|status| status.phase.as_deref())
+            == Some("Bound");
         Ok(bound.then_some(claim))
     })
     .await?;
     let spec = bound.spec.unwrap();
-    assert_eq!(spec.storage_class_name.as_deref(), Some("local"), "the default class");
+    assert_eq!(
+        spec.storage_class_name.as_deref(),
+        Some("local"),
+        "the default class"
+    );
     let volume_name = spec.volume_name.unwrap();
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let volume = volumes.get(&volume_name).await?;
     let volume_dir = std::path::PathBuf::from(volume.spec.unwrap().host_path.unwrap().path);
 
     Api::<ConfigMap>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}})),
+        )
         .await?;
     let mut container = test_server_container();
     container["volumeMounts"] = json!([
@@ -437,13 +630,27 @@ async fn local_volumes_bind_and_mount_with_their_access_mode() -> anyhow::Result
     let ip = pod_ip(&wait_for_pod(cluster, &pods, "writer", "ready", is_ready).await?);
     let files = format!("http://{ip}:8080/files/atelier-test");
 
-    assert_eq!(put_text(&format!("{files}/data/hello.txt"), "from the pod").await?.0, 200);
-    assert_eq!(std::fs::read_to_string(volume_dir.join("hello.txt"))?, "from the pod");
-    assert_eq!(get_text(&format!("{files}/data-ro/hello.txt")).await?, (200, "from the pod".into()));
+    assert_eq!(
+        put_text(&format!("{files}/data/hello.txt"), "from the pod")
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume_dir.join("hello.txt"))?,
+        "from the pod"
+    );
+    assert_eq!(
+        get_text(&format!("{files}/data-ro/hello.txt")).await?,
+        (200, "from the pod".into())
+    );
     let (status, error) = put_text(&format!("{files}/data-ro/refused.txt"), "x").await?;
     assert_eq!(status, 500);
     assert!(error.contains("Read-only file system"), "{error}");
-    assert_eq!(get_text(&format!("{files}/settings/mode")).await?, (200, "fast".into()));
+    assert_eq!(
+        get_text(&format!("{files}/settings/mode")).await?,
+        (200, "fast".into())
+    );
     assert_eq!(put_text(&format!("{files}/scratch/tmp"), "x").await?.0, 200);
     assert!(
         !std::path::Path::new("/atelier-test/data/hello.txt").exists(),
@@ -453,9 +660,11 @@ async fn local_volumes_bind_and_mount_with_their_access_mode() -> anyhow::Result
     // Reclaim policy Delete: releasing the claim removes the volume and its directory.
     pods.delete("writer", &DeleteParams::default()).await?;
     claims.delete("data", &DeleteParams::default()).await?;
-    wait_for("the released volume to be deleted", DEFAULT_TIMEOUT, || async {
-        Ok(volumes.get_opt(&volume_name).await?.is_none().then_some(()))
-    })
+    wait_for(
+        "the released volume to be deleted",
+        DEFAULT_TIMEOUT,
+        || async { Ok(volumes.get_opt(&volume_name).await?.is_none().then_some(())) },
+    )
     .await?;
     assert!(!volume_dir.exists());
     Ok(())
@@ -467,13 +676,22 @@ async fn pods_get_their_service_account_identity_and_environment() -> anyhow::Re
     let client = cluster.client().await;
     let namespace = cluster.create_namespace("identity").await?;
     Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "app"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "app"}})),
+        )
         .await?;
     Api::<Secret>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}})),
+        )
         .await?;
     Api::<ConfigMap>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &from_json(json!({"metadata": {"name": "conf"}, "data": {"level": "debug"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": "conf"}, "data": {"level": "debug"}})),
+        )
         .await?;
     let mut container = test_server_container();
     container["env"].as_array_mut().unwrap().extend([
@@ -492,9 +710,20 @@ async fn pods_get_their_service_account_identity_and_environment() -> anyhow::Re
     let ip = pod_ip(&wait_for_pod(cluster, &pods, "app", "ready", is_ready).await?);
 
     let (status, user) = get_text(&format!("http://{ip}:8080/whoami")).await?;
-    assert_eq!((status, user.as_str()), (200, format!("system:serviceaccount:{namespace}:app").as_str()));
+    assert_eq!(
+        (status, user.as_str()),
+        (
+            200,
+            format!("system:serviceaccount:{namespace}:app").as_str()
+        )
+    );
 
-    let env: BTreeMap<String, String> = http().get(format!("http://{ip}:8080/env")).send().await?.json().await?;
+    let env: BTreeMap<String, String> = http()
+        .get(format!("http://{ip}:8080/env"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(env["POD_NAME"], "app");
     assert_eq!(env["SA"], "app");
     assert_eq!(env["TOKEN"], "s3cret");
@@ -503,7 +732,8 @@ async fn pods_get_their_service_account_identity_and_environment() -> anyhow::Re
     assert!(env.contains_key("KUBECONFIG"));
 
     // The projected token the ServiceAccount admission plugin mounts is the pod's identity too.
-    let token_url = format!("http://{ip}:8080/files/var/run/secrets/kubernetes.io/serviceaccount/token");
+    let token_url =
+        format!("http://{ip}:8080/files/var/run/secrets/kubernetes.io/serviceaccount/token");
     let (status, token) = get_text(&token_url).await?;
     assert_eq!(status, 200, "{token}");
     let review: TokenReview = from_json(json!({"spec": {"token": token}}));
@@ -518,9 +748,20 @@ async fn pods_get_their_service_account_identity_and_environment() -> anyhow::Re
     );
 
     // Opting out of token automounting leaves the process without credentials.
-    create_test_server_pod(&client, &namespace, "anonymous", json!({"automountServiceAccountToken": false})).await?;
+    create_test_server_pod(
+        &client,
+        &namespace,
+        "anonymous",
+        json!({"automountServiceAccountToken": false}),
+    )
+    .await?;
     let ip = pod_ip(&wait_for_pod(cluster, &pods, "anonymous", "ready", is_ready).await?);
-    let env: BTreeMap<String, String> = http().get(format!("http://{ip}:8080/env")).send().await?.json().await?;
+    let env: BTreeMap<String, String> = http()
+        .get(format!("http://{ip}:8080/env"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert!(!env.contains_key("KUBECONFIG"));
     Ok(())
 }
@@ -536,7 +777,11 @@ async fn atelier_crds_default_and_validate_objects() -> anyhow::Result<()> {
     }
     let client = cluster.client().await;
     let namespace = cluster.create_namespace("crds").await?;
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("atelier.dev", "v1alpha1", "GenerationJob"));
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "atelier.dev",
+        "v1alpha1",
+        "GenerationJob",
+    ));
     let jobs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
     let job = |name: &str, spec: Value| -> DynamicObject {
         from_json(json!({
@@ -548,25 +793,46 @@ async fn atelier_crds_default_and_validate_objects() -> anyhow::Result<()> {
     };
 
     let created = jobs
-        .create(&PostParams::default(), &job("valid", json!({"prompt": "a red fox", "user": "alice"})))
+        .create(
+            &PostParams::default(),
+            &job("valid", json!({"prompt": "a red fox", "user": "alice"})),
+        )
         .await?;
     let spec = &created.data["spec"];
     for defaulted in ["width", "height", "steps", "numImages"] {
-        assert!(spec[defaulted].is_u64(), "{defaulted} has a default: {spec}");
+        assert!(
+            spec[defaulted].is_u64(),
+            "{defaulted} has a default: {spec}"
+        );
     }
 
     let refused = [
         (json!({"prompt": "x", "user": "alice", "steps": 0}), "steps"),
-        (json!({"prompt": "x", "user": "alice", "steps": 101}), "steps"),
-        (json!({"prompt": "x", "user": "alice", "width": 1000}), "multiple of 16"),
+        (
+            json!({"prompt": "x", "user": "alice", "steps": 101}),
+            "steps",
+        ),
+        (
+            json!({"prompt": "x", "user": "alice", "width": 1000}),
+            "multiple of 16",
+        ),
         (json!({"prompt": "", "user": "alice"}), "prompt"),
     ];
     for (spec, expected) in refused {
-        let result = jobs.create(&PostParams::default(), &job(&unique_name("bad"), spec.clone())).await;
+        let result = jobs
+            .create(
+                &PostParams::default(),
+                &job(&unique_name("bad"), spec.clone()),
+            )
+            .await;
         match result {
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{spec}: {status:?}");
-                assert!(status.message.contains(expected), "{spec}: {}", status.message);
+                assert!(
+                    status.message.contains(expected),
+                    "{spec}: {}",
+                    status.message
+                );
             }
             other => panic!("{spec} must be refused, got {other:?}"),
         }
@@ -574,30 +840,58 @@ async fn atelier_crds_default_and_validate_objects() -> anyhow::Result<()> {
 
     let mut changed = created.clone();
     changed.data["spec"]["user"] = json!("mallory");
-    match jobs.replace("valid", &PostParams::default(), &changed).await {
-        Err(kube::Error::Api(status)) => assert!(status.message.contains("spec.user is immutable"), "{}", status.message),
+    match jobs
+        .replace("valid", &PostParams::default(), &changed)
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("spec.user is immutable"),
+            "{}",
+            status.message
+        ),
         other => panic!("changing spec.user must be refused, got {other:?}"),
     }
 
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("atelier.dev", "v1alpha1", "Tenant"));
+    let resource =
+        ApiResource::from_gvk(&GroupVersionKind::gvk("atelier.dev", "v1alpha1", "Tenant"));
     let tenants: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let tenant = |name: &str, spec: Value| -> DynamicObject {
-        from_json(json!({"apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}))
+        from_json(
+            json!({"apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}),
+        )
     };
     let name = unique_name("team");
-    let created = tenants.create(&PostParams::default(), &tenant(&name, json!({}))).await?;
+    let created = tenants
+        .create(&PostParams::default(), &tenant(&name, json!({})))
+        .await?;
     let spec = &created.data["spec"];
     assert_eq!(spec["gpus"]["resourceName"], "nvidia.com/gpu", "{spec}");
     assert_eq!(spec["gpus"]["max"], 1, "{spec}");
     assert_eq!(spec["storage"]["size"], "50Gi", "{spec}");
     tenants.delete(&name, &DeleteParams::default()).await?;
     let refused = [
-        (json!({"gpus": {"perReplica": 4, "max": 2}}), "gpus.perReplica must not exceed gpus.max"),
-        (json!({"members": [{"group": "g", "user": "u", "role": "user"}]}), "exactly one of group or user"),
+        (
+            json!({"gpus": {"perReplica": 4, "max": 2}}),
+            "gpus.perReplica must not exceed gpus.max",
+        ),
+        (
+            json!({"members": [{"group": "g", "user": "u", "role": "user"}]}),
+            "exactly one of group or user",
+        ),
     ];
     for (spec, expected) in refused {
-        match tenants.create(&PostParams::default(), &tenant(&unique_name("bad"), spec.clone())).await {
-            Err(kube::Error::Api(status)) => assert!(status.message.contains(expected), "{spec}: {}", status.message),
+        match tenants
+            .create(
+                &PostParams::default(),
+                &tenant(&unique_name("bad"), spec.clone()),
+            )
+            .await
+        {
+            Err(kube::Error::Api(status)) => assert!(
+                status.message.contains(expected),
+                "{spec}: {}",
+                status.message
+            ),
             other => panic!("{spec} must be refused, got {other:?}"),
         }
     }
@@ -623,15 +917,29 @@ async fn faults_node_not_ready_and_api_server_pause() -> anyhow::Result<()> {
         create_test_server_pod(&client, &namespace, &format!("spread-{index}"), json!({})).await?;
     }
     for index in 0..3 {
-        let pod = wait_for_pod(&cluster, &pods, &format!("spread-{index}"), "ready", is_ready).await?;
+        let pod = wait_for_pod(
+            &cluster,
+            &pods,
+            &format!("spread-{index}"),
+            "ready",
+            is_ready,
+        )
+        .await?;
         assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("fault-2"));
     }
     cluster.set_node_ready("fault-1", true).await?;
 
     // While the API server is unreachable, clients fail; afterwards everything catches up.
     cluster.pause_api_server();
-    let during = tokio::time::timeout(Duration::from_secs(10), cluster.client().await.apiserver_version()).await;
-    assert!(!matches!(during, Ok(Ok(_))), "the API server must be unreachable: {during:?}");
+    let during = tokio::time::timeout(
+        Duration::from_secs(10),
+        cluster.client().await.apiserver_version(),
+    )
+    .await;
+    assert!(
+        !matches!(during, Ok(Ok(_))),
+        "the API server must be unreachable: {during:?}"
+    );
     cluster.resume_api_server();
     create_test_server_pod(&client, &namespace, "after-pause", json!({})).await?;
     wait_for_pod(&cluster, &pods, "after-pause", "ready", is_ready).await?;
@@ -642,9 +950,11 @@ async fn faults_node_not_ready_and_api_server_pause() -> anyhow::Result<()> {
     assert!(!dir.exists(), "the cluster's directory is removed");
     assert!(!kubeconfig.exists());
     let dir = dir.to_string_lossy().into_owned();
-    wait_for("the control plane process to be gone", Duration::from_secs(5), || async {
-        Ok((!any_process_mentions(&dir)).then_some(()))
-    })
+    wait_for(
+        "the control plane process to be gone",
+        Duration::from_secs(5),
+        || async { Ok((!any_process_mentions(&dir)).then_some(())) },
+    )
     .await
 }
 
@@ -654,6 +964,7 @@ fn any_process_mentions(text: &str) -> bool {
         return false;
     };
     entries.flatten().any(|entry| {
-        std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(text))
+        std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(text))
     })
 }

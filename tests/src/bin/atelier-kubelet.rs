@@ -13,7 +13,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(about = "Runs pods bound to local nodes as local processes on 127.0.0.N, and provisions `local` volumes")]
+#[command(
+    about = "Runs pods bound to local nodes as local processes on 127.0.0.N, and provisions `local` volumes"
+)]
 struct Args {
     /// Admin kubeconfig of the cluster.
     #[arg(long, env = "KUBECONFIG")]
@@ -40,12 +42,16 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,atelier_tests=debug".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,atelier_tests=debug".into()),
         )
         .init();
     let args = Args::parse();
-    let kubeconfig = Kubeconfig::read_from(&args.kubeconfig).with_context(|| format!("reading {}", args.kubeconfig.display()))?;
-    let client = Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let kubeconfig = Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?,
+    )?;
     let gpus = args.gpus.to_string();
     let nodes = args
         .nodes
@@ -58,7 +64,11 @@ async fn main() -> anyhow::Result<()> {
     provisioner::ensure_storage_class(&client).await?;
     let provisioner = tokio::spawn(provisioner::run(client.clone(), args.root.join("volumes")));
     let kubelet = kubelet::start(client, config).await?;
-    tracing::info!("kubelet running nodes {:?} with binaries from {}", args.nodes, bin_dir.display());
+    tracing::info!(
+        "kubelet running nodes {:?} with binaries from {}",
+        args.nodes,
+        bin_dir.display()
+    );
 
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {

@@ -30,7 +30,10 @@ fn failed(error: impl std::fmt::Display) -> (StatusCode, String) {
 }
 
 async fn hello() -> String {
-    format!("hello from {}\n", std::env::var("HOSTNAME").unwrap_or_default())
+    format!(
+        "hello from {}\n",
+        std::env::var("HOSTNAME").unwrap_or_default()
+    )
 }
 
 async fn environment() -> axum::Json<BTreeMap<String, String>> {
@@ -55,7 +58,10 @@ async fn whoami() -> Reply {
         .create(&PostParams::default(), &SelfSubjectReview::default())
         .await
         .map_err(failed)?;
-    let user = review.status.and_then(|status| status.user_info).and_then(|user| user.username);
+    let user = review
+        .status
+        .and_then(|status| status.user_info)
+        .and_then(|user| user.username);
     Ok(user.unwrap_or_default())
 }
 

@@ -6,7 +6,9 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, Probe};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, Probe,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::process::Child;
@@ -56,7 +58,10 @@ impl ContainerRun {
                     terminated: ContainerStateTerminated {
                         exit_code: 128,
                         reason: Some("StartError".into()),
-                        message: Some(format!("starting {}: {error}", self.launch.program.display())),
+                        message: Some(format!(
+                            "starting {}: {error}",
+                            self.launch.program.display()
+                        )),
                         started_at: Some(Time(started_at)),
                         finished_at: Some(Time(now())),
                         ..ContainerStateTerminated::default()
@@ -85,7 +90,10 @@ impl ContainerRun {
             if ran_for >= BACKOFF_RESET {
                 backoff = INITIAL_BACKOFF;
             }
-            let message = format!("back-off {backoff:?} restarting failed container {}", self.container.name);
+            let message = format!(
+                "back-off {backoff:?} restarting failed container {}",
+                self.container.name
+            );
             self.update(|record| {
                 record.state = waiting("CrashLoopBackOff", Some(message));
                 record.last_state = Some(terminated.clone());
@@ -108,7 +116,10 @@ impl ContainerRun {
     }
 
     fn update(&self, change: impl FnOnce(&mut ContainerRecord)) {
-        let mut records = self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         change(&mut records[self.index]);
         drop(records);
         self.changed.notify_one();
@@ -116,10 +127,14 @@ impl ContainerRun {
 
     /// Runs the process until it exits or must stop.
     async fn supervise(&self, mut child: Child, started_at: Timestamp) -> Exit {
-        let pid = child.id().expect("a process that was just spawned has an id");
+        let pid = child
+            .id()
+            .expect("a process that was just spawned has an id");
         let name = self.container.name.clone();
         let container_id = format!("atelier://{pid}");
-        self.shared.processes.insert(&self.namespace, &self.pod, &name, pid);
+        self.shared
+            .processes
+            .insert(&self.namespace, &self.pod, &name, pid);
         tracing::debug!(
             log = %self.launch.log_path.display(),
             "started container {}/{}/{name} (pid {pid})", self.namespace, self.pod
@@ -148,7 +163,9 @@ impl ContainerRun {
         };
         // The process group may outlive its leader (a shell's children): end it too.
         let _ = signal_group(pid, libc::SIGKILL);
-        self.shared.processes.remove(&self.namespace, &self.pod, &name);
+        self.shared
+            .processes
+            .remove(&self.namespace, &self.pod, &name);
         let (exit_code, signal) = match &status {
             Ok(status) => exit_code(status),
             Err(_) => (128, None),
@@ -172,14 +189,22 @@ impl ContainerRun {
     async fn probe(&self, pid: u32) {
         let readiness = async {
             if let Some(probe) = &self.container.readiness_probe {
-                self.run_probe(probe, false, |ready| self.update(|record| record.ready = ready)).await;
+                self.run_probe(probe, false, |ready| {
+                    self.update(|record| record.ready = ready)
+                })
+                .await;
             }
         };
         let liveness = async {
             if let Some(probe) = &self.container.liveness_probe {
                 self.run_probe(probe, true, |alive| {
                     if !alive {
-                        tracing::info!("liveness probe of {}/{}/{} failed: killing it", self.namespace, self.pod, self.container.name);
+                        tracing::info!(
+                            "liveness probe of {}/{}/{} failed: killing it",
+                            self.namespace,
+                            self.pod,
+                            self.container.name
+                        );
                         let _ = signal_group(pid, libc::SIGKILL);
                     }
                 })
@@ -190,7 +215,12 @@ impl ContainerRun {
         std::future::pending().await
     }
 
-    async fn run_probe(&self, probe: &Probe, initially_passing: bool, mut on_change: impl FnMut(bool)) {
+    async fn run_probe(
+        &self,
+        probe: &Probe,
+        initially_passing: bool,
+        mut on_change: impl FnMut(bool),
+    ) {
         tokio::time::sleep(initial_delay(probe)).await;
         let mut threshold = Threshold::new(probe, initially_passing);
         let mut interval = tokio::time::interval(period(probe));
@@ -200,7 +230,12 @@ impl ContainerRun {
             interval.tick().await;
             let result = probe_once(&self.shared.http, probe, &self.pod_ip, &ports).await;
             if let Err(error) = &result {
-                tracing::debug!("probe of {}/{}/{}: {error}", self.namespace, self.pod, self.container.name);
+                tracing::debug!(
+                    "probe of {}/{}/{}: {error}",
+                    self.namespace,
+                    self.pod,
+                    self.container.name
+                );
             }
             if let Some(passing) = threshold.observe(result.is_ok()) {
                 on_change(passing);

@@ -65,7 +65,10 @@ impl EnvVars {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<String> {
-        self.0.iter().find(|(existing, _)| existing == name).map(|(_, value)| value.clone())
+        self.0
+            .iter()
+            .find(|(existing, _)| existing == name)
+            .map(|(_, value)| value.clone())
     }
 
     pub(crate) fn expand(&self, input: &str) -> String {
@@ -90,7 +93,9 @@ pub(crate) fn field_value(pod: &Pod, path: &str, pod_ip: &str) -> anyhow::Result
         "metadata.name" => pod.name_any(),
         "metadata.namespace" => pod.namespace().unwrap_or_default(),
         "metadata.uid" => pod.uid().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|spec| spec.node_name.clone()).unwrap_or_default(),
+        "spec.nodeName" => spec
+            .and_then(|spec| spec.node_name.clone())
+            .unwrap_or_default(),
         "spec.serviceAccountName" => spec
             .and_then(|spec| spec.service_account_name.clone())
             .unwrap_or_else(|| "default".into()),
@@ -102,7 +107,9 @@ pub(crate) fn field_value(pod: &Pod, path: &str, pod_ip: &str) -> anyhow::Result
 
 /// `metadata.labels['key']` → `key`.
 fn bracketed<'a>(path: &'a str, field: &str) -> Option<&'a str> {
-    path.strip_prefix(field)?.strip_prefix("['")?.strip_suffix("']")
+    path.strip_prefix(field)?
+        .strip_prefix("['")?
+        .strip_suffix("']")
 }
 
 /// Reads Secrets and ConfigMaps of the pod's namespace.
@@ -120,8 +127,15 @@ impl References {
     }
 
     /// The decoded data of a Secret, `None` if it does not exist.
-    pub(crate) async fn secret(&self, name: &str) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
-        let secret = self.secrets.get_opt(name).await.with_context(|| format!("reading Secret {name}"))?;
+    pub(crate) async fn secret(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+        let secret = self
+            .secrets
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Secret {name}"))?;
         Ok(secret.map(|secret| {
             let mut data: BTreeMap<String, Vec<u8>> = secret
                 .string_data
@@ -129,13 +143,22 @@ impl References {
                 .into_iter()
                 .map(|(key, value)| (key, value.into_bytes()))
                 .collect();
-            data.extend(secret.data.unwrap_or_default().into_iter().map(|(key, value)| (key, value.0)));
+            data.extend(
+                secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(key, value)| (key, value.0)),
+            );
             data
         }))
     }
 
     /// The data (text and binary) of a ConfigMap, `None` if it does not exist.
-    pub(crate) async fn config_map(&self, name: &str) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+    pub(crate) async fn config_map(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
         let config_map = self
             .config_maps
             .get_opt(name)
@@ -148,12 +171,24 @@ impl References {
                 .into_iter()
                 .map(|(key, value)| (key, value.0))
                 .collect();
-            data.extend(config_map.data.unwrap_or_default().into_iter().map(|(key, value)| (key, value.into_bytes())));
+            data.extend(
+                config_map
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(key, value)| (key, value.into_bytes())),
+            );
             data
         }))
     }
 
-    async fn key(&self, kind: Kind, name: &str, key: &str, optional: Option<bool>) -> anyhow::Result<Option<String>> {
+    async fn key(
+        &self,
+        kind: Kind,
+        name: &str,
+        key: &str,
+        optional: Option<bool>,
+    ) -> anyhow::Result<Option<String>> {
         let data = match kind {
             Kind::Secret => self.secret(name).await?,
             Kind::ConfigMap => self.config_map(name).await?,
@@ -212,11 +247,18 @@ pub(crate) async fn container_env(
                 if let Some(field) = &source.field_ref {
                     Some(field_value(pod, &field.field_path, pod_ip)?)
                 } else if let Some(key) = &source.secret_key_ref {
-                    references.key(Kind::Secret, &key.name, &key.key, key.optional).await?
+                    references
+                        .key(Kind::Secret, &key.name, &key.key, key.optional)
+                        .await?
                 } else if let Some(key) = &source.config_map_key_ref {
-                    references.key(Kind::ConfigMap, &key.name, &key.key, key.optional).await?
+                    references
+                        .key(Kind::ConfigMap, &key.name, &key.key, key.optional)
+                        .await?
                 } else {
-                    bail!("env {}: only fieldRef, secretKeyRef and configMapKeyRef are supported", var.name);
+                    bail!(
+                        "env {}: only fieldRef, secretKeyRef and configMapKeyRef are supported",
+                        var.name
+                    );
                 }
             }
         };
@@ -241,14 +283,23 @@ mod tests {
 
     #[test]
     fn expands_like_kubernetes() {
-        assert_eq!(expand("--listen $(POD_IP):8080", lookup), "--listen 127.0.0.2:8080");
+        assert_eq!(
+            expand("--listen $(POD_IP):8080", lookup),
+            "--listen 127.0.0.2:8080"
+        );
         assert_eq!(expand("$(POD_IP)$(POD_IP)", lookup), "127.0.0.2127.0.0.2");
         assert_eq!(expand("a$(EMPTY)b", lookup), "ab");
         assert_eq!(expand("$(UNKNOWN) stays", lookup), "$(UNKNOWN) stays");
-        assert_eq!(expand("$$(POD_IP) is escaped", lookup), "$(POD_IP) is escaped");
+        assert_eq!(
+            expand("$$(POD_IP) is escaped", lookup),
+            "$(POD_IP) is escaped"
+        );
         assert_eq!(expand("$$$(POD_IP)", lookup), "$127.0.0.2");
         assert_eq!(expand("unclosed $(POD_IP", lookup), "unclosed $(POD_IP");
-        assert_eq!(expand("$x and $é and trailing $", lookup), "$x and $é and trailing $");
+        assert_eq!(
+            expand("$x and $é and trailing $", lookup),
+            "$x and $é and trailing $"
+        );
         assert_eq!(expand("no references", lookup), "no references");
     }
 
@@ -259,7 +310,10 @@ mod tests {
         vars.set("B", "$(A)");
         vars.set("A", "2");
         assert_eq!(vars.expand("$(A)-$(B)"), "2-$(A)");
-        assert_eq!(vars.into_vec(), vec![("A".into(), "2".into()), ("B".into(), "$(A)".into())]);
+        assert_eq!(
+            vars.into_vec(),
+            vec![("A".into(), "2".into()), ("B".into(), "$(A)".into())]
+        );
     }
 
     #[test]
@@ -269,13 +323,25 @@ mod tests {
             "spec": {"nodeName": "local-1", "containers": []},
         }))
         .unwrap();
-        assert_eq!(field_value(&pod, "metadata.name", "127.0.0.9").unwrap(), "p");
+        assert_eq!(
+            field_value(&pod, "metadata.name", "127.0.0.9").unwrap(),
+            "p"
+        );
         assert_eq!(field_value(&pod, "metadata.namespace", "").unwrap(), "ns");
         assert_eq!(field_value(&pod, "metadata.uid", "").unwrap(), "u-1");
-        assert_eq!(field_value(&pod, "metadata.labels['app']", "").unwrap(), "web");
-        assert_eq!(field_value(&pod, "status.podIP", "127.0.0.9").unwrap(), "127.0.0.9");
+        assert_eq!(
+            field_value(&pod, "metadata.labels['app']", "").unwrap(),
+            "web"
+        );
+        assert_eq!(
+            field_value(&pod, "status.podIP", "127.0.0.9").unwrap(),
+            "127.0.0.9"
+        );
         assert_eq!(field_value(&pod, "spec.nodeName", "").unwrap(), "local-1");
-        assert_eq!(field_value(&pod, "spec.serviceAccountName", "").unwrap(), "default");
+        assert_eq!(
+            field_value(&pod, "spec.serviceAccountName", "").unwrap(),
+            "default"
+        );
         assert!(field_value(&pod, "spec.bogus", "").is_err());
     }
 }

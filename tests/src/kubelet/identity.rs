@@ -24,7 +24,8 @@ pub(crate) struct ApiAccess {
 
 impl ApiAccess {
     pub(crate) fn from_kubeconfig(path: &Path) -> anyhow::Result<Self> {
-        let kubeconfig = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+        let kubeconfig =
+            Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
         let context_name = kubeconfig.current_context.clone().unwrap_or_default();
         let cluster_name = kubeconfig
             .contexts
@@ -40,7 +41,9 @@ impl ApiAccess {
             .and_then(|cluster| cluster.cluster.clone())
             .ok_or_else(|| anyhow!("{} names no cluster", path.display()))?;
         Ok(Self {
-            server: cluster.server.ok_or_else(|| anyhow!("{} has no server URL", path.display()))?,
+            server: cluster
+                .server
+                .ok_or_else(|| anyhow!("{} has no server URL", path.display()))?,
             ca_data: cluster.certificate_authority_data,
             ca_file: cluster.certificate_authority,
         })
@@ -105,7 +108,11 @@ fn service_account_name(pod: &Pod) -> String {
 
 /// The pod's `automountServiceAccountToken`, else its ServiceAccount's, else true.
 async fn automounts_token(client: &Client, pod: &Pod) -> anyhow::Result<bool> {
-    if let Some(automount) = pod.spec.as_ref().and_then(|spec| spec.automount_service_account_token) {
+    if let Some(automount) = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.automount_service_account_token)
+    {
         return Ok(automount);
     }
     let namespace = pod.namespace().unwrap_or_default();
@@ -114,7 +121,9 @@ async fn automounts_token(client: &Client, pod: &Pod) -> anyhow::Result<bool> {
         .get(&account)
         .await
         .with_context(|| format!("reading ServiceAccount {namespace}/{account}"))?;
-    Ok(service_account.automount_service_account_token.unwrap_or(true))
+    Ok(service_account
+        .automount_service_account_token
+        .unwrap_or(true))
 }
 
 /// Writes `dir/kubeconfig` with a token of the pod's ServiceAccount and returns its path, or

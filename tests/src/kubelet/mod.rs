@@ -59,7 +59,8 @@ impl KubeletConfig {
 
 /// Where a container's stdout and stderr go.
 pub fn container_log_path(root: &Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
-    root.join("logs").join(format!("{namespace}_{pod}_{container}.log"))
+    root.join("logs")
+        .join(format!("{namespace}_{pod}_{container}.log"))
 }
 
 /// The process ids of the running containers, by pod (namespace, name) and container name.
@@ -67,8 +68,12 @@ pub fn container_log_path(root: &Path, namespace: &str, pod: &str, container: &s
 pub(crate) struct ProcessTable(Mutex<HashMap<(String, String), BTreeMap<String, u32>>>);
 
 impl ProcessTable {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), BTreeMap<String, u32>>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn entries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), BTreeMap<String, u32>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn insert(&self, namespace: &str, pod: &str, container: &str, pid: u32) {
@@ -130,7 +135,15 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
     let mut node_ready_receivers = BTreeMap::new();
     for node in &config.nodes {
         let (ready, ready_receiver) = watch::channel(true);
-        tasks.push(node::register(client.clone(), node.clone(), ready_receiver.clone(), shutdown.subscribe()).await?);
+        tasks.push(
+            node::register(
+                client.clone(),
+                node.clone(),
+                ready_receiver.clone(),
+                shutdown.subscribe(),
+            )
+            .await?,
+        );
         node_ready.insert(node.name.clone(), ready);
         node_ready_receivers.insert(node.name.clone(), ready_receiver);
     }
@@ -142,7 +155,9 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
         ips: Mutex::new(ips::IpPool::machine_wide()),
         processes: processes.clone(),
         node_ready: node_ready_receivers,
-        http: reqwest::Client::builder().danger_accept_invalid_certs(true).build()?,
+        http: reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()?,
     });
     tasks.push(tokio::spawn(pods::run(shared, shutdown.subscribe())));
     Ok(KubeletHandle {
@@ -167,7 +182,10 @@ impl KubeletHandle {
     /// `false` stops the node's heartbeats after reporting Ready=False with the not-ready
     /// taint; `true` resumes them.
     pub fn set_node_ready(&self, node: &str, ready: bool) -> anyhow::Result<()> {
-        let sender = self.node_ready.get(node).ok_or_else(|| anyhow!("this kubelet runs no node {node:?}"))?;
+        let sender = self
+            .node_ready
+            .get(node)
+            .ok_or_else(|| anyhow!("this kubelet runs no node {node:?}"))?;
         sender.send_replace(ready);
         Ok(())
     }
@@ -175,7 +193,12 @@ impl KubeletHandle {
     /// Stops every pod's processes (leaving the pods in the API) and the heartbeats.
     pub async fn shutdown(&self) {
         self.shutdown.send_replace(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for task in tasks {
             let _ = task.await;
         }

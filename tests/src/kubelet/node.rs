@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo, Taint};
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo, Taint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -37,17 +39,26 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// A node with 16 CPUs, 64 GiB of memory, room for 110 pods and no GPUs.
     pub fn new(name: &str) -> Self {
-        let resources = [("cpu", "16"), ("memory", "64Gi"), ("pods", "110"), ("ephemeral-storage", "100Gi")];
+        let resources = [
+            ("cpu", "16"),
+            ("memory", "64Gi"),
+            ("pods", "110"),
+            ("ephemeral-storage", "100Gi"),
+        ];
         Self {
             name: name.to_string(),
-            resources: resources.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect(),
+            resources: resources
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
             labels: BTreeMap::new(),
         }
     }
 
     /// Sets a resource's capacity, e.g. `.with_resource("nvidia.com/gpu", "4")`.
     pub fn with_resource(mut self, name: &str, quantity: &str) -> Self {
-        self.resources.insert(name.to_string(), quantity.to_string());
+        self.resources
+            .insert(name.to_string(), quantity.to_string());
         self
     }
 
@@ -60,7 +71,10 @@ impl NodeConfig {
         let mut labels = self.labels.clone();
         labels.insert("kubernetes.io/hostname".into(), self.name.clone());
         labels.insert("kubernetes.io/os".into(), "linux".into());
-        labels.insert("kubernetes.io/arch".into(), std::env::consts::ARCH.replace("x86_64", "amd64"));
+        labels.insert(
+            "kubernetes.io/arch".into(),
+            std::env::consts::ARCH.replace("x86_64", "amd64"),
+        );
         Node {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -87,9 +101,17 @@ impl NodeConfig {
             ..NodeCondition::default()
         };
         let (status, reason, message) = if ready {
-            ("True", "KubeletReady", "the atelier local kubelet is posting ready status")
+            (
+                "True",
+                "KubeletReady",
+                "the atelier local kubelet is posting ready status",
+            )
         } else {
-            ("False", "KubeletNotReady", "heartbeats stopped (fault injection)")
+            (
+                "False",
+                "KubeletNotReady",
+                "heartbeats stopped (fault injection)",
+            )
         };
         NodeStatus {
             capacity: Some(resources.clone()),
@@ -199,7 +221,11 @@ impl Heartbeat {
         let name = &self.node.name;
         let node = self
             .api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
             .await
             .with_context(|| format!("updating node {name}'s status"))?;
         self.update_taints(&node, ready).await?;
@@ -212,7 +238,11 @@ impl Heartbeat {
     /// Without a node lifecycle controller, the kubelet itself removes the not-ready taint that
     /// admission puts on new nodes (and puts it back while NotReady).
     async fn update_taints(&self, node: &Node, ready: bool) -> anyhow::Result<()> {
-        let current = node.spec.as_ref().and_then(|spec| spec.taints.clone()).unwrap_or_default();
+        let current = node
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.clone())
+            .unwrap_or_default();
         let mut wanted: Vec<Taint> = current
             .iter()
             .filter(|taint| taint.key != NOT_READY_TAINT && taint.key != UNREACHABLE_TAINT)
@@ -227,7 +257,11 @@ impl Heartbeat {
         }
         if wanted != current {
             self.api
-                .patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": wanted}})))
+                .patch(
+                    &node.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"taints": wanted}})),
+                )
                 .await
                 .context("updating node taints")?;
         }
@@ -252,7 +286,11 @@ impl Heartbeat {
             }),
         };
         self.leases
-            .patch(&name, &PatchParams::apply("atelier-kubelet").force(), &Patch::Apply(&lease))
+            .patch(
+                &name,
+                &PatchParams::apply("atelier-kubelet").force(),
+                &Patch::Apply(&lease),
+            )
             .await
             .with_context(|| format!("renewing the lease of node {name}"))?;
         Ok(())

@@ -19,7 +19,12 @@ struct WorkerHandle {
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let nodes: HashSet<String> = shared.config.nodes.iter().map(|node| node.name.clone()).collect();
+    let nodes: HashSet<String> = shared
+        .config
+        .nodes
+        .iter()
+        .map(|node| node.name.clone())
+        .collect();
     let api: Api<Pod> = Api::all(shared.client.clone());
     let mut events = watcher(api, watcher::Config::default().fields("spec.nodeName!="))
         .default_backoff()

@@ -33,7 +33,11 @@ impl Threshold {
             return None;
         }
         self.streak += 1;
-        let needed = if success { self.success_threshold } else { self.failure_threshold };
+        let needed = if success {
+            self.success_threshold
+        } else {
+            self.failure_threshold
+        };
         if self.streak < needed {
             return None;
         }
@@ -44,7 +48,10 @@ impl Threshold {
 }
 
 fn positive(value: Option<i32>, default: u32) -> u32 {
-    value.and_then(|value| u32::try_from(value).ok()).filter(|value| *value > 0).unwrap_or(default)
+    value
+        .and_then(|value| u32::try_from(value).ok())
+        .filter(|value| *value > 0)
+        .unwrap_or(default)
 }
 
 pub(crate) fn initial_delay(probe: &Probe) -> Duration {
@@ -56,15 +63,34 @@ pub(crate) fn period(probe: &Probe) -> Duration {
 }
 
 /// One probe attempt against the container at `pod_ip`.
-pub(crate) async fn probe_once(http: &reqwest::Client, probe: &Probe, pod_ip: &str, ports: &[ContainerPort]) -> Result<(), String> {
+pub(crate) async fn probe_once(
+    http: &reqwest::Client,
+    probe: &Probe,
+    pod_ip: &str,
+    ports: &[ContainerPort],
+) -> Result<(), String> {
     let timeout = Duration::from_secs(positive(probe.timeout_seconds, 1).into());
     if let Some(action) = &probe.http_get {
         let port = resolve_port(&action.port, ports)?;
-        let scheme = action.scheme.as_deref().unwrap_or("HTTP").to_ascii_lowercase();
-        let host = action.host.as_deref().filter(|host| !host.is_empty()).unwrap_or(pod_ip);
+        let scheme = action
+            .scheme
+            .as_deref()
+            .unwrap_or("HTTP")
+            .to_ascii_lowercase();
+        let host = action
+            .host
+            .as_deref()
+            .filter(|host| !host.is_empty())
+            .unwrap_or(pod_ip);
         let path = action.path.as_deref().unwrap_or("/");
-        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-        let mut request = http.get(format!("{scheme}://{host}:{port}{path}")).timeout(timeout);
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let mut request = http
+            .get(format!("{scheme}://{host}:{port}{path}"))
+            .timeout(timeout);
         for header in action.http_headers.iter().flatten() {
             request = request.header(&header.name, &header.value);
         }
@@ -73,12 +99,19 @@ pub(crate) async fn probe_once(http: &reqwest::Client, probe: &Probe, pod_ip: &s
         return if status.is_success() || status.is_redirection() {
             Ok(())
         } else {
-            Err(format!("HTTP probe failed with statuscode: {}", status.as_u16()))
+            Err(format!(
+                "HTTP probe failed with statuscode: {}",
+                status.as_u16()
+            ))
         };
     }
     if let Some(action) = &probe.tcp_socket {
         let port = resolve_port(&action.port, ports)?;
-        let host = action.host.as_deref().filter(|host| !host.is_empty()).unwrap_or(pod_ip);
+        let host = action
+            .host
+            .as_deref()
+            .filter(|host| !host.is_empty())
+            .unwrap_or(pod_ip);
         return match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
@@ -135,7 +168,13 @@ mod tests {
         assert_eq!(liveness.observe(false), None);
         assert_eq!(liveness.observe(false), None);
         assert_eq!(liveness.observe(false), Some(false));
-        assert_eq!(period(&Probe { period_seconds: Some(0), ..Probe::default() }), Duration::from_secs(10));
+        assert_eq!(
+            period(&Probe {
+                period_seconds: Some(0),
+                ..Probe::default()
+            }),
+            Duration::from_secs(10)
+        );
     }
 
     #[test]
@@ -145,7 +184,10 @@ mod tests {
             container_port: 8080,
             ..ContainerPort::default()
         }];
-        assert_eq!(resolve_port(&IntOrString::String("http".into()), &ports), Ok(8080));
+        assert_eq!(
+            resolve_port(&IntOrString::String("http".into()), &ports),
+            Ok(8080)
+        );
         assert_eq!(resolve_port(&IntOrString::Int(9000), &ports), Ok(9000));
         assert!(resolve_port(&IntOrString::String("grpc".into()), &ports).is_err());
     }

@@ -44,7 +44,11 @@ pub(crate) fn image_binary_name(image: &str) -> &str {
 /// The executable for a container and the arguments that precede `args`. Without `command`
 /// that is the image's binary; with one, `command[0]` is looked up by file name in the bin dir
 /// (the "image"), then as a host path or on the host's PATH (e.g. `/bin/sh`).
-pub(crate) fn resolve_program(bin_dir: &Path, image_binary: &Path, command: &[String]) -> anyhow::Result<(PathBuf, Vec<String>)> {
+pub(crate) fn resolve_program(
+    bin_dir: &Path,
+    image_binary: &Path,
+    command: &[String],
+) -> anyhow::Result<(PathBuf, Vec<String>)> {
     let Some((first, rest)) = command.split_first() else {
         return Ok((image_binary.to_path_buf(), Vec::new()));
     };
@@ -63,7 +67,10 @@ pub(crate) fn resolve_program(bin_dir: &Path, image_binary: &Path, command: &[St
     {
         return Ok((found, rest.to_vec()));
     }
-    bail!("executable {first:?} not found in {} nor on the host", bin_dir.display())
+    bail!(
+        "executable {first:?} not found in {} nor on the host",
+        bin_dir.display()
+    )
 }
 
 /// Starts the process as the leader of a new process group, killed with the kubelet.
@@ -72,7 +79,10 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
     if let Some(parent) = launch.log_path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let log = OpenOptions::new().create(true).append(true).open(&launch.log_path)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&launch.log_path)?;
     let mut command = Command::new(&launch.program);
     command
         .args(&launch.args)
@@ -87,7 +97,13 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
     let mounts = launch
         .mounts
         .iter()
-        .map(|mount| Ok((c_path(&mount.source)?, c_path(&mount.target)?, mount.read_only)))
+        .map(|mount| {
+            Ok((
+                c_path(&mount.source)?,
+                c_path(&mount.target)?,
+                mount.read_only,
+            ))
+        })
         .collect::<io::Result<Vec<_>>>()?;
     let working_dir = launch.working_dir.as_deref().map(c_path).transpose()?;
     // SAFETY: the closure only makes system calls on memory prepared before the fork.
@@ -98,7 +114,8 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 /// Mountpoints must exist before a bind mount; they are created on the host (outside any
@@ -119,9 +136,16 @@ fn create_mountpoints(mounts: &[Mount]) -> io::Result<()> {
 
 /// Runs in the forked child before exec: a private mount namespace with the volumes bound in,
 /// then the working directory (after the mounts, since it may lie inside one).
-fn enter_container_view(mounts: &[(CString, CString, bool)], working_dir: Option<&CString>) -> io::Result<()> {
+fn enter_container_view(
+    mounts: &[(CString, CString, bool)],
+    working_dir: Option<&CString>,
+) -> io::Result<()> {
     fn check(result: libc::c_int) -> io::Result<()> {
-        if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
     let none = std::ptr::null::<libc::c_char>();
     if !mounts.is_empty() {
@@ -129,12 +153,30 @@ fn enter_container_view(mounts: &[(CString, CString, bool)], working_dir: Option
         unsafe {
             check(libc::unshare(libc::CLONE_NEWNS))?;
             // Keep our mounts from propagating back to the host's namespace.
-            check(libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
             for (source, target, read_only) in mounts {
-                check(libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
                 if *read_only {
                     let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-                    check(libc::mount(none, target.as_ptr(), none, flags, std::ptr::null()))?;
+                    check(libc::mount(
+                        none,
+                        target.as_ptr(),
+                        none,
+                        flags,
+                        std::ptr::null(),
+                    ))?;
                 }
             }
         }
@@ -152,9 +194,18 @@ mod tests {
 
     #[test]
     fn image_names_map_to_binaries() {
-        assert_eq!(image_binary_name("ghcr.io/atelier/atelier-inference:0.1.0"), "atelier-inference");
-        assert_eq!(image_binary_name("localhost:5000/test-http-server"), "test-http-server");
-        assert_eq!(image_binary_name("atelier-operator@sha256:abcd"), "atelier-operator");
+        assert_eq!(
+            image_binary_name("ghcr.io/atelier/atelier-inference:0.1.0"),
+            "atelier-inference"
+        );
+        assert_eq!(
+            image_binary_name("localhost:5000/test-http-server"),
+            "test-http-server"
+        );
+        assert_eq!(
+            image_binary_name("atelier-operator@sha256:abcd"),
+            "atelier-operator"
+        );
         assert_eq!(image_binary_name("registry:5000/a/b:tag@sha256:ff"), "b");
     }
 
@@ -170,6 +221,13 @@ mod tests {
         assert_eq!((program, leading), (image, vec!["serve".to_string()]));
         let (program, _) = resolve_program(bin_dir.path(), Path::new("x"), &["sh".into()]).unwrap();
         assert!(program.ends_with("sh"));
-        assert!(resolve_program(bin_dir.path(), Path::new("x"), &["/nonexistent/tool".into()]).is_err());
+        assert!(
+            resolve_program(
+                bin_dir.path(),
+                Path::new("x"),
+                &["/nonexistent/tool".into()]
+            )
+            .is_err()
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The pod status the kubelet reports, computed from what it knows about the containers.
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerState, ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP,
+    PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -9,7 +10,12 @@ use k8s_openapi::jiff::Timestamp;
 pub(crate) const HOST_IP: &str = "127.0.0.1";
 
 /// Conditions this kubelet owns; any other (PodScheduled, DisruptionTarget…) is kept as is.
-const OWN_CONDITIONS: [&str; 4] = ["PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready"];
+const OWN_CONDITIONS: [&str; 4] = [
+    "PodReadyToStartContainers",
+    "Initialized",
+    "ContainersReady",
+    "Ready",
+];
 
 /// What the kubelet knows about one container.
 #[derive(Clone, Debug, PartialEq)]
@@ -133,16 +139,31 @@ pub(crate) fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
         .filter(|container| !container.ready)
         .map(|container| container.name.as_str())
         .collect();
-    let unready_reason = if terminal { "PodCompleted" } else { "ContainersNotReady" };
+    let unready_reason = if terminal {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    };
     let unready_message = format!("containers with unready status: [{}]", unready.join(" "));
     let ready = unready.is_empty() && phase == "Running";
     let own = [
-        ("PodReadyToStartContainers", view.pod_ip.is_some() && !terminal, None),
+        (
+            "PodReadyToStartContainers",
+            view.pod_ip.is_some() && !terminal,
+            None,
+        ),
         ("Initialized", true, None),
-        ("ContainersReady", unready.is_empty(), Some((unready_reason, &unready_message))),
+        (
+            "ContainersReady",
+            unready.is_empty(),
+            Some((unready_reason, &unready_message)),
+        ),
         ("Ready", ready, Some((unready_reason, &unready_message))),
     ];
-    let previous_conditions = view.previous.and_then(|status| status.conditions.as_deref()).unwrap_or_default();
+    let previous_conditions = view
+        .previous
+        .and_then(|status| status.conditions.as_deref())
+        .unwrap_or_default();
     let mut conditions: Vec<PodCondition> = view
         .pod
         .status
@@ -177,11 +198,18 @@ pub(crate) fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
         phase: Some(phase.to_string()),
         conditions: Some(conditions),
         host_ip: Some(HOST_IP.to_string()),
-        host_ips: Some(vec![HostIP { ip: HOST_IP.to_string() }]),
+        host_ips: Some(vec![HostIP {
+            ip: HOST_IP.to_string(),
+        }]),
         pod_ip: view.pod_ip.map(str::to_string),
         pod_ips: view.pod_ip.map(|ip| vec![PodIP { ip: ip.to_string() }]),
         start_time: view.start_time.cloned(),
-        container_statuses: Some(view.containers.iter().map(ContainerRecord::status).collect()),
+        container_statuses: Some(
+            view.containers
+                .iter()
+                .map(ContainerRecord::status)
+                .collect(),
+        ),
         ..PodStatus::default()
     }
 }
@@ -230,7 +258,10 @@ mod tests {
     #[test]
     fn phases() {
         assert_eq!(phase(&[]), "Pending");
-        assert_eq!(phase(&[ContainerRecord::new("a", "i"), running("b", true)]), "Pending");
+        assert_eq!(
+            phase(&[ContainerRecord::new("a", "i"), running("b", true)]),
+            "Pending"
+        );
         assert_eq!(phase(&[running("a", false), finished("b", 0)]), "Running");
         assert_eq!(phase(&[crash_looping("a")]), "Running");
         assert_eq!(phase(&[finished("a", 0), finished("b", 0)]), "Succeeded");
@@ -276,8 +307,17 @@ mod tests {
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))
         );
-        let ready = status.conditions.as_ref().unwrap().iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.message.as_deref(), Some("containers with unready status: [b]"));
+        let ready = status
+            .conditions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            ready.message.as_deref(),
+            Some("containers with unready status: [b]")
+        );
         assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "127.0.0.2");
 
         // Transition times survive while a condition keeps its status.
@@ -290,9 +330,20 @@ mod tests {
         };
         let next = pod_status(&view, later);
         let time_of = |status: &PodStatus, type_: &str| {
-            status.conditions.as_ref().unwrap().iter().find(|c| c.type_ == type_).unwrap().last_transition_time.clone()
+            status
+                .conditions
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|c| c.type_ == type_)
+                .unwrap()
+                .last_transition_time
+                .clone()
         };
-        assert_eq!(time_of(&next, "Initialized"), Some(Time(Timestamp::UNIX_EPOCH)));
+        assert_eq!(
+            time_of(&next, "Initialized"),
+            Some(Time(Timestamp::UNIX_EPOCH))
+        );
         assert_eq!(time_of(&next, "Ready"), Some(Time(later)));
     }
 }

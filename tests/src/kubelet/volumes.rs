@@ -9,7 +9,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
 use k8s_openapi::api::core::v1::{
-    Container, DownwardAPIVolumeFile, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Volume,
+    Container, DownwardAPIVolumeFile, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod,
+    Volume,
 };
 use kube::{Api, Client, ResourceExt};
 
@@ -19,11 +20,20 @@ use super::process::Mount;
 
 /// Resolves every volume of the pod to a host path, writing file-backed volumes under
 /// `pod_dir/volumes`.
-pub(crate) async fn prepare(client: &Client, pod: &Pod, pod_ip: &str, pod_dir: &Path) -> anyhow::Result<HashMap<String, PathBuf>> {
+pub(crate) async fn prepare(
+    client: &Client,
+    pod: &Pod,
+    pod_ip: &str,
+    pod_dir: &Path,
+) -> anyhow::Result<HashMap<String, PathBuf>> {
     let namespace = pod.namespace().unwrap_or_default();
     let references = References::new(client, &namespace);
     let mut paths = HashMap::new();
-    for volume in pod.spec.iter().flat_map(|spec| spec.volumes.iter().flatten()) {
+    for volume in pod
+        .spec
+        .iter()
+        .flat_map(|spec| spec.volumes.iter().flatten())
+    {
         let dir = pod_dir.join("volumes").join(&volume.name);
         let path = prepare_volume(client, &references, pod, pod_ip, volume, &dir)
             .await
@@ -53,17 +63,34 @@ async fn prepare_volume(
         return Ok(path);
     }
     if let Some(claim) = &volume.persistent_volume_claim {
-        return claim_path(client, &pod.namespace().unwrap_or_default(), &claim.claim_name).await;
+        return claim_path(
+            client,
+            &pod.namespace().unwrap_or_default(),
+            &claim.claim_name,
+        )
+        .await;
     }
     // The remaining kinds are files written into a fresh directory.
     let mut files = BTreeMap::new();
     if let Some(source) = &volume.config_map {
         let data = references.config_map(&source.name).await?;
-        add_keys(&mut files, data, source.items.as_deref(), &source.name, source.optional)?;
+        add_keys(
+            &mut files,
+            data,
+            source.items.as_deref(),
+            &source.name,
+            source.optional,
+        )?;
     } else if let Some(source) = &volume.secret {
         let name = source.secret_name.clone().unwrap_or_default();
         let data = references.secret(&name).await?;
-        add_keys(&mut files, data, source.items.as_deref(), &name, source.optional)?;
+        add_keys(
+            &mut files,
+            data,
+            source.items.as_deref(),
+            &name,
+            source.optional,
+        )?;
     } else if let Some(source) = &volume.downward_api {
         add_downward_api(&mut files, pod, pod_ip, source.items.as_deref())?;
     } else if let Some(projected) = &volume.projected {
@@ -74,10 +101,22 @@ async fn prepare_volume(
                 files.insert(token.path.clone(), value.into_bytes());
             } else if let Some(config_map) = &source.config_map {
                 let data = references.config_map(&config_map.name).await?;
-                add_keys(&mut files, data, config_map.items.as_deref(), &config_map.name, config_map.optional)?;
+                add_keys(
+                    &mut files,
+                    data,
+                    config_map.items.as_deref(),
+                    &config_map.name,
+                    config_map.optional,
+                )?;
             } else if let Some(secret) = &source.secret {
                 let data = references.secret(&secret.name).await?;
-                add_keys(&mut files, data, secret.items.as_deref(), &secret.name, secret.optional)?;
+                add_keys(
+                    &mut files,
+                    data,
+                    secret.items.as_deref(),
+                    &secret.name,
+                    secret.optional,
+                )?;
             } else if let Some(downward_api) = &source.downward_api {
                 add_downward_api(&mut files, pod, pod_ip, downward_api.items.as_deref())?;
             } else {
@@ -85,7 +124,9 @@ async fn prepare_volume(
             }
         }
     } else {
-        bail!("unsupported volume type (supported: emptyDir, hostPath, persistentVolumeClaim, configMap, secret, downwardAPI, projected)");
+        bail!(
+            "unsupported volume type (supported: emptyDir, hostPath, persistentVolumeClaim, configMap, secret, downwardAPI, projected)"
+        );
     }
     write_files(dir, &files)?;
     Ok(dir.to_path_buf())
@@ -97,8 +138,14 @@ async fn claim_path(client: &Client, namespace: &str, claim_name: &str) -> anyho
         .get(claim_name)
         .await
         .with_context(|| format!("reading PersistentVolumeClaim {namespace}/{claim_name}"))?;
-    let phase = claim.status.as_ref().and_then(|status| status.phase.as_deref());
-    let volume_name = claim.spec.as_ref().and_then(|spec| spec.volume_name.as_deref());
+    let phase = claim
+        .status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref());
+    let volume_name = claim
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.volume_name.as_deref());
     let (Some("Bound"), Some(volume_name)) = (phase, volume_name) else {
         bail!("PersistentVolumeClaim {namespace}/{claim_name} is not bound yet");
     };
@@ -111,7 +158,9 @@ async fn claim_path(client: &Client, namespace: &str, claim_name: &str) -> anyho
         .map(|source| source.path)
         .or(spec.local.map(|source| source.path))
         .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("PersistentVolume {volume_name} has neither hostPath nor local path"))
+        .ok_or_else(|| {
+            anyhow!("PersistentVolume {volume_name} has neither hostPath nor local path")
+        })
 }
 
 /// Adds a Secret's or ConfigMap's keys as files: all of them, or the listed `items`.
@@ -157,7 +206,10 @@ fn add_downward_api(
             .field_ref
             .as_ref()
             .ok_or_else(|| anyhow!("downwardAPI {:?}: only fieldRef is supported", item.path))?;
-        files.insert(item.path.clone(), field_value(pod, &field.field_path, pod_ip)?.into_bytes());
+        files.insert(
+            item.path.clone(),
+            field_value(pod, &field.field_path, pod_ip)?.into_bytes(),
+        );
     }
     Ok(())
 }
@@ -170,7 +222,10 @@ fn write_files(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<
     std::fs::create_dir_all(dir)?;
     for (relative, content) in files {
         let relative = Path::new(relative);
-        if !relative.components().all(|component| matches!(component, Component::Normal(_))) {
+        if !relative
+            .components()
+            .all(|component| matches!(component, Component::Normal(_)))
+        {
             bail!("file path {relative:?} must be relative and stay inside the volume");
         }
         let path = dir.join(relative);
@@ -183,13 +238,23 @@ fn write_files(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<
 }
 
 /// The container's `volumeMounts` as bind mounts (with `subPath` inside the volume).
-pub(crate) fn container_mounts(container: &Container, volumes: &HashMap<String, PathBuf>) -> anyhow::Result<Vec<Mount>> {
+pub(crate) fn container_mounts(
+    container: &Container,
+    volumes: &HashMap<String, PathBuf>,
+) -> anyhow::Result<Vec<Mount>> {
     let mut mounts = Vec::new();
     for volume_mount in container.volume_mounts.iter().flatten() {
-        let volume = volumes
-            .get(&volume_mount.name)
-            .ok_or_else(|| anyhow!("volumeMount {:?} names no volume of the pod", volume_mount.name))?;
-        let source = match volume_mount.sub_path.as_deref().filter(|sub_path| !sub_path.is_empty()) {
+        let volume = volumes.get(&volume_mount.name).ok_or_else(|| {
+            anyhow!(
+                "volumeMount {:?} names no volume of the pod",
+                volume_mount.name
+            )
+        })?;
+        let source = match volume_mount
+            .sub_path
+            .as_deref()
+            .filter(|sub_path| !sub_path.is_empty())
+        {
             Some(sub_path) => {
                 let source = volume.join(sub_path);
                 if !source.exists() {
@@ -220,7 +285,10 @@ mod tests {
     fn files_are_written_and_must_stay_inside_the_volume() {
         let dir = tempfile::tempdir().unwrap();
         let volume = dir.path().join("v");
-        let files = BTreeMap::from([("a".to_string(), b"1".to_vec()), ("sub/b".to_string(), b"2".to_vec())]);
+        let files = BTreeMap::from([
+            ("a".to_string(), b"1".to_vec()),
+            ("sub/b".to_string(), b"2".to_vec()),
+        ]);
         write_files(&volume, &files).unwrap();
         assert_eq!(std::fs::read(volume.join("sub/b")).unwrap(), b"2");
         let escaping = BTreeMap::from([("../x".to_string(), Vec::new())]);
@@ -230,14 +298,20 @@ mod tests {
     #[test]
     fn selected_keys_and_optional_sources() {
         let mut files = BTreeMap::new();
-        let data = BTreeMap::from([("k".to_string(), b"v".to_vec()), ("other".to_string(), Vec::new())]);
+        let data = BTreeMap::from([
+            ("k".to_string(), b"v".to_vec()),
+            ("other".to_string(), Vec::new()),
+        ]);
         let items = [KeyToPath {
             key: "k".into(),
             path: "renamed".into(),
             mode: None,
         }];
         add_keys(&mut files, Some(data), Some(&items), "cm", None).unwrap();
-        assert_eq!(files, BTreeMap::from([("renamed".to_string(), b"v".to_vec())]));
+        assert_eq!(
+            files,
+            BTreeMap::from([("renamed".to_string(), b"v".to_vec())])
+        );
         assert!(add_keys(&mut files, None, None, "missing", Some(true)).is_ok());
         assert!(add_keys(&mut files, None, None, "missing", None).is_err());
     }

@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use super::container::ContainerRun;
 use super::env::{EnvVars, References, container_env};
 use super::process::{Launch, image_binary_name, resolve_program};
-use super::status::{ContainerRecord, HOST_IP, PodView, now, phase, pod_status, waiting, written_part};
+use super::status::{
+    ContainerRecord, HOST_IP, PodView, now, phase, pod_status, waiting, written_part,
+};
 use super::{Shared, container_log_path, identity, volumes};
 
 /// What the API says about a pod.
@@ -84,13 +86,24 @@ impl PodWorker {
             .spec
             .iter()
             .flat_map(|spec| &spec.containers)
-            .map(|container| ContainerRecord::new(&container.name, container.image.as_deref().unwrap_or_default()))
+            .map(|container| {
+                ContainerRecord::new(
+                    &container.name,
+                    container.image.as_deref().unwrap_or_default(),
+                )
+            })
             .collect();
         let ended_elsewhere = matches!(
-            pod.status.as_ref().and_then(|status| status.phase.as_deref()),
+            pod.status
+                .as_ref()
+                .and_then(|status| status.phase.as_deref()),
             Some("Succeeded" | "Failed")
         );
-        let node = pod.spec.as_ref().and_then(|spec| spec.node_name.clone()).unwrap_or_default();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .unwrap_or_default();
         Self {
             node_ready: shared.node_ready.get(&node).cloned(),
             pod_dir: shared.config.root.join("pods").join(&uid),
@@ -111,7 +124,11 @@ impl PodWorker {
         }
     }
 
-    async fn run(&mut self, updates: &mut watch::Receiver<PodUpdate>, shutdown: &mut watch::Receiver<bool>) {
+    async fn run(
+        &mut self,
+        updates: &mut watch::Receiver<PodUpdate>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         loop {
             let update = updates.borrow_and_update().clone();
             match update {
@@ -164,7 +181,11 @@ impl PodWorker {
             match self.start().await {
                 Ok(()) => self.retry_delay = Duration::from_secs(1),
                 Err(error) => {
-                    tracing::debug!("pod {}/{} cannot start yet: {error:#}", self.namespace, self.name);
+                    tracing::debug!(
+                        "pod {}/{} cannot start yet: {error:#}",
+                        self.namespace,
+                        self.name
+                    );
                     self.retry_later();
                 }
             }
@@ -185,11 +206,17 @@ impl PodWorker {
     }
 
     fn records(&self) -> Vec<ContainerRecord> {
-        self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn set_waiting(&self, index: usize, reason: &str, message: String) {
-        let mut records = self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         records[index].state = waiting(reason, Some(message));
     }
 
@@ -215,11 +242,19 @@ impl PodWorker {
                 return Err(error);
             }
         };
-        let containers: Vec<Container> = self.pod.spec.iter().flat_map(|spec| spec.containers.clone()).collect();
+        let containers: Vec<Container> = self
+            .pod
+            .spec
+            .iter()
+            .flat_map(|spec| spec.containers.clone())
+            .collect();
         let mut launches = Vec::new();
         let mut failure = None;
         for (index, container) in containers.iter().enumerate() {
-            match self.launch(container, &pod_ip, &volumes, kubeconfig.as_ref()).await {
+            match self
+                .launch(container, &pod_ip, &volumes, kubeconfig.as_ref())
+                .await
+            {
                 Ok(launch) => launches.push(launch),
                 Err((reason, error)) => {
                     self.set_waiting(index, reason, format!("{error:#}"));
@@ -263,16 +298,27 @@ impl PodWorker {
     }
 
     fn lock_ips(&self) -> std::sync::MutexGuard<'_, super::ips::IpPool> {
-        self.shared.ips.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared
+            .ips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The pod's volumes and, unless it opts out, its kubeconfig.
-    async fn prepare_pod(&self, pod_ip: &str) -> anyhow::Result<(HashMap<String, PathBuf>, Option<PathBuf>)> {
+    async fn prepare_pod(
+        &self,
+        pod_ip: &str,
+    ) -> anyhow::Result<(HashMap<String, PathBuf>, Option<PathBuf>)> {
         let client = &self.shared.client;
         let volumes = volumes::prepare(client, &self.pod, pod_ip, &self.pod_dir).await?;
-        let kubeconfig = identity::write_pod_kubeconfig(client, &self.shared.api_access, &self.pod, &self.pod_dir)
-            .await
-            .context("pod identity")?;
+        let kubeconfig = identity::write_pod_kubeconfig(
+            client,
+            &self.shared.api_access,
+            &self.pod,
+            &self.pod_dir,
+        )
+        .await
+        .context("pod identity")?;
         Ok((volumes, kubeconfig))
     }
 
@@ -288,12 +334,20 @@ impl PodWorker {
         let image = container.image.as_deref().unwrap_or_default();
         let image_binary = bin_dir.join(image_binary_name(image));
         if !image_binary.is_file() {
-            let error = anyhow::anyhow!("image {image:?}: no binary {} (build it first)", image_binary.display());
+            let error = anyhow::anyhow!(
+                "image {image:?}: no binary {} (build it first)",
+                image_binary.display()
+            );
             return Err(("ErrImagePull", error));
         }
         let config_error = |error: anyhow::Error| ("CreateContainerConfigError", error);
         let mut base = EnvVars::default();
-        base.set("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        base.set(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+            }),
+        );
         base.set("HOME", "/root");
         base.set("HOSTNAME", &self.name);
         if let Ok(library_path) = std::env::var("LD_LIBRARY_PATH") {
@@ -306,10 +360,15 @@ impl PodWorker {
         let env = container_env(&references, &self.pod, container, pod_ip, base)
             .await
             .map_err(config_error)?;
-        let command: Vec<String> = container.command.iter().flatten().map(|part| env.expand(part)).collect();
+        let command: Vec<String> = container
+            .command
+            .iter()
+            .flatten()
+            .map(|part| env.expand(part))
+            .collect();
         let args = container.args.iter().flatten().map(|arg| env.expand(arg));
-        let (program, mut leading) =
-            resolve_program(bin_dir, &image_binary, &command).map_err(|error| ("CreateContainerError", error))?;
+        let (program, mut leading) = resolve_program(bin_dir, &image_binary, &command)
+            .map_err(|error| ("CreateContainerError", error))?;
         leading.extend(args);
         let mounts = volumes::container_mounts(container, volumes).map_err(config_error)?;
         Ok(Launch {
@@ -318,13 +377,22 @@ impl PodWorker {
             env: env.into_vec(),
             mounts,
             working_dir: container.working_dir.as_ref().map(PathBuf::from),
-            log_path: container_log_path(&self.shared.config.root, &self.namespace, &self.name, &container.name),
+            log_path: container_log_path(
+                &self.shared.config.root,
+                &self.namespace,
+                &self.name,
+                &container.name,
+            ),
         })
     }
 
     /// Writes the status if it changed; false if that failed.
     async fn write_status(&mut self) -> bool {
-        if self.node_ready.as_ref().is_some_and(|ready| !*ready.borrow()) {
+        if self
+            .node_ready
+            .as_ref()
+            .is_some_and(|ready| !*ready.borrow())
+        {
             return true;
         }
         let records = self.records();
@@ -347,13 +415,20 @@ impl PodWorker {
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &self.namespace);
         // The UID makes the patch fail rather than touch a new pod of the same name.
         let patch = json!({"metadata": {"uid": self.uid}, "status": status});
-        match api.patch_status(&self.name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        match api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
             Ok(_) => {
                 self.written = Some(status);
                 true
             }
             Err(error) => {
-                tracing::debug!("writing the status of pod {}/{}: {error}", self.namespace, self.name);
+                tracing::debug!(
+                    "writing the status of pod {}/{}: {error}",
+                    self.namespace,
+                    self.name
+                );
                 false
             }
         }
@@ -365,7 +440,11 @@ impl PodWorker {
             .pod
             .metadata
             .deletion_grace_period_seconds
-            .or(self.pod.spec.as_ref().and_then(|spec| spec.termination_grace_period_seconds))
+            .or(self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.termination_grace_period_seconds))
             .unwrap_or(30);
         Duration::from_secs(seconds.max(0).unsigned_abs()).min(self.shared.config.max_grace_period)
     }
