@@ -1806,3 +1806,46 @@ async fn the_page_logs_in_generates_and_shows_the_image() -> anyhow::Result<()> 
     eprintln!("screenshots of the page in {}", screenshots.display());
     Ok(())
 }
+
+/// With the provider down the API still starts and serves; logins and tokens it cannot check
+/// get clear answers instead of hanging or crashing.
+#[tokio::test]
+async fn a_provider_outage_is_reported_clearly() -> anyhow::Result<()> {
+    let env = env().await;
+    let cluster = TestCluster::shared().await;
+    // Nothing listens on this port.
+    let issuer = format!("http://127.0.0.1:{}", free_port());
+    let api = ApiProcess::start(cluster, &env.dir, free_port(), &issuer, &[]).await?;
+    let mut browser = Browser::new();
+    let response = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{}/auth/login", api.url),
+            None,
+            HeaderMap::new(),
+        )
+        .await?;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        location(&api.url, &response)?,
+        format!("{}/?error=provider_unavailable", api.url)
+    );
+    api.expect_audit(
+        json!({"action": "login", "outcome": "failure", "reason": "provider_unavailable"}),
+    )
+    .await?;
+    let token = minted(
+        &env.provider.issuer,
+        "sign",
+        json!({"sub": "alice", "email": "alice@example.com"}),
+        None,
+    )
+    .await?;
+    let (status, body) = Bearer::new(&api.url, &token).get("/api/v1/me").await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable"),
+        "{body}"
+    );
+    Ok(())
+}
