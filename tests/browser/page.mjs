@@ -3,7 +3,9 @@
 // it in "My images" and reuse its parameters; on a phone-sized screen.
 //
 //   node page.mjs --api URL --login alice@example.com --password alice-pw --prompt TEXT --out DIR
-//                 [--outputs reachable|unreachable]
+//                 [--outputs reachable|unreachable] [--admin-login L --admin-password P]
+//
+// With --admin-login, a tenant admin then opens the admin view on a desktop-sized screen.
 //
 // `--outputs unreachable`: the tenant's outputs server cannot be reached (the test cluster
 // cannot publish loopback addresses in EndpointSlices); then the page must say so where the
@@ -27,6 +29,8 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     timeout: { type: 'string', default: '60000' },
     outputs: { type: 'string', default: 'reachable' },
+    'admin-login': { type: 'string' },
+    'admin-password': { type: 'string' },
   },
 });
 for (const name of ['api', 'login', 'password', 'prompt', 'out']) {
@@ -130,6 +134,26 @@ try {
     await page.locator('#login').waitFor({ state: 'visible' });
     await shot('10-logged-out');
   });
+
+  if (args['admin-login']) {
+    await step('an admin sees the tenant\'s queue and usage', async () => {
+      const admin = await (await browser.newContext({ viewport: { width: 1280, height: 900 } })).newPage();
+      admin.setDefaultTimeout(timeout);
+      admin.on('pageerror', (error) => problems.push(`admin page error: ${error.message}`));
+      await admin.goto(args.api);
+      await admin.click('#login');
+      await admin.fill('input[name=login]', args['admin-login']);
+      await admin.fill('input[name=password]', args['admin-password']);
+      await admin.click('button[type=submit]');
+      await admin.locator('#admin-tab').waitFor({ state: 'visible' });
+      await admin.click('#admin-tab');
+      await admin.locator('#admin-summary p').filter({ hasText: 'replicas' }).waitFor();
+      await admin.locator('#admin-queue tbody tr').first().waitFor();
+      const usageHref = await admin.getAttribute('#admin-usage', 'href');
+      if (!usageHref.includes('/usage?format=csv')) throw new Error(`usage link ${usageHref}`);
+      await admin.screenshot({ path: join(args.out, '11-admin.png'), fullPage: true });
+    });
+  }
 
   const real = problems.filter((p) => !p.includes('Failed to load resource'));
   if (real.length) throw new Error(`the page reported errors:\n${real.join('\n')}`);

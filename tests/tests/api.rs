@@ -1763,6 +1763,12 @@ async fn the_page_logs_in_generates_and_shows_the_image() -> anyhow::Result<()> 
                 "unreachable"
             },
         ])
+        .args([
+            "--admin-login",
+            "carol@example.com",
+            "--admin-password",
+            "carol-pw",
+        ])
         .kill_on_drop(true)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
