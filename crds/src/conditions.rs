@@ -55,7 +55,9 @@ pub fn set_condition(
 
 /// Whether condition `kind` is present and `True`.
 pub fn is_true(conditions: &[Condition], kind: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == kind && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == kind && c.status == "True")
 }
 
 #[cfg(test)]
@@ -68,12 +70,44 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conditions = Vec::new();
-        assert!(set_condition(&mut conditions, READY, false, "Creating", "wait", Some(1), &at(10)));
-        assert!(set_condition(&mut conditions, READY, false, "Scaling", "still", Some(1), &at(20)));
+        assert!(set_condition(
+            &mut conditions,
+            READY,
+            false,
+            "Creating",
+            "wait",
+            Some(1),
+            &at(10)
+        ));
+        assert!(set_condition(
+            &mut conditions,
+            READY,
+            false,
+            "Scaling",
+            "still",
+            Some(1),
+            &at(20)
+        ));
         assert_eq!(conditions[0].last_transition_time, at(10));
-        assert!(set_condition(&mut conditions, READY, true, "Ready", "ok", Some(1), &at(30)));
+        assert!(set_condition(
+            &mut conditions,
+            READY,
+            true,
+            "Ready",
+            "ok",
+            Some(1),
+            &at(30)
+        ));
         assert_eq!(conditions[0].last_transition_time, at(30));
-        assert!(!set_condition(&mut conditions, READY, true, "Ready", "ok", Some(1), &at(40)));
+        assert!(!set_condition(
+            &mut conditions,
+            READY,
+            true,
+            "Ready",
+            "ok",
+            Some(1),
+            &at(40)
+        ));
         assert!(is_true(&conditions, READY));
         assert!(!is_true(&conditions, DEGRADED));
     }

@@ -23,8 +23,17 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queuePosition"),
     printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
     printcolumn(name = "Steps", type_ = "integer", json_path = ".spec.steps"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1)
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.reason",
+        priority = 1
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.prompt == oldSelf.prompt && self.width == oldSelf.width && self.height == oldSelf.height && self.steps == oldSelf.steps && self.guidance == oldSelf.guidance && self.numImages == oldSelf.numImages && has(self.seed) == has(oldSelf.seed) && (!has(self.seed) || self.seed == oldSelf.seed)").message("generation parameters are immutable; create a new GenerationJob instead"))]
@@ -166,7 +175,10 @@ pub enum JobPhase {
 impl JobPhase {
     /// A finished job never changes phase again.
     pub fn is_finished(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::Rejected)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Rejected
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -213,7 +225,10 @@ pub struct JobOutput {
 
 impl GenerationJob {
     pub fn phase(&self) -> JobPhase {
-        self.status.as_ref().and_then(|s| s.phase).unwrap_or(JobPhase::Pending)
+        self.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or(JobPhase::Pending)
     }
 }
 

@@ -14,18 +14,57 @@ pub use generation_job::{
     Webhook, WebhookEvent,
 };
 pub use tenant::{
-    AccessMode, GpuSpec, InferenceSpec, JobLimits, Member, ModelSource, Precision, QuotaSpec,
-    Role, StorageSpec, Tenant, TenantPhase, TenantSpec, TenantStatus, UserUsage,
+    AccessMode, GpuSpec, InferenceSpec, JobLimits, Member, ModelSource, Precision, QuotaSpec, Role,
+    StorageSpec, Tenant, TenantPhase, TenantSpec, TenantStatus, UserUsage,
 };
 
 /// API group of all Atelier resources.
 pub const GROUP: &str = "atelier.dev";
 
 /// Every CRD of Atelier, in the order they are written to the chart.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![Tenant::crd(), GenerationJob::crd()]
+    let mut crds = vec![Tenant::crd(), GenerationJob::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                let mut json = serde_json::to_value(&*schema).expect("a schema serializes");
+                use_kubernetes_integer_formats(&mut json);
+                *schema =
+                    serde_json::from_value(json).expect("the rewritten schema is still a schema");
+            }
+        }
+    }
+    crds
+}
+
+/// schemars names Rust's unsigned integers `uint32`/`uint64`, formats the API server does not
+/// know (it warns on every apply); Kubernetes spells them `int32`/`int64` with a minimum of 0.
+fn use_kubernetes_integer_formats(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(object) => {
+            let unsigned = match object.get("format").and_then(|f| f.as_str()) {
+                Some("uint32") => Some("int32"),
+                Some("uint64") | Some("uint") => Some("int64"),
+                _ => None,
+            };
+            if let Some(format) = unsigned {
+                object.insert("format".into(), format.into());
+                object.entry("minimum").or_insert(0.into());
+            }
+            object.values_mut().for_each(use_kubernetes_integer_formats);
+        }
+        serde_json::Value::Array(items) => {
+            items.iter_mut().for_each(use_kubernetes_integer_formats)
+        }
+        _ => {}
+    }
 }
 
 /// The YAML file name of a CRD in `charts/atelier/crds/`.

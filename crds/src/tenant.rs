@@ -24,7 +24,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpus.max"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[kube(validation = Rule::new("size(self.metadata.name) <= 53").message("tenant names are at most 53 characters, so that the namespace atelier-<name> is a valid name"))]
 #[serde(rename_all = "camelCase")]
@@ -64,7 +68,9 @@ pub struct Member {
     pub role: Role,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Role {
     /// Generates images and sees only their own.
@@ -94,7 +100,11 @@ pub struct GpuSpec {
 
 impl Default for GpuSpec {
     fn default() -> Self {
-        Self { resource_name: default_gpu_resource(), per_replica: 1, max: 1 }
+        Self {
+            resource_name: default_gpu_resource(),
+            per_replica: 1,
+            max: 1,
+        }
     }
 }
 
@@ -366,7 +376,10 @@ impl Tenant {
     /// Replicas the tenant may run: `maxReplicas`, bounded by the GPU budget.
     pub fn replica_ceiling(&self) -> u32 {
         let by_gpus = self.spec.gpus.max / self.spec.gpus.per_replica.max(1);
-        self.spec.inference.max_replicas.map_or(by_gpus, |max| max.min(by_gpus))
+        self.spec
+            .inference
+            .max_replicas
+            .map_or(by_gpus, |max| max.min(by_gpus))
     }
 }
 

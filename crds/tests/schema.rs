@@ -21,7 +21,9 @@ fn committed_crds_match_crdgen() {
 /// Every schema node says its type, or explicitly keeps unknown fields / is int-or-string, as the
 /// API server requires of structural schemas.
 fn assert_structural(path: &str, schema: &Value) {
-    let object = schema.as_object().unwrap_or_else(|| panic!("{path}: schema is not an object"));
+    let object = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("{path}: schema is not an object"));
     let typed = object.contains_key("type")
         || object.get("x-kubernetes-int-or-string") == Some(&json!(true))
         || object.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
@@ -29,7 +31,10 @@ fn assert_structural(path: &str, schema: &Value) {
     for forbidden in ["$ref", "anyOf", "oneOf"] {
         if object.contains_key(forbidden) && !object.contains_key("x-kubernetes-int-or-string") {
             // anyOf/oneOf are allowed only as value validations beside a type.
-            assert!(object.contains_key("type") || forbidden == "$ref", "{path} uses {forbidden} without a type");
+            assert!(
+                object.contains_key("type") || forbidden == "$ref",
+                "{path} uses {forbidden} without a type"
+            );
             assert_ne!(forbidden, "$ref", "{path} has an unresolved $ref");
         }
     }
@@ -62,7 +67,12 @@ fn crds_have_status_short_names_and_columns() {
     assert_eq!(job["spec"]["scope"], "Namespaced");
     let version = &job["spec"]["versions"][0];
     assert!(version["subresources"]["status"].is_object());
-    let columns: Vec<&str> = version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     for column in ["Phase", "User", "Step", "Age"] {
         assert!(columns.contains(&column), "missing column {column}");
     }
@@ -73,13 +83,18 @@ fn crds_have_status_short_names_and_columns() {
 
 #[test]
 fn job_defaults_match_what_a_user_expects() {
-    let spec: GenerationJobSpec = serde_json::from_value(json!({ "prompt": "a fox", "user": "ann" })).unwrap();
-    assert_eq!((spec.width, spec.height, spec.steps, spec.num_images), (1024, 1024, 28, 1));
+    let spec: GenerationJobSpec =
+        serde_json::from_value(json!({ "prompt": "a fox", "user": "ann" })).unwrap();
+    assert_eq!(
+        (spec.width, spec.height, spec.steps, spec.num_images),
+        (1024, 1024, 28, 1)
+    );
     assert_eq!(spec.guidance, 3.5);
     assert!(!spec.cancel);
     // The same defaults are in the schema, so the API server fills them in too.
     let crd = serde_json::to_value(GenerationJob::crd()).unwrap();
-    let properties = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let properties = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"];
     assert_eq!(properties["width"]["default"], 1024);
     assert_eq!(properties["steps"]["default"], 28);
     assert_eq!(properties["guidance"]["default"], 3.5);
@@ -89,7 +104,11 @@ fn job_defaults_match_what_a_user_expects() {
 #[test]
 fn cel_rules_are_in_the_schema() {
     let crd = serde_json::to_string(&GenerationJob::crd()).unwrap();
-    for message in ["width must be a multiple of 16", "spec.user is immutable", "generation parameters are immutable"] {
+    for message in [
+        "width must be a multiple of 16",
+        "spec.user is immutable",
+        "generation parameters are immutable",
+    ] {
         assert!(crd.contains(message), "missing rule: {message}");
     }
     let tenant = serde_json::to_string(&Tenant::crd()).unwrap();
@@ -117,7 +136,10 @@ fn tenant_round_trips_and_fills_defaults() {
 
 #[test]
 fn job_status_round_trips() {
-    let mut job = GenerationJob::new("gen-1", serde_json::from_value(json!({ "prompt": "p", "user": "u" })).unwrap());
+    let mut job = GenerationJob::new(
+        "gen-1",
+        serde_json::from_value(json!({ "prompt": "p", "user": "u" })).unwrap(),
+    );
     job.status = Some(serde_json::from_value(json!({
         "phase": "Succeeded", "attempts": 1, "seed": 7,
         "progress": { "step": 28, "totalSteps": 28 },

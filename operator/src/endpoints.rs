@@ -49,11 +49,18 @@ pub fn ready_in_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Endpoin
                 continue;
             }
             let pod = endpoint.target_ref.as_ref().and_then(|r| {
-                Some(format!("{}/{}", r.namespace.as_deref()?, r.name.as_deref()?))
+                Some(format!(
+                    "{}/{}",
+                    r.namespace.as_deref()?,
+                    r.name.as_deref()?
+                ))
             });
             for ip in &endpoint.addresses {
                 if let Ok(ip) = ip.parse() {
-                    found.push(Endpoint { address: SocketAddr::new(ip, port as u16), pod: pod.clone() });
+                    found.push(Endpoint {
+                        address: SocketAddr::new(ip, port as u16),
+                        pod: pod.clone(),
+                    });
                 }
             }
         }

@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod, ResourceQuota, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -25,7 +25,8 @@ async fn operator() -> &'static TestCluster {
     let cluster = TestCluster::shared().await;
     OPERATOR
         .get_or_init(|| async {
-            common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml").expect("tenant ClusterRoles");
+            common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml")
+                .expect("tenant ClusterRoles");
             Operator::start(cluster, &[]).expect("operator")
         })
         .await;
@@ -36,39 +37,105 @@ async fn operator() -> &'static TestCluster {
 async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
     let cluster = operator().await;
     let client = cluster.client().await;
-    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } })).await.unwrap();
+    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
     let ns = tenant.namespace_name();
-    let tenant = wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT).await.unwrap();
+    let tenant = wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
     let uid = tenant.uid().unwrap();
 
-    let namespace = Api::<Namespace>::all(client.clone()).get(&ns).await.unwrap();
-    assert_eq!(namespace.labels()["pod-security.kubernetes.io/enforce"], "restricted");
-    let owned_by_tenant = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| refs.iter().any(|r| r.uid == uid && r.controller == Some(true));
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get(&ns)
+        .await
+        .unwrap();
+    assert_eq!(
+        namespace.labels()["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+    let owned_by_tenant =
+        |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
+            refs.iter()
+                .any(|r| r.uid == uid && r.controller == Some(true))
+        };
     assert!(owned_by_tenant(namespace.owner_references()));
     for name in ["inference", "outputs"] {
-        let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get(name).await.unwrap();
-        assert!(owned_by_tenant(deployment.owner_references()), "deployment {name} not owned");
-        let service = Api::<Service>::namespaced(client.clone(), &ns).get(name).await.unwrap();
-        assert!(owned_by_tenant(service.owner_references()), "service {name} not owned");
+        let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
+            .get(name)
+            .await
+            .unwrap();
+        assert!(
+            owned_by_tenant(deployment.owner_references()),
+            "deployment {name} not owned"
+        );
+        let service = Api::<Service>::namespaced(client.clone(), &ns)
+            .get(name)
+            .await
+            .unwrap();
+        assert!(
+            owned_by_tenant(service.owner_references()),
+            "service {name} not owned"
+        );
     }
-    let quota = Api::<ResourceQuota>::namespaced(client.clone(), &ns).get("atelier-quota").await.unwrap();
-    assert_eq!(quota.spec.unwrap().hard.unwrap()["requests.nvidia.com/gpu"].0, "2");
-    assert_eq!(Api::<NetworkPolicy>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len(), 2);
-    assert_eq!(Api::<RoleBinding>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap().items.len(), 2);
+    let quota = Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .get("atelier-quota")
+        .await
+        .unwrap();
+    assert_eq!(
+        quota.spec.unwrap().hard.unwrap()["requests.nvidia.com/gpu"].0,
+        "2"
+    );
+    assert_eq!(
+        Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    assert_eq!(
+        Api::<RoleBinding>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
 
     // The inference pod is the real binary with the tiny model, Ready on its own loopback IP.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let ready_inference = wait_for("a Ready inference pod", TIMEOUT, || async {
-        let list = pods.list(&ListParams::default().labels("app.kubernetes.io/component=inference")).await?;
-        Ok(list.items.into_iter().find(|p| p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))))
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=inference"))
+            .await?;
+        Ok(list.items.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        }))
     })
     .await
     .unwrap();
     let ip = ready_inference.status.unwrap().pod_ip.unwrap();
-    assert!(ip.starts_with("127.0.0."), "pod IP {ip}");
-    let model: serde_json::Value = reqwest::get(format!("http://{ip}:8080/v1/model")).await.unwrap().json().await.unwrap();
-    assert_eq!(model["state"], "host", "the model is loaded and waits in host memory: {model}");
-    let tenant = Api::<Tenant>::all(client).get(&tenant.name_any()).await.unwrap();
+    assert!(ip.starts_with("198.18.0."), "pod IP {ip}");
+    let model: serde_json::Value = reqwest::get(format!("http://{ip}:8080/v1/model"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        model["state"], "host",
+        "the model is loaded and waits in host memory: {model}"
+    );
+    let tenant = Api::<Tenant>::all(client)
+        .get(&tenant.name_any())
+        .await
+        .unwrap();
     assert_eq!(tenant.status.unwrap().ready_replicas, 1);
 }
 
@@ -79,7 +146,10 @@ async fn the_quota_refuses_pods_beyond_the_gpu_budget() {
     let ns = tenant.namespace_name();
     let client = cluster.client().await;
     wait_for("the tenant quota", TIMEOUT, || async {
-        Ok(Api::<ResourceQuota>::namespaced(client.clone(), &ns).get_opt("atelier-quota").await?.and_then(|q| q.status?.hard))
+        Ok(Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+            .get_opt("atelier-quota")
+            .await?
+            .and_then(|q| q.status?.hard))
     })
     .await
     .unwrap();
@@ -95,27 +165,50 @@ async fn the_quota_refuses_pods_beyond_the_gpu_budget() {
         },
     }))
     .unwrap();
-    let error = Api::<Pod>::namespaced(client, &ns).create(&PostParams::default(), &pod).await.unwrap_err();
+    let error = Api::<Pod>::namespaced(client, &ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_err();
     let message = error.to_string();
-    assert!(message.contains("exceeded quota") && message.contains("nvidia.com/gpu"), "{message}");
+    assert!(
+        message.contains("exceeded quota") && message.contains("nvidia.com/gpu"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn a_tenant_admin_cannot_read_another_tenants_jobs() {
     let cluster = operator().await;
-    let a = create_tenant(cluster, json!({ "members": [{ "group": "a-admins", "role": "admin" }] })).await.unwrap();
-    let b = create_tenant(cluster, json!({ "members": [{ "group": "b-admins", "role": "admin" }] })).await.unwrap();
+    let a = create_tenant(
+        cluster,
+        json!({ "members": [{ "group": "a-admins", "role": "admin" }] }),
+    )
+    .await
+    .unwrap();
+    let b = create_tenant(
+        cluster,
+        json!({ "members": [{ "group": "b-admins", "role": "admin" }] }),
+    )
+    .await
+    .unwrap();
     let admin_client = cluster.client().await;
     for tenant in [&a, &b] {
-        let bindings = Api::<RoleBinding>::namespaced(admin_client.clone(), &tenant.namespace_name());
-        wait_for("the admins RoleBinding", TIMEOUT, || async { bindings.get_opt("atelier-admins").await }).await.unwrap();
+        let bindings =
+            Api::<RoleBinding>::namespaced(admin_client.clone(), &tenant.namespace_name());
+        wait_for("the admins RoleBinding", TIMEOUT, || async {
+            Ok(bindings.get_opt("atelier-admins").await?)
+        })
+        .await
+        .unwrap();
     }
     let mut config = cluster.kube_config();
     config.auth_info.impersonate = Some("oidc:alice@example.com".into());
     config.auth_info.impersonate_groups = Some(vec!["oidc:a-admins".into()]);
     let alice = kube::Client::try_from(config).unwrap();
     let own = Api::<atelier_crds::GenerationJob>::namespaced(alice.clone(), &a.namespace_name());
-    own.list(&ListParams::default()).await.expect("an admin reads the jobs of their own tenant");
+    own.list(&ListParams::default())
+        .await
+        .expect("an admin reads the jobs of their own tenant");
     let other = Api::<atelier_crds::GenerationJob>::namespaced(alice, &b.namespace_name());
     match other.list(&ListParams::default()).await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403),
@@ -135,16 +228,34 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     // Someone raises the GPU quota and deletes a Service: both come back.
     let quotas = Api::<ResourceQuota>::namespaced(client.clone(), &ns);
     let raise = json!({ "spec": { "hard": { "requests.nvidia.com/gpu": "100" } } });
-    quotas.patch("atelier-quota", &PatchParams::default(), &Patch::Merge(&raise)).await.unwrap();
+    quotas
+        .patch(
+            "atelier-quota",
+            &PatchParams::default(),
+            &Patch::Merge(&raise),
+        )
+        .await
+        .unwrap();
     let services = Api::<Service>::namespaced(client.clone(), &ns);
-    services.delete("outputs", &DeleteParams::default()).await.unwrap();
+    services
+        .delete("outputs", &DeleteParams::default())
+        .await
+        .unwrap();
     wait_for("the quota restored", TIMEOUT, || async {
         let quota = quotas.get("atelier-quota").await?;
-        Ok((quota.spec.and_then(|s| s.hard).is_some_and(|h| h["requests.nvidia.com/gpu"].0 == "2")).then_some(()))
+        Ok((quota
+            .spec
+            .and_then(|s| s.hard)
+            .is_some_and(|h| h["requests.nvidia.com/gpu"].0 == "2"))
+        .then_some(()))
     })
     .await
     .unwrap();
-    wait_for("the outputs Service restored", TIMEOUT, || async { services.get_opt("outputs").await }).await.unwrap();
+    wait_for("the outputs Service restored", TIMEOUT, || async {
+        Ok(services.get_opt("outputs").await?)
+    })
+    .await
+    .unwrap();
     wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
 
     // Steady state: reconciles triggered by touching the tenant change no owned object.
@@ -152,10 +263,17 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     let tenants = Api::<Tenant>::all(client.clone());
     for round in 0..3 {
         let touch = json!({ "metadata": { "annotations": { "test.atelier.dev/touch": round.to_string() } } });
-        tenants.patch(&name, &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+        tenants
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    assert_eq!(owned_versions(&client, &ns).await, snapshot, "a reconcile wrote to an object that was already as desired");
+    assert_eq!(
+        owned_versions(&client, &ns).await,
+        snapshot,
+        "a reconcile wrote to an object that was already as desired"
+    );
 }
 
 async fn owned_versions(client: &kube::Client, ns: &str) -> BTreeMap<String, String> {
@@ -165,14 +283,87 @@ async fn owned_versions(client: &kube::Client, ns: &str) -> BTreeMap<String, Str
             versions.insert(format!("{kind}/{name}"), version);
         }
     };
-    let pairs = |metas: Vec<kube::api::ObjectMeta>| metas.into_iter().map(|m| (m.name.unwrap_or_default(), m.resource_version.unwrap_or_default())).collect::<Vec<_>>();
-    record("Deployment", pairs(Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata).collect()));
-    record("Service", pairs(Api::<Service>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata).collect()));
+    let pairs = |metas: Vec<kube::api::ObjectMeta>| {
+        metas
+            .into_iter()
+            .map(|m| {
+                (
+                    m.name.unwrap_or_default(),
+                    m.resource_version.unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    record(
+        "Deployment",
+        pairs(
+            Api::<Deployment>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
+    record(
+        "Service",
+        pairs(
+            Api::<Service>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
     // The quota controller rewrites a ResourceQuota's status; its spec generation must hold.
-    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
-    record("ResourceQuota", quotas.items.into_iter().map(|q| (q.name_any(), format!("generation {:?}", q.metadata.generation))).collect());
-    record("NetworkPolicy", pairs(Api::<NetworkPolicy>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata).collect()));
-    record("RoleBinding", pairs(Api::<RoleBinding>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items.into_iter().map(|o| o.metadata).collect()));
+    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    record(
+        "ResourceQuota",
+        quotas
+            .items
+            .into_iter()
+            .map(|q| {
+                (
+                    q.name_any(),
+                    format!("generation {:?}", q.metadata.generation),
+                )
+            })
+            .collect(),
+    );
+    record(
+        "NetworkPolicy",
+        pairs(
+            Api::<NetworkPolicy>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
+    record(
+        "RoleBinding",
+        pairs(
+            Api::<RoleBinding>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|o| o.metadata)
+                .collect(),
+        ),
+    );
     versions
 }
 
@@ -181,22 +372,44 @@ async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
     let cluster = operator().await;
     let client = cluster.client().await;
     let name = unique_name("tn");
-    let taken: Namespace = serde_json::from_value(json!({ "metadata": { "name": atelier_crds::tenant::namespace_for(&name) } })).unwrap();
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &taken).await.unwrap();
+    let taken: Namespace = serde_json::from_value(
+        json!({ "metadata": { "name": atelier_crds::tenant::namespace_for(&name) } }),
+    )
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &taken)
+        .await
+        .unwrap();
     let volume = common::model_volume(cluster).await.unwrap();
     let tenant = common::tenant_manifest(&name, &volume, json!({}));
     let tenants = Api::<Tenant>::all(client.clone());
-    tenants.create(&PostParams::default(), &tenant).await.unwrap();
+    tenants
+        .create(&PostParams::default(), &tenant)
+        .await
+        .unwrap();
     let degraded = wait_for("tenant Degraded", TIMEOUT, || async {
         let tenant = tenants.get(&name).await?;
-        let condition = tenant.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded" && c.status == "True"));
+        let condition = tenant.status.and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+        });
         Ok(condition)
     })
     .await
     .unwrap();
     assert_eq!(degraded.reason, "NamespaceConflict");
-    let deployments = Api::<Deployment>::namespaced(client, &atelier_crds::tenant::namespace_for(&name));
-    assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty(), "nothing is applied into a foreign namespace");
+    let deployments =
+        Api::<Deployment>::namespaced(client, &atelier_crds::tenant::namespace_for(&name));
+    assert!(
+        deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing is applied into a foreign namespace"
+    );
 }
 
 #[tokio::test]
@@ -204,26 +417,55 @@ async fn deletion_keeps_or_removes_the_images_as_the_spec_says() {
     let cluster = operator().await;
     let client = cluster.client().await;
     for retain in [true, false] {
-        let tenant = create_tenant(cluster, json!({ "storage": { "retainOnDelete": retain } })).await.unwrap();
+        let tenant = create_tenant(cluster, json!({ "storage": { "retainOnDelete": retain } }))
+            .await
+            .unwrap();
         let name = tenant.name_any();
         wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
         let ns = tenant.namespace_name();
         let volume_name = wait_for("the outputs volume", TIMEOUT, || async {
-            let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), &ns).get("outputs").await?;
+            let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+                client.clone(),
+                &ns,
+            )
+            .get("outputs")
+            .await?;
             Ok(claim.spec.and_then(|s| s.volume_name))
         })
         .await
         .unwrap();
-        Api::<Tenant>::all(client.clone()).delete(&name, &DeleteParams::default()).await.unwrap();
+        Api::<Tenant>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
         let namespaces = Api::<Namespace>::all(client.clone());
-        wait_for("the tenant namespace gone", TIMEOUT, || async { Ok(namespaces.get_opt(&ns).await?.is_none().then_some(())) }).await.unwrap();
+        wait_for("the tenant namespace gone", TIMEOUT, || async {
+            Ok(namespaces.get_opt(&ns).await?.is_none().then_some(()))
+        })
+        .await
+        .unwrap();
         let volumes = Api::<PersistentVolume>::all(client.clone());
         if retain {
-            let volume = volumes.get(&volume_name).await.expect("a retained volume outlives its tenant");
-            assert_eq!(volume.spec.unwrap().persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
+            let volume = volumes
+                .get(&volume_name)
+                .await
+                .expect("a retained volume outlives its tenant");
+            assert_eq!(
+                volume
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .persistent_volume_reclaim_policy
+                    .as_deref(),
+                Some("Retain")
+            );
             assert_eq!(volume.labels()["atelier.dev/tenant"], name);
         } else {
-            wait_for("the volume deleted", TIMEOUT, || async { Ok(volumes.get_opt(&volume_name).await?.is_none().then_some(())) }).await.unwrap();
+            wait_for("the volume deleted", TIMEOUT, || async {
+                Ok(volumes.get_opt(&volume_name).await?.is_none().then_some(()))
+            })
+            .await
+            .unwrap();
         }
     }
 }

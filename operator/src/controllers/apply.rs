@@ -5,8 +5,8 @@
 use std::fmt::Debug;
 
 use atelier_crds::names::FIELD_MANAGER;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -33,22 +33,32 @@ where
             return Ok(Applied::Unchanged);
         }
     }
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired_json)).await?;
-    Ok(if live.is_some() { Applied::Repaired } else { Applied::Created })
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&desired_json),
+    )
+    .await?;
+    Ok(if live.is_some() {
+        Applied::Repaired
+    } else {
+        Applied::Created
+    })
 }
 
 /// Whether every field of `desired` is present in `live` with the same value. Lists must match
 /// element by element; quantities compare by value (`1000m` equals `1`).
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
     match (desired, live) {
-        (Value::Object(want), Value::Object(have)) => want
-            .iter()
-            .all(|(key, value)| value.is_null() || have.get(key).is_some_and(|live| is_subset(value, live))),
+        (Value::Object(want), Value::Object(have)) => want.iter().all(|(key, value)| {
+            value.is_null() || have.get(key).is_some_and(|live| is_subset(value, live))
+        }),
         (Value::Array(want), Value::Array(have)) => {
             want.len() == have.len() && want.iter().zip(have).all(|(w, h)| is_subset(w, h))
         }
         (Value::String(want), Value::String(have)) => {
-            want == have || matches!((quantity_millis(want), quantity_millis(have)), (Some(a), Some(b)) if a == b)
+            want == have
+                || matches!((quantity_millis(want), quantity_millis(have)), (Some(a), Some(b)) if a == b)
         }
         (Value::Number(want), Value::Number(have)) => want.as_f64() == have.as_f64(),
         (want, have) => want == have,
@@ -57,7 +67,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
 
 /// The value of a Kubernetes quantity in thousandths, for the forms the operator writes.
 fn quantity_millis(text: &str) -> Option<u128> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     let number: u128 = number.parse().ok()?;
     let factor: u128 = match suffix {
@@ -98,9 +110,18 @@ mod tests {
 
     #[test]
     fn quantities_compare_by_value() {
-        assert!(is_subset(&json!({ "cpu": "1000m" }), &json!({ "cpu": "1" })));
-        assert!(is_subset(&json!({ "memory": "1024Mi" }), &json!({ "memory": "1Gi" })));
+        assert!(is_subset(
+            &json!({ "cpu": "1000m" }),
+            &json!({ "cpu": "1" })
+        ));
+        assert!(is_subset(
+            &json!({ "memory": "1024Mi" }),
+            &json!({ "memory": "1Gi" })
+        ));
         assert!(!is_subset(&json!({ "cpu": "2" }), &json!({ "cpu": "1" })));
-        assert!(!is_subset(&json!({ "name": "abc" }), &json!({ "name": "abd" })));
+        assert!(!is_subset(
+            &json!({ "name": "abc" }),
+            &json!({ "name": "abd" })
+        ));
     }
 }

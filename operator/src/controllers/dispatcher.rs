@@ -17,10 +17,10 @@ use futures::StreamExt;
 use futures::future::join_all;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::ResourceExt;
 use tokio::sync::Mutex;
 
 use super::inference_client::{self, InferenceClient, RemoteJob, RemoteState, SubmitRequest};
@@ -57,13 +57,45 @@ pub async fn run(ctx: Arc<Context>) {
     let (jobs, jobs_writer) = reflector::store::<GenerationJob>();
     let (tenants, tenants_writer) = reflector::store::<Tenant>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
-    let slice_config = watcher::Config::default().labels(&format!("kubernetes.io/service-name={INFERENCE}"));
+    let slice_config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={INFERENCE}"));
     let watches = futures::future::join3(
-        reflector::reflector(jobs_writer, watcher(Api::<GenerationJob>::all(client.clone()), watcher::Config::default())).default_backoff().touched_objects().for_each(|_| async {}),
-        reflector::reflector(tenants_writer, watcher(Api::<Tenant>::all(client.clone()), watcher::Config::default())).default_backoff().touched_objects().for_each(|_| async {}),
-        reflector::reflector(slices_writer, watcher(Api::<EndpointSlice>::all(client.clone()), slice_config)).default_backoff().touched_objects().for_each(|_| async {}),
+        reflector::reflector(
+            jobs_writer,
+            watcher(
+                Api::<GenerationJob>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {}),
+        reflector::reflector(
+            tenants_writer,
+            watcher(
+                Api::<Tenant>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {}),
+        reflector::reflector(
+            slices_writer,
+            watcher(Api::<EndpointSlice>::all(client.clone()), slice_config),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {}),
     );
-    let dispatcher = Dispatcher { ctx, jobs, tenants, slices, client: InferenceClient::default(), memory: Mutex::new(Memory::default()) };
+    let dispatcher = Dispatcher {
+        ctx,
+        jobs,
+        tenants,
+        slices,
+        client: InferenceClient::default(),
+        memory: Mutex::new(Memory::default()),
+    };
     tokio::select! {
         _ = watches => tracing::error!("dispatcher watches ended"),
         () = dispatcher.run() => {}
@@ -81,7 +113,11 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn run(&self) {
-        for store in [self.jobs.wait_until_ready().await.is_ok(), self.tenants.wait_until_ready().await.is_ok(), self.slices.wait_until_ready().await.is_ok()] {
+        for store in [
+            self.jobs.wait_until_ready().await.is_ok(),
+            self.tenants.wait_until_ready().await.is_ok(),
+            self.slices.wait_until_ready().await.is_ok(),
+        ] {
             if !store {
                 return;
             }
@@ -98,22 +134,40 @@ impl Dispatcher {
         let mut by_tenant: BTreeMap<String, Vec<Arc<GenerationJob>>> = BTreeMap::new();
         for job in self.jobs.state() {
             if let Some(tenant) = tenant_of(&job) {
-                by_tenant.entry(tenant.to_string()).or_default().push(job.clone());
+                by_tenant
+                    .entry(tenant.to_string())
+                    .or_default()
+                    .push(job.clone());
             }
         }
         for tenant in self.tenants.state() {
             by_tenant.entry(tenant.name_any()).or_default();
         }
         self.cancel_orphans().await;
-        join_all(by_tenant.into_iter().map(|(tenant, jobs)| self.tenant_tick(tenant, jobs))).await;
+        join_all(
+            by_tenant
+                .into_iter()
+                .map(|(tenant, jobs)| self.tenant_tick(tenant, jobs)),
+        )
+        .await;
     }
 
     /// Remote jobs whose GenerationJob was deleted are cancelled, so the GPU is not wasted.
     async fn cancel_orphans(&self) {
-        let live: HashSet<String> = self.jobs.state().iter().filter_map(|j| j.metadata.uid.clone()).collect();
+        let live: HashSet<String> = self
+            .jobs
+            .state()
+            .iter()
+            .filter_map(|j| j.metadata.uid.clone())
+            .collect();
         let orphans: Vec<(String, SocketAddr)> = {
             let mut memory = self.memory.lock().await;
-            let orphans = memory.in_flight.iter().filter(|(uid, _)| !live.contains(*uid)).map(|(u, e)| (u.clone(), *e)).collect::<Vec<_>>();
+            let orphans = memory
+                .in_flight
+                .iter()
+                .filter(|(uid, _)| !live.contains(*uid))
+                .map(|(u, e)| (u.clone(), *e))
+                .collect::<Vec<_>>();
             for (uid, _) in &orphans {
                 memory.in_flight.remove(uid);
             }
@@ -126,29 +180,66 @@ impl Dispatcher {
     }
 
     async fn tenant_tick(&self, tenant_name: String, jobs: Vec<Arc<GenerationJob>>) {
-        let Some(tenant) = self.tenants.state().into_iter().find(|t| t.name_any() == tenant_name) else {
+        let Some(tenant) = self
+            .tenants
+            .state()
+            .into_iter()
+            .find(|t| t.name_any() == tenant_name)
+        else {
             return;
         };
         let endpoints = self.endpoints_of(&tenant);
-        let running: Vec<&Arc<GenerationJob>> = jobs.iter().filter(|j| j.phase() == JobPhase::Running).collect();
-        join_all(running.iter().map(|job| self.follow(&tenant, job, &endpoints))).await;
+        let running: Vec<&Arc<GenerationJob>> = jobs
+            .iter()
+            .filter(|j| j.phase() == JobPhase::Running)
+            .collect();
+        join_all(
+            running
+                .iter()
+                .map(|job| self.follow(&tenant, job, &endpoints)),
+        )
+        .await;
 
-        let queued: Vec<&Arc<GenerationJob>> = jobs.iter().filter(|j| j.phase() == JobPhase::Queued && !j.spec.cancel).collect();
+        let queued: Vec<&Arc<GenerationJob>> = jobs
+            .iter()
+            .filter(|j| j.phase() == JobPhase::Queued && !j.spec.cancel)
+            .collect();
         let mut dispatched = 0;
         if !queued.is_empty() && !endpoints.is_empty() {
             dispatched = self.dispatch(&tenant, &jobs, &queued, &endpoints).await;
         }
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
-        self.ctx.metrics.queue_depth.get_or_create(&super::metrics::TenantLabel { tenant: tenant_name.clone() }).set(i64::from(queued_count));
+        self.ctx
+            .metrics
+            .queue_depth
+            .get_or_create(&super::metrics::TenantLabel {
+                tenant: tenant_name.clone(),
+            })
+            .set(i64::from(queued_count));
         for phase in JobPhase::ALL {
             let count = jobs.iter().filter(|j| j.phase() == phase).count() as i64;
-            self.ctx.metrics.jobs.get_or_create(&super::metrics::TenantPhaseLabels { tenant: tenant_name.clone(), phase: phase.as_str() }).set(count);
+            self.ctx
+                .metrics
+                .jobs
+                .get_or_create(&super::metrics::TenantPhaseLabels {
+                    tenant: tenant_name.clone(),
+                    phase: phase.as_str(),
+                })
+                .set(count);
         }
         let status = tenant.status.clone().unwrap_or_default();
         if status.queued != queued_count || status.running != running_count {
             let tenants = Api::<Tenant>::all(self.ctx.client.clone());
-            if let Err(error) = quota::publish_demand(&tenants, &tenant_name, queued_count, running_count, self.ctx.clock.now()).await {
+            if let Err(error) = quota::publish_demand(
+                &tenants,
+                &tenant_name,
+                queued_count,
+                running_count,
+                self.ctx.clock.now(),
+            )
+            .await
+            {
                 tracing::warn!(tenant = tenant_name, %error, "could not publish demand");
             }
         }
@@ -156,19 +247,35 @@ impl Dispatcher {
 
     fn endpoints_of(&self, tenant: &Tenant) -> Vec<Endpoint> {
         let ns = tenant.namespace_name();
-        let slices: Vec<EndpointSlice> = self.slices.state().iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str())).map(|s| (**s).clone()).collect();
+        let slices: Vec<EndpointSlice> = self
+            .slices
+            .state()
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()))
+            .map(|s| (**s).clone())
+            .collect();
         ready_in_slices(&slices, HTTP_PORT_NAME)
     }
 
     /// Hands queued jobs to endpoints with free slots, in queue order. Returns how many started.
-    async fn dispatch(&self, tenant: &Tenant, all: &[Arc<GenerationJob>], queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) -> usize {
+    async fn dispatch(
+        &self,
+        tenant: &Tenant,
+        all: &[Arc<GenerationJob>],
+        queued: &[&Arc<GenerationJob>],
+        endpoints: &[Endpoint],
+    ) -> usize {
         self.adopt(queued, endpoints).await;
         let now = self.ctx.clock.now();
         let mut recent: HashMap<&str, u32> = HashMap::new();
         for job in all {
             let counts = match job.phase() {
                 JobPhase::Running => true,
-                JobPhase::Succeeded => job.status.as_ref().and_then(|s| s.completion_time.as_ref()).is_some_and(|t| now.duration_since(t.0) < FAIR_SHARE_WINDOW),
+                JobPhase::Succeeded => job
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.completion_time.as_ref())
+                    .is_some_and(|t| now.duration_since(t.0) < FAIR_SHARE_WINDOW),
                 _ => false,
             };
             if counts {
@@ -181,7 +288,11 @@ impl Dispatcher {
                 name: job.metadata.name.as_deref().unwrap_or_default(),
                 user: &job.spec.user,
                 priority: job.spec.priority,
-                created: job.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0),
+                created: job
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(now, |t| t.0),
                 images: job.spec.num_images,
             })
             .collect();
@@ -192,11 +303,23 @@ impl Dispatcher {
             .iter()
             .map(|endpoint| {
                 let address = endpoint.address.to_string();
-                let busy = all.iter().filter(|j| j.phase() == JobPhase::Running && j.status.as_ref().and_then(|s| s.assigned_endpoint.as_deref()) == Some(address.as_str())).count();
+                let busy = all
+                    .iter()
+                    .filter(|j| {
+                        j.phase() == JobPhase::Running
+                            && j.status
+                                .as_ref()
+                                .and_then(|s| s.assigned_endpoint.as_deref())
+                                == Some(address.as_str())
+                    })
+                    .count();
                 (endpoint.clone(), concurrency.saturating_sub(busy))
             })
             .collect();
-        let by_name: HashMap<&str, &Arc<GenerationJob>> = queued.iter().map(|j| (j.metadata.name.as_deref().unwrap_or_default(), *j)).collect();
+        let by_name: HashMap<&str, &Arc<GenerationJob>> = queued
+            .iter()
+            .map(|j| (j.metadata.name.as_deref().unwrap_or_default(), *j))
+            .collect();
         let mut started = 0;
         let mut waiting_position = 0u32;
         for candidate in &order {
@@ -230,26 +353,55 @@ impl Dispatcher {
     /// Once per endpoint after start-up: jobs the pod already holds are adopted, not resent.
     async fn adopt(&self, queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) {
         for endpoint in endpoints {
-            if self.memory.lock().await.adopted_from.contains(&endpoint.address) {
+            if self
+                .memory
+                .lock()
+                .await
+                .adopted_from
+                .contains(&endpoint.address)
+            {
                 continue;
             }
-            let Ok(remote) = self.client.list(endpoint.address).await else { continue };
-            self.memory.lock().await.adopted_from.insert(endpoint.address);
-            for remote_job in remote.iter().filter(|r| matches!(r.state, RemoteState::Queued | RemoteState::Running)) {
-                if let Some(job) = queued.iter().find(|j| j.metadata.uid.as_deref() == Some(remote_job.id.as_str())) {
+            let Ok(remote) = self.client.list(endpoint.address).await else {
+                continue;
+            };
+            self.memory
+                .lock()
+                .await
+                .adopted_from
+                .insert(endpoint.address);
+            for remote_job in remote
+                .iter()
+                .filter(|r| matches!(r.state, RemoteState::Queued | RemoteState::Running))
+            {
+                if let Some(job) = queued
+                    .iter()
+                    .find(|j| j.metadata.uid.as_deref() == Some(remote_job.id.as_str()))
+                {
                     tracing::info!(job = job.name_any(), endpoint = %endpoint.address, "re-adopting a job the inference pod already runs");
                     if let Err(error) = self.mark_running(job, endpoint).await {
                         tracing::warn!(%error, "could not record an adopted job");
                     }
-                } else if !self.jobs.state().iter().any(|j| j.metadata.uid.as_deref() == Some(remote_job.id.as_str()) && !j.phase().is_finished()) {
-                    tracing::info!(uid = remote_job.id, "cancelling a generation whose job no longer waits for it");
+                } else if !self.jobs.state().iter().any(|j| {
+                    j.metadata.uid.as_deref() == Some(remote_job.id.as_str())
+                        && !j.phase().is_finished()
+                }) {
+                    tracing::info!(
+                        uid = remote_job.id,
+                        "cancelling a generation whose job no longer waits for it"
+                    );
                     let _ = self.client.cancel(endpoint.address, &remote_job.id).await;
                 }
             }
         }
     }
 
-    async fn start(&self, tenant: &Tenant, job: &GenerationJob, endpoint: &Endpoint) -> Result<(), inference_client::Error> {
+    async fn start(
+        &self,
+        tenant: &Tenant,
+        job: &GenerationJob,
+        endpoint: &Endpoint,
+    ) -> Result<(), inference_client::Error> {
         let status = job.status.clone().unwrap_or_default();
         let request = SubmitRequest {
             id: job.metadata.uid.clone().unwrap_or_default(),
@@ -267,7 +419,11 @@ impl Dispatcher {
         if let Err(error) = self.mark_running(job, endpoint).await {
             // The pod has the job; the next tick's adoption or poll will record it.
             tracing::warn!(job = job.name_any(), %error, "dispatched but could not record Running");
-            self.memory.lock().await.adopted_from.remove(&endpoint.address);
+            self.memory
+                .lock()
+                .await
+                .adopted_from
+                .remove(&endpoint.address);
         }
         Ok(())
     }
@@ -277,20 +433,40 @@ impl Dispatcher {
         let mut status = job.status.clone().unwrap_or_default();
         status.phase = Some(JobPhase::Running);
         status.reason = Some("Dispatched".into());
-        status.message = Some(format!("running on {}", endpoint.pod.as_deref().unwrap_or("an inference pod")));
+        status.message = Some(format!(
+            "running on {}",
+            endpoint.pod.as_deref().unwrap_or("an inference pod")
+        ));
         status.attempts += 1;
         status.start_time = Some(Time(now));
         status.assigned_endpoint = Some(endpoint.address.to_string());
         status.assigned_pod = endpoint.pod.clone();
-        status.progress = Some(JobProgress { step: 0, total_steps: job.spec.steps });
+        status.progress = Some(JobProgress {
+            step: 0,
+            total_steps: job.spec.steps,
+        });
         status.queue_position = None;
         write_status(job, &self.ctx, &status).await?;
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        self.memory.lock().await.in_flight.insert(uid, endpoint.address);
+        self.memory
+            .lock()
+            .await
+            .in_flight
+            .insert(uid, endpoint.address);
         if let Some(created) = &job.metadata.creation_timestamp {
-            self.ctx.metrics.admission_wait.observe(now.duration_since(created.0).as_secs_f64().max(0.0));
+            self.ctx
+                .metrics
+                .admission_wait
+                .observe(now.duration_since(created.0).as_secs_f64().max(0.0));
         }
-        transition_event(&self.ctx, job, kube::runtime::events::EventType::Normal, "Started", format!("attempt {} on {}", status.attempts, endpoint.address)).await;
+        transition_event(
+            &self.ctx,
+            job,
+            kube::runtime::events::EventType::Normal,
+            "Started",
+            format!("attempt {} on {}", status.attempts, endpoint.address),
+        )
+        .await;
         webhook::notify(&self.ctx, job, WebhookEvent::Started, "Running");
         Ok(())
     }
@@ -303,7 +479,12 @@ impl Dispatcher {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         {
             let mut memory = self.memory.lock().await;
-            if memory.last_position_write.get(&uid).is_some_and(|at| at.elapsed() < POSITION_EVERY) && current.is_some() {
+            if memory
+                .last_position_write
+                .get(&uid)
+                .is_some_and(|at| at.elapsed() < POSITION_EVERY)
+                && current.is_some()
+            {
                 return;
             }
             memory.last_position_write.insert(uid, Instant::now());
@@ -319,14 +500,32 @@ impl Dispatcher {
     async fn follow(&self, tenant: &Tenant, job: &GenerationJob, endpoints: &[Endpoint]) {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let status = job.status.clone().unwrap_or_default();
-        let Some(endpoint) = status.assigned_endpoint.as_deref().and_then(|e| e.parse::<SocketAddr>().ok()) else {
-            return self.lost(tenant, job, "the job has no recorded inference pod").await;
+        let Some(endpoint) = status
+            .assigned_endpoint
+            .as_deref()
+            .and_then(|e| e.parse::<SocketAddr>().ok())
+        else {
+            return self
+                .lost(tenant, job, "the job has no recorded inference pod")
+                .await;
         };
-        self.memory.lock().await.in_flight.insert(uid.clone(), endpoint);
+        self.memory
+            .lock()
+            .await
+            .in_flight
+            .insert(uid.clone(), endpoint);
         if job.spec.cancel {
             let _ = self.client.cancel(endpoint, &uid).await;
             self.forget(&uid).await;
-            return self.end(job, JobPhase::Cancelled, "Cancelled", "cancelled while running", None).await;
+            return self
+                .end(
+                    job,
+                    JobPhase::Cancelled,
+                    "Cancelled",
+                    "cancelled while running",
+                    None,
+                )
+                .await;
         }
         let now = self.ctx.clock.now();
         if let Some(start) = &status.start_time {
@@ -335,7 +534,15 @@ impl Dispatcher {
                 let _ = self.client.cancel(endpoint, &uid).await;
                 self.forget(&uid).await;
                 let _ = release_reservation(job, &self.ctx).await;
-                return self.end(job, JobPhase::Failed, "DeadlineExceeded", &format!("no result within {}s", limit.as_secs()), None).await;
+                return self
+                    .end(
+                        job,
+                        JobPhase::Failed,
+                        "DeadlineExceeded",
+                        &format!("no result within {}s", limit.as_secs()),
+                        None,
+                    )
+                    .await;
             }
         }
         match self.client.get(endpoint, &uid).await {
@@ -343,12 +550,30 @@ impl Dispatcher {
                 self.memory.lock().await.unreachable_since.remove(&uid);
                 self.observe(tenant, job, remote).await;
             }
-            Err(inference_client::Error::NotFound(_)) => self.lost(tenant, job, "the inference pod no longer knows the job (restarted)").await,
+            Err(inference_client::Error::NotFound(_)) => {
+                self.lost(
+                    tenant,
+                    job,
+                    "the inference pod no longer knows the job (restarted)",
+                )
+                .await
+            }
             Err(error) => {
                 let listed = endpoints.iter().any(|e| e.address == endpoint);
-                let since = *self.memory.lock().await.unreachable_since.entry(uid.clone()).or_insert_with(Instant::now);
+                let since = *self
+                    .memory
+                    .lock()
+                    .await
+                    .unreachable_since
+                    .entry(uid.clone())
+                    .or_insert_with(Instant::now);
                 if !listed || since.elapsed() > LOST_AFTER {
-                    self.lost(tenant, job, &format!("inference pod {endpoint} lost: {error}")).await;
+                    self.lost(
+                        tenant,
+                        job,
+                        &format!("inference pod {endpoint} lost: {error}"),
+                    )
+                    .await;
                 }
             }
         }
@@ -358,17 +583,26 @@ impl Dispatcher {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         match remote.state {
             RemoteState::Queued | RemoteState::Running => {
-                let progress = JobProgress { step: remote.step, total_steps: remote.total_steps.max(job.spec.steps) };
+                let progress = JobProgress {
+                    step: remote.step,
+                    total_steps: remote.total_steps.max(job.spec.steps),
+                };
                 let status = job.status.clone().unwrap_or_default();
                 if status.progress == Some(progress) {
                     return;
                 }
                 {
                     let mut memory = self.memory.lock().await;
-                    if memory.last_progress_write.get(&uid).is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+                    if memory
+                        .last_progress_write
+                        .get(&uid)
+                        .is_some_and(|at| at.elapsed() < PROGRESS_EVERY)
+                    {
                         return;
                     }
-                    memory.last_progress_write.insert(uid.clone(), Instant::now());
+                    memory
+                        .last_progress_write
+                        .insert(uid.clone(), Instant::now());
                 }
                 let mut status = status;
                 status.progress = Some(progress);
@@ -381,23 +615,52 @@ impl Dispatcher {
                 let outputs: Vec<JobOutput> = remote
                     .outputs
                     .iter()
-                    .map(|o| JobOutput { path: format!("/outputs/{}", o.path), sha256: o.sha256.clone(), width: o.width, height: o.height, bytes: o.bytes })
+                    .map(|o| JobOutput {
+                        path: format!("/outputs/{}", o.path),
+                        sha256: o.sha256.clone(),
+                        width: o.width,
+                        height: o.height,
+                        bytes: o.bytes,
+                    })
                     .collect();
                 let message = format!("{} image(s) written", outputs.len());
                 let total = job.spec.steps;
-                self.end(job, JobPhase::Succeeded, "Succeeded", &message, Some(&move |s: &mut atelier_crds::GenerationJobStatus| {
-                    s.outputs = outputs.clone();
-                    s.progress = Some(JobProgress { step: total, total_steps: total });
-                }))
+                self.end(
+                    job,
+                    JobPhase::Succeeded,
+                    "Succeeded",
+                    &message,
+                    Some(&move |s: &mut atelier_crds::GenerationJobStatus| {
+                        s.outputs = outputs.clone();
+                        s.progress = Some(JobProgress {
+                            step: total,
+                            total_steps: total,
+                        });
+                    }),
+                )
                 .await;
             }
             RemoteState::Failed => {
                 self.forget(&uid).await;
-                let (reason, message) = remote.error.map_or(("GenerationFailed".to_string(), "the inference pod reported a failure".to_string()), |e| (e.reason, e.message));
+                let (reason, message) = remote.error.map_or(
+                    (
+                        "GenerationFailed".to_string(),
+                        "the inference pod reported a failure".to_string(),
+                    ),
+                    |e| (e.reason, e.message),
+                );
                 let _ = release_reservation(job, &self.ctx).await;
-                self.end(job, JobPhase::Failed, &reason, &message, None).await;
+                self.end(job, JobPhase::Failed, &reason, &message, None)
+                    .await;
             }
-            RemoteState::Cancelled => self.lost(tenant, job, "the inference pod cancelled the job (shutting down)").await,
+            RemoteState::Cancelled => {
+                self.lost(
+                    tenant,
+                    job,
+                    "the inference pod cancelled the job (shutting down)",
+                )
+                .await
+            }
         }
     }
 
@@ -409,7 +672,9 @@ impl Dispatcher {
         if status.attempts > tenant.spec.limits.max_retries {
             let _ = release_reservation(job, &self.ctx).await;
             let message = format!("{why}; {} attempts made", status.attempts);
-            return self.end(job, JobPhase::Failed, "RetriesExhausted", &message, None).await;
+            return self
+                .end(job, JobPhase::Failed, "RetriesExhausted", &message, None)
+                .await;
         }
         let mut status = status;
         status.phase = Some(JobPhase::Queued);
@@ -422,14 +687,34 @@ impl Dispatcher {
             tracing::warn!(%error, "could not requeue a lost job");
             return;
         }
-        tracing::warn!(job = job.name_any(), why, "requeued a job whose inference pod was lost");
-        transition_event(&self.ctx, job, kube::runtime::events::EventType::Warning, "Retrying", why.to_string()).await;
+        tracing::warn!(
+            job = job.name_any(),
+            why,
+            "requeued a job whose inference pod was lost"
+        );
+        transition_event(
+            &self.ctx,
+            job,
+            kube::runtime::events::EventType::Warning,
+            "Retrying",
+            why.to_string(),
+        )
+        .await;
     }
 
-    async fn end(&self, job: &GenerationJob, phase: JobPhase, reason: &str, message: &str, update: Option<&(dyn Fn(&mut atelier_crds::GenerationJobStatus) + Sync)>) {
+    async fn end(
+        &self,
+        job: &GenerationJob,
+        phase: JobPhase,
+        reason: &str,
+        message: &str,
+        update: Option<&(dyn Fn(&mut atelier_crds::GenerationJobStatus) + Sync)>,
+    ) {
         match finish(job, &self.ctx, phase, reason, message, update).await {
             Ok(()) => webhook::notify(&self.ctx, job, WebhookEvent::Completed, phase.as_str()),
-            Err(error) => tracing::warn!(job = job.name_any(), %error, "could not record the end of a job"),
+            Err(error) => {
+                tracing::warn!(job = job.name_any(), %error, "could not record the end of a job")
+            }
         }
     }
 
@@ -443,5 +728,7 @@ impl Dispatcher {
 }
 
 fn timeout_of(tenant: &Tenant, job: &GenerationJob) -> Duration {
-    job.spec.timeout.map_or_else(|| tenant.spec.limits.default_timeout.into(), Into::into)
+    job.spec
+        .timeout
+        .map_or_else(|| tenant.spec.limits.default_timeout.into(), Into::into)
 }

@@ -81,7 +81,11 @@ pub enum Error {
     #[error("inference pod does not know job {0}")]
     NotFound(String),
     #[error("inference pod refused the job ({reason}): {message}")]
-    Refused { status: u16, reason: String, message: String },
+    Refused {
+        status: u16,
+        reason: String,
+        message: String,
+    },
 }
 
 #[derive(Clone)]
@@ -101,24 +105,45 @@ impl Default for InferenceClient {
 }
 
 impl InferenceClient {
-    pub async fn submit(&self, endpoint: SocketAddr, job: &SubmitRequest) -> Result<RemoteJob, Error> {
-        let response = self.http.post(format!("http://{endpoint}/v1/jobs")).json(job).send().await?;
+    pub async fn submit(
+        &self,
+        endpoint: SocketAddr,
+        job: &SubmitRequest,
+    ) -> Result<RemoteJob, Error> {
+        let response = self
+            .http
+            .post(format!("http://{endpoint}/v1/jobs"))
+            .json(job)
+            .send()
+            .await?;
         read(response, &job.id).await
     }
 
     pub async fn get(&self, endpoint: SocketAddr, id: &str) -> Result<RemoteJob, Error> {
-        let response = self.http.get(format!("http://{endpoint}/v1/jobs/{id}")).send().await?;
+        let response = self
+            .http
+            .get(format!("http://{endpoint}/v1/jobs/{id}"))
+            .send()
+            .await?;
         read(response, id).await
     }
 
     pub async fn cancel(&self, endpoint: SocketAddr, id: &str) -> Result<RemoteJob, Error> {
-        let response = self.http.delete(format!("http://{endpoint}/v1/jobs/{id}")).send().await?;
+        let response = self
+            .http
+            .delete(format!("http://{endpoint}/v1/jobs/{id}"))
+            .send()
+            .await?;
         read(response, id).await
     }
 
     /// Every job the pod holds, for re-adoption after an operator restart.
     pub async fn list(&self, endpoint: SocketAddr) -> Result<Vec<RemoteJob>, Error> {
-        let response = self.http.get(format!("http://{endpoint}/v1/jobs")).send().await?;
+        let response = self
+            .http
+            .get(format!("http://{endpoint}/v1/jobs"))
+            .send()
+            .await?;
         let response = response.error_for_status()?;
         Ok(response.json::<JobList>().await?.jobs)
     }
@@ -134,8 +159,15 @@ async fn read(response: reqwest::Response, id: &str) -> Result<RemoteJob, Error>
         429 => Err(Error::AtCapacity),
         code => {
             let body: Option<ErrorBody> = response.json().await.ok();
-            let (reason, message) = body.map_or_else(|| ("Unknown".to_string(), format!("HTTP {code}")), |b| (b.error.reason, b.error.message));
-            Err(Error::Refused { status: code, reason, message })
+            let (reason, message) = body.map_or_else(
+                || ("Unknown".to_string(), format!("HTTP {code}")),
+                |b| (b.error.reason, b.error.message),
+            );
+            Err(Error::Refused {
+                status: code,
+                reason,
+                message,
+            })
         }
     }
 }

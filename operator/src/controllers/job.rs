@@ -59,7 +59,11 @@ fn error_policy(job: Arc<GenerationJob>, error: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(2))
 }
 
-async fn reconcile(job: Arc<GenerationJob>, ctx: Arc<Context>, store: &kube::runtime::reflector::Store<GenerationJob>) -> Result<Action, Error> {
+async fn reconcile(
+    job: Arc<GenerationJob>,
+    ctx: Arc<Context>,
+    store: &kube::runtime::reflector::Store<GenerationJob>,
+) -> Result<Action, Error> {
     let started = Instant::now();
     let result = match job.phase() {
         JobPhase::Pending => admit(&job, &ctx, store).await,
@@ -67,29 +71,62 @@ async fn reconcile(job: Arc<GenerationJob>, ctx: Arc<Context>, store: &kube::run
         phase if phase.is_finished() => expire(&job, &ctx).await,
         _ => Ok(Action::await_change()),
     };
-    ctx.metrics.reconciled(CONTROLLER, result.is_ok(), started.elapsed());
+    ctx.metrics
+        .reconciled(CONTROLLER, result.is_ok(), started.elapsed());
     result
 }
 
-async fn admit(job: &GenerationJob, ctx: &Context, store: &kube::runtime::reflector::Store<GenerationJob>) -> Result<Action, Error> {
+async fn admit(
+    job: &GenerationJob,
+    ctx: &Context,
+    store: &kube::runtime::reflector::Store<GenerationJob>,
+) -> Result<Action, Error> {
     let now = ctx.clock.now();
     if job.spec.cancel {
-        finish(job, ctx, JobPhase::Cancelled, "Cancelled", "cancelled before admission", None).await?;
+        finish(
+            job,
+            ctx,
+            JobPhase::Cancelled,
+            "Cancelled",
+            "cancelled before admission",
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     let Some(tenant_name) = tenant_of(job) else {
-        finish(job, ctx, JobPhase::Rejected, reason::TENANT_NOT_FOUND, "GenerationJobs belong in a tenant namespace atelier-<tenant>", None).await?;
+        finish(
+            job,
+            ctx,
+            JobPhase::Rejected,
+            reason::TENANT_NOT_FOUND,
+            "GenerationJobs belong in a tenant namespace atelier-<tenant>",
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     };
     let queued_by_user = store
         .state()
         .iter()
-        .filter(|other| other.metadata.namespace == job.metadata.namespace && other.spec.user == job.spec.user)
+        .filter(|other| {
+            other.metadata.namespace == job.metadata.namespace && other.spec.user == job.spec.user
+        })
         .filter(|other| other.phase() == JobPhase::Queued)
         .count() as u32;
     let tenants = Api::<Tenant>::all(ctx.client.clone());
-    let Some((decision, day)) = quota::admit(&tenants, tenant_name, &job.spec, queued_by_user, now).await? else {
-        finish(job, ctx, JobPhase::Rejected, reason::TENANT_NOT_FOUND, &format!("tenant {tenant_name} does not exist"), None).await?;
+    let Some((decision, day)) =
+        quota::admit(&tenants, tenant_name, &job.spec, queued_by_user, now).await?
+    else {
+        finish(
+            job,
+            ctx,
+            JobPhase::Rejected,
+            reason::TENANT_NOT_FOUND,
+            &format!("tenant {tenant_name} does not exist"),
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     };
     match decision {
@@ -100,15 +137,42 @@ async fn admit(job: &GenerationJob, ctx: &Context, store: &kube::runtime::reflec
             let mut status = job.status.clone().unwrap_or_default();
             status.phase = Some(JobPhase::Queued);
             status.reason = Some("Admitted".into());
-            status.message = Some(format!("{} image(s) reserved in the quota of {day}", job.spec.num_images));
+            status.message = Some(format!(
+                "{} image(s) reserved in the quota of {day}",
+                job.spec.num_images
+            ));
             status.quota_day = Some(day);
             status.seed = Some(job.spec.seed.unwrap_or_else(|| u64::from(rand_seed())));
             status.admitted_time = Some(Time(now));
             status.observed_generation = job.metadata.generation;
-            conditions::set_condition(&mut status.conditions, ADMITTED, true, "Admitted", "quota reserved", job.metadata.generation, &Time(now));
+            conditions::set_condition(
+                &mut status.conditions,
+                ADMITTED,
+                true,
+                "Admitted",
+                "quota reserved",
+                job.metadata.generation,
+                &Time(now),
+            );
             write_status(job, ctx, &status).await?;
-            transition_event(ctx, job, EventType::Normal, "Admitted", format!("queued for a GPU; {} image(s) reserved", job.spec.num_images)).await;
-            ctx.metrics.job_transitions.get_or_create(&super::metrics::TransitionLabels { phase: "Queued", reason: "Admitted".into() }).inc();
+            transition_event(
+                ctx,
+                job,
+                EventType::Normal,
+                "Admitted",
+                format!(
+                    "queued for a GPU; {} image(s) reserved",
+                    job.spec.num_images
+                ),
+            )
+            .await;
+            ctx.metrics
+                .job_transitions
+                .get_or_create(&super::metrics::TransitionLabels {
+                    phase: "Queued",
+                    reason: "Admitted".into(),
+                })
+                .inc();
         }
     }
     Ok(Action::await_change())
@@ -117,13 +181,24 @@ async fn admit(job: &GenerationJob, ctx: &Context, store: &kube::runtime::reflec
 /// A queued job that is cancelled leaves the queue and gives its reservation back.
 async fn cancel_queued(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     release_reservation(job, ctx).await?;
-    finish(job, ctx, JobPhase::Cancelled, "Cancelled", "cancelled while queued", None).await?;
+    finish(
+        job,
+        ctx,
+        JobPhase::Cancelled,
+        "Cancelled",
+        "cancelled while queued",
+        None,
+    )
+    .await?;
     Ok(Action::await_change())
 }
 
 /// Deletes a finished job once its TTL has passed; its images stay on the volume.
 async fn expire(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
-    let (Some(ttl), Some(done)) = (&job.spec.ttl_after_finished, job.status.as_ref().and_then(|s| s.completion_time.as_ref())) else {
+    let (Some(ttl), Some(done)) = (
+        &job.spec.ttl_after_finished,
+        job.status.as_ref().and_then(|s| s.completion_time.as_ref()),
+    ) else {
         return Ok(Action::await_change());
     };
     let ttl: Duration = (*ttl).into();
@@ -133,7 +208,10 @@ async fn expire(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
         let wait = now.duration_until(expires).unsigned_abs();
         return Ok(Action::requeue(wait + Duration::from_millis(100)));
     }
-    let api = Api::<GenerationJob>::namespaced(ctx.client.clone(), job.metadata.namespace.as_deref().unwrap_or_default());
+    let api = Api::<GenerationJob>::namespaced(
+        ctx.client.clone(),
+        job.metadata.namespace.as_deref().unwrap_or_default(),
+    );
     match api.delete(&job.name_any(), &Default::default()).await {
         Ok(_) => Ok(Action::await_change()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(Action::await_change()),
@@ -143,14 +221,31 @@ async fn expire(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
 
 /// Gives back the job's reserved images (when they were reserved today and produced nothing).
 pub async fn release_reservation(job: &GenerationJob, ctx: &Context) -> kube::Result<()> {
-    let (Some(tenant), Some(day)) = (tenant_of(job), job.status.as_ref().and_then(|s| s.quota_day.as_deref())) else {
+    let (Some(tenant), Some(day)) = (
+        tenant_of(job),
+        job.status.as_ref().and_then(|s| s.quota_day.as_deref()),
+    ) else {
         return Ok(());
     };
-    quota::release(&Api::<Tenant>::all(ctx.client.clone()), tenant, &job.spec.user, job.spec.num_images, day).await
+    quota::release(
+        &Api::<Tenant>::all(ctx.client.clone()),
+        tenant,
+        &job.spec.user,
+        job.spec.num_images,
+        day,
+    )
+    .await
 }
 
 /// Moves a job to a final phase with a reason, condition and Event.
-pub async fn finish(job: &GenerationJob, ctx: &Context, phase: JobPhase, reason: &str, message: &str, update: Option<&(dyn Fn(&mut GenerationJobStatus) + Sync)>) -> kube::Result<()> {
+pub async fn finish(
+    job: &GenerationJob,
+    ctx: &Context,
+    phase: JobPhase,
+    reason: &str,
+    message: &str,
+    update: Option<&(dyn Fn(&mut GenerationJobStatus) + Sync)>,
+) -> kube::Result<()> {
     let now = Time(ctx.clock.now());
     let mut status = job.status.clone().unwrap_or_default();
     status.phase = Some(phase);
@@ -164,34 +259,101 @@ pub async fn finish(job: &GenerationJob, ctx: &Context, phase: JobPhase, reason:
     }
     let succeeded = phase == JobPhase::Succeeded;
     if phase == JobPhase::Rejected {
-        conditions::set_condition(&mut status.conditions, ADMITTED, false, reason, message, job.metadata.generation, &now);
+        conditions::set_condition(
+            &mut status.conditions,
+            ADMITTED,
+            false,
+            reason,
+            message,
+            job.metadata.generation,
+            &now,
+        );
     }
-    conditions::set_condition(&mut status.conditions, COMPLETE, succeeded, reason, message, job.metadata.generation, &now);
+    conditions::set_condition(
+        &mut status.conditions,
+        COMPLETE,
+        succeeded,
+        reason,
+        message,
+        job.metadata.generation,
+        &now,
+    );
     write_status(job, ctx, &status).await?;
-    let type_ = if succeeded || phase == JobPhase::Cancelled { EventType::Normal } else { EventType::Warning };
-    transition_event(ctx, job, type_, reason, format!("{}: {message}", phase.as_str())).await;
-    ctx.metrics.job_transitions.get_or_create(&super::metrics::TransitionLabels { phase: phase.as_str(), reason: reason.to_string() }).inc();
+    let type_ = if succeeded || phase == JobPhase::Cancelled {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    transition_event(
+        ctx,
+        job,
+        type_,
+        reason,
+        format!("{}: {message}", phase.as_str()),
+    )
+    .await;
+    ctx.metrics
+        .job_transitions
+        .get_or_create(&super::metrics::TransitionLabels {
+            phase: phase.as_str(),
+            reason: reason.to_string(),
+        })
+        .inc();
     if let (Some(start), true) = (status.start_time.as_ref(), phase.is_finished()) {
-        ctx.metrics.run_time.observe(now.0.duration_since(start.0).as_secs_f64().max(0.0));
+        ctx.metrics
+            .run_time
+            .observe(now.0.duration_since(start.0).as_secs_f64().max(0.0));
     }
     Ok(())
 }
 
 /// Writes a job's whole status with a merge patch.
-pub async fn write_status(job: &GenerationJob, ctx: &Context, status: &GenerationJobStatus) -> kube::Result<()> {
-    let api = Api::<GenerationJob>::namespaced(ctx.client.clone(), job.metadata.namespace.as_deref().unwrap_or_default());
+pub async fn write_status(
+    job: &GenerationJob,
+    ctx: &Context,
+    status: &GenerationJobStatus,
+) -> kube::Result<()> {
+    let api = Api::<GenerationJob>::namespaced(
+        ctx.client.clone(),
+        job.metadata.namespace.as_deref().unwrap_or_default(),
+    );
     let mut body = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
     // A merge patch keeps fields it does not mention: clear the optional ones explicitly.
-    for cleared in ["queuePosition", "progress", "assignedPod", "assignedEndpoint"] {
-        body.as_object_mut().expect("a status is an object").entry(cleared).or_insert(serde_json::Value::Null);
+    for cleared in [
+        "queuePosition",
+        "progress",
+        "assignedPod",
+        "assignedEndpoint",
+    ] {
+        body.as_object_mut()
+            .expect("a status is an object")
+            .entry(cleared)
+            .or_insert(serde_json::Value::Null);
     }
     let patch = serde_json::json!({ "status": body });
-    api.patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    api.patch_status(
+        &job.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }
 
-pub async fn transition_event(ctx: &Context, job: &GenerationJob, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Transition".into(), secondary: None };
+pub async fn transition_event(
+    ctx: &Context,
+    job: &GenerationJob,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Transition".into(),
+        secondary: None,
+    };
     if let Err(error) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
         tracing::warn!(%error, "could not publish an event");
     }

@@ -26,7 +26,12 @@ impl Drop for Leadership {
 }
 
 /// Waits until this replica holds the lease, then keeps renewing it.
-pub async fn acquire(client: kube::Client, namespace: &str, name: &str, identity: &str) -> anyhow::Result<Leadership> {
+pub async fn acquire(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    identity: &str,
+) -> anyhow::Result<Leadership> {
     let leases: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_hold(&leases, name, identity, Timestamp::now()).await {
@@ -62,10 +67,18 @@ pub async fn acquire(client: kube::Client, namespace: &str, name: &str, identity
 }
 
 /// One attempt to create, renew or take over the lease. `Ok(false)` when another live holder has it.
-async fn try_hold(leases: &Api<Lease>, name: &str, identity: &str, now: Timestamp) -> anyhow::Result<bool> {
+async fn try_hold(
+    leases: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    now: Timestamp,
+) -> anyhow::Result<bool> {
     let Some(mut lease) = leases.get_opt(name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
             spec: Some(held_spec(identity, now, 0, now)),
         };
         return match leases.create(&PostParams::default(), &lease).await {
@@ -79,7 +92,12 @@ async fn try_hold(leases: &Api<Lease>, name: &str, identity: &str, now: Timestam
     let transitions = spec.lease_transitions.unwrap_or(0);
     let new_spec = match decision {
         Decision::Wait => return Ok(false),
-        Decision::Renew => held_spec(identity, spec.acquire_time.map_or(now, |t| t.0), transitions, now),
+        Decision::Renew => held_spec(
+            identity,
+            spec.acquire_time.map_or(now, |t| t.0),
+            transitions,
+            now,
+        ),
         Decision::TakeOver => held_spec(identity, now, transitions + 1, now),
     };
     lease.spec = Some(new_spec);
@@ -102,12 +120,18 @@ fn decide(spec: &LeaseSpec, identity: &str, now: Timestamp) -> Decision {
     if spec.holder_identity.as_deref() == Some(identity) {
         return Decision::Renew;
     }
-    let duration = spec.lease_duration_seconds.map_or(LEASE_DURATION.as_secs() as i64, i64::from);
+    let duration = spec
+        .lease_duration_seconds
+        .map_or(LEASE_DURATION.as_secs() as i64, i64::from);
     let expired = match &spec.renew_time {
         None => true,
         Some(renewed) => renewed.0 + jiff::SignedDuration::from_secs(duration) < now,
     };
-    if spec.holder_identity.is_none() || expired { Decision::TakeOver } else { Decision::Wait }
+    if spec.holder_identity.is_none() || expired {
+        Decision::TakeOver
+    } else {
+        Decision::Wait
+    }
 }
 
 fn held_spec(identity: &str, acquired: Timestamp, transitions: i32, now: Timestamp) -> LeaseSpec {
@@ -135,6 +159,9 @@ mod tests {
         assert_eq!(decide(&spec, "a", at(10)), Decision::Renew);
         assert_eq!(decide(&spec, "b", at(10)), Decision::Wait);
         assert_eq!(decide(&spec, "b", at(16)), Decision::TakeOver);
-        assert_eq!(decide(&LeaseSpec::default(), "b", at(0)), Decision::TakeOver);
+        assert_eq!(
+            decide(&LeaseSpec::default(), "b", at(0)),
+            Decision::TakeOver
+        );
     }
 }

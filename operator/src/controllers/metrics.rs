@@ -70,21 +70,52 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("atelier");
         let reconcile_total = Family::<ReconcileLabels, Counter>::default();
-        registry.register("reconcile", "Reconciliations by controller and result", reconcile_total.clone());
-        let reconcile_duration = Family::<ControllerLabel, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
-        registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", reconcile_duration.clone());
+        registry.register(
+            "reconcile",
+            "Reconciliations by controller and result",
+            reconcile_total.clone(),
+        );
+        let reconcile_duration =
+            Family::<ControllerLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                histogram,
+            );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconciliation",
+            reconcile_duration.clone(),
+        );
         let tenant_conditions = Family::<TenantConditionLabels, Gauge>::default();
-        registry.register("tenant_condition", "1 when the tenant's condition is True", tenant_conditions.clone());
+        registry.register(
+            "tenant_condition",
+            "1 when the tenant's condition is True",
+            tenant_conditions.clone(),
+        );
         let jobs = Family::<TenantPhaseLabels, Gauge>::default();
         registry.register("jobs", "GenerationJobs by tenant and phase", jobs.clone());
         let queue_depth = Family::<TenantLabel, Gauge>::default();
-        registry.register("queue_depth", "Jobs waiting for a GPU, by tenant", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Jobs waiting for a GPU, by tenant",
+            queue_depth.clone(),
+        );
         let job_transitions = Family::<TransitionLabels, Counter>::default();
-        registry.register("job_transitions", "Job phase transitions by phase and reason", job_transitions.clone());
+        registry.register(
+            "job_transitions",
+            "Job phase transitions by phase and reason",
+            job_transitions.clone(),
+        );
         let admission_wait = histogram();
-        registry.register("job_wait_seconds", "Time from creation to Running", admission_wait.clone());
+        registry.register(
+            "job_wait_seconds",
+            "Time from creation to Running",
+            admission_wait.clone(),
+        );
         let run_time = histogram();
-        registry.register("job_run_seconds", "Time from Running to finished", run_time.clone());
+        registry.register(
+            "job_run_seconds",
+            "Time from Running to finished",
+            run_time.clone(),
+        );
         Self {
             registry,
             reconcile_total,
@@ -103,13 +134,18 @@ impl Metrics {
     /// Counts one reconciliation of `controller` and its duration.
     pub fn reconciled(&self, controller: &'static str, ok: bool, took: Duration) {
         let result = if ok { "success" } else { "error" };
-        self.reconcile_total.get_or_create(&ReconcileLabels { controller, result }).inc();
-        self.reconcile_duration.get_or_create(&ControllerLabel { controller }).observe(took.as_secs_f64());
+        self.reconcile_total
+            .get_or_create(&ReconcileLabels { controller, result })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabel { controller })
+            .observe(took.as_secs_f64());
     }
 
     pub fn encode(&self) -> String {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
         text
     }
 }
@@ -117,7 +153,13 @@ impl Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-        ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+        (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            metrics.encode(),
+        )
     }
     let app = Router::new()
         .route("/metrics", get(render))

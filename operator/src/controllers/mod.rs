@@ -24,16 +24,28 @@ use crate::core::desired::Settings;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllerArgs {
     /// Image of inference and outputs pods for tenants that name none.
-    #[arg(long, env = "ATELIER_INFERENCE_IMAGE", default_value = "ghcr.io/atelier-dev/atelier-inference:0.1.0")]
+    #[arg(
+        long,
+        env = "ATELIER_INFERENCE_IMAGE",
+        default_value = "ghcr.io/atelier-dev/atelier-inference:0.1.0"
+    )]
     pub inference_image: String,
     /// Namespace of the operator and API, the only source allowed into tenant pods.
     #[arg(long, env = "POD_NAMESPACE", default_value = "atelier-system")]
     pub platform_namespace: String,
     /// ClusterRole bound to each tenant's admin groups and users.
-    #[arg(long, env = "ATELIER_TENANT_ADMIN_ROLE", default_value = "atelier-tenant-admin")]
+    #[arg(
+        long,
+        env = "ATELIER_TENANT_ADMIN_ROLE",
+        default_value = "atelier-tenant-admin"
+    )]
     pub tenant_admin_role: String,
     /// ClusterRole bound to each tenant's member groups and users.
-    #[arg(long, env = "ATELIER_TENANT_MEMBER_ROLE", default_value = "atelier-tenant-member")]
+    #[arg(
+        long,
+        env = "ATELIER_TENANT_MEMBER_ROLE",
+        default_value = "atelier-tenant-member"
+    )]
     pub tenant_member_role: String,
     /// Prefix of OIDC identities at the API server (its `--oidc-username-prefix`).
     #[arg(long, env = "ATELIER_KUBECTL_IDENTITY_PREFIX", default_value = "oidc:")]
@@ -45,7 +57,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "ATELIER_LEADER_ELECT", default_value_t = false)]
     pub leader_elect: bool,
     /// Namespace of the leader-election Lease.
-    #[arg(long, env = "ATELIER_LEADER_NAMESPACE", default_value = "atelier-system")]
+    #[arg(
+        long,
+        env = "ATELIER_LEADER_NAMESPACE",
+        default_value = "atelier-system"
+    )]
     pub leader_namespace: String,
     /// Identity of this replica in the Lease.
     #[arg(long, env = "POD_NAME")]
@@ -82,15 +98,26 @@ impl Clock {
 }
 
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        format!("{}-{}", hostname(), std::process::id())
-    });
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let metrics = Arc::new(metrics::Metrics::default());
     let metrics_server = tokio::spawn(metrics::serve(args.metrics_listen, metrics.clone()));
 
     let _leadership = if args.leader_elect {
-        Some(leader::acquire(client.clone(), &args.leader_namespace, "atelier-operator", &identity).await?)
+        Some(
+            leader::acquire(
+                client.clone(),
+                &args.leader_namespace,
+                "atelier-operator",
+                &identity,
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -105,8 +132,16 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             kubectl_identity_prefix: args.kubectl_identity_prefix.clone(),
         },
         metrics,
-        recorder: Recorder::new(client, Reporter { controller: "atelier-operator".into(), instance: Some(identity) }),
-        clock: Clock { file: args.test_clock_file.clone() },
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "atelier-operator".into(),
+                instance: Some(identity),
+            },
+        ),
+        clock: Clock {
+            file: args.test_clock_file.clone(),
+        },
     });
 
     tokio::select! {
@@ -129,5 +164,7 @@ async fn shutdown_signal() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "atelier".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "atelier".into())
 }

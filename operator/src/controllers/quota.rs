@@ -28,18 +28,24 @@ pub async fn admit(
         let day = admission::quota_day(now, &tenant.spec.quota.time_zone);
         let mut status = tenant.status.clone().unwrap_or_default();
         roll_over(&mut status, &day);
-        let decision = admission::decide(job, &TenantView {
-            limits: &tenant.spec.limits,
-            quota: &tenant.spec.quota,
-            usage: &status.usage,
-            queued_by_user,
-        });
+        let decision = admission::decide(
+            job,
+            &TenantView {
+                limits: &tenant.spec.limits,
+                quota: &tenant.spec.quota,
+                usage: &status.usage,
+                queued_by_user,
+            },
+        );
         if decision != Decision::Admit {
             return Ok(Some((decision, day)));
         }
         admission::reserve(&mut status.usage, &job.user, job.num_images);
         tenant.status = Some(status);
-        match tenants.replace_status(tenant_name, &PostParams::default(), &tenant).await {
+        match tenants
+            .replace_status(tenant_name, &PostParams::default(), &tenant)
+            .await
+        {
             Ok(_) => return Ok(Some((decision, day))),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(error) => return Err(error),
@@ -49,7 +55,13 @@ pub async fn admit(
 }
 
 /// Gives back `images` of `user` reserved on `day` (no-op once the day has rolled over).
-pub async fn release(tenants: &Api<Tenant>, tenant_name: &str, user: &str, images: u32, day: &str) -> kube::Result<()> {
+pub async fn release(
+    tenants: &Api<Tenant>,
+    tenant_name: &str,
+    user: &str,
+    images: u32,
+    day: &str,
+) -> kube::Result<()> {
     update(tenants, tenant_name, |status| {
         if status.usage_day.as_deref() != Some(day) {
             return false;
@@ -62,7 +74,13 @@ pub async fn release(tenants: &Api<Tenant>, tenant_name: &str, user: &str, image
 }
 
 /// Publishes the tenant's demand (queued and running jobs) for the tenant controller's scaling.
-pub async fn publish_demand(tenants: &Api<Tenant>, tenant_name: &str, queued: u32, running: u32, now: Timestamp) -> kube::Result<()> {
+pub async fn publish_demand(
+    tenants: &Api<Tenant>,
+    tenant_name: &str,
+    queued: u32,
+    running: u32,
+    now: Timestamp,
+) -> kube::Result<()> {
     update(tenants, tenant_name, |status| {
         if status.queued == queued && status.running == running {
             return false;
@@ -80,7 +98,11 @@ pub async fn publish_demand(tenants: &Api<Tenant>, tenant_name: &str, queued: u3
 }
 
 /// Applies `change` to the latest status and writes it if `change` says something changed.
-async fn update(tenants: &Api<Tenant>, tenant_name: &str, change: impl Fn(&mut TenantStatus) -> bool) -> kube::Result<()> {
+async fn update(
+    tenants: &Api<Tenant>,
+    tenant_name: &str,
+    change: impl Fn(&mut TenantStatus) -> bool,
+) -> kube::Result<()> {
     for _ in 0..MAX_CONFLICT_RETRIES {
         let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
             return Ok(());
@@ -90,7 +112,10 @@ async fn update(tenants: &Api<Tenant>, tenant_name: &str, change: impl Fn(&mut T
             return Ok(());
         }
         tenant.status = Some(status);
-        match tenants.replace_status(tenant_name, &PostParams::default(), &tenant).await {
+        match tenants
+            .replace_status(tenant_name, &PostParams::default(), &tenant)
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(error) => return Err(error),
@@ -108,5 +133,11 @@ fn roll_over(status: &mut TenantStatus, day: &str) {
 }
 
 fn conflict_exhausted() -> kube::Error {
-    kube::Error::Api(Box::new(kube::core::Status::failure("too many conflicting writes to the tenant status", "Conflict").with_code(409)))
+    kube::Error::Api(Box::new(
+        kube::core::Status::failure(
+            "too many conflicting writes to the tenant status",
+            "Conflict",
+        )
+        .with_code(409),
+    ))
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atelier_crds::conditions::{self, DEGRADED, PROGRESSING, READY};
-use atelier_crds::names::{INFERENCE, LABEL_COMPONENT, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM, TENANT_FINALIZER};
+use atelier_crds::names::{
+    INFERENCE, LABEL_COMPONENT, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM, TENANT_FINALIZER,
+};
 use atelier_crds::{GenerationJob, Tenant, TenantPhase, TenantStatus};
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -74,7 +76,8 @@ async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Err
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.reconciled(CONTROLLER, result.is_ok(), started.elapsed());
+    ctx.metrics
+        .reconciled(CONTROLLER, result.is_ok(), started.elapsed());
     result
 }
 
@@ -134,56 +137,154 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             changes.push((kind, name.unwrap_or_default(), applied));
         }
     };
-    track("Namespace", objects.namespace.metadata.name.clone(), ensure(&Api::<Namespace>::all(client.clone()), &objects.namespace).await?);
-    track("ResourceQuota", objects.resource_quota.metadata.name.clone(), ensure(&Api::<ResourceQuota>::namespaced(client.clone(), &ns), &objects.resource_quota).await?);
-    track("LimitRange", objects.limit_range.metadata.name.clone(), ensure(&Api::<LimitRange>::namespaced(client.clone(), &ns), &objects.limit_range).await?);
+    track(
+        "Namespace",
+        objects.namespace.metadata.name.clone(),
+        ensure(&Api::<Namespace>::all(client.clone()), &objects.namespace).await?,
+    );
+    track(
+        "ResourceQuota",
+        objects.resource_quota.metadata.name.clone(),
+        ensure(
+            &Api::<ResourceQuota>::namespaced(client.clone(), &ns),
+            &objects.resource_quota,
+        )
+        .await?,
+    );
+    track(
+        "LimitRange",
+        objects.limit_range.metadata.name.clone(),
+        ensure(
+            &Api::<LimitRange>::namespaced(client.clone(), &ns),
+            &objects.limit_range,
+        )
+        .await?,
+    );
     for policy in &objects.network_policies {
-        track("NetworkPolicy", policy.metadata.name.clone(), ensure(&Api::<NetworkPolicy>::namespaced(client.clone(), &ns), policy).await?);
+        track(
+            "NetworkPolicy",
+            policy.metadata.name.clone(),
+            ensure(
+                &Api::<NetworkPolicy>::namespaced(client.clone(), &ns),
+                policy,
+            )
+            .await?,
+        );
     }
-    track("ServiceAccount", objects.service_account.metadata.name.clone(), ensure(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), &objects.service_account).await?);
+    track(
+        "ServiceAccount",
+        objects.service_account.metadata.name.clone(),
+        ensure(
+            &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+            &objects.service_account,
+        )
+        .await?,
+    );
     for binding in &objects.role_bindings {
-        track("RoleBinding", binding.metadata.name.clone(), ensure(&Api::<RoleBinding>::namespaced(client.clone(), &ns), binding).await?);
+        track(
+            "RoleBinding",
+            binding.metadata.name.clone(),
+            ensure(
+                &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+                binding,
+            )
+            .await?,
+        );
     }
     for claim in &objects.claims {
-        track("PersistentVolumeClaim", claim.metadata.name.clone(), ensure(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns), claim).await?);
+        track(
+            "PersistentVolumeClaim",
+            claim.metadata.name.clone(),
+            ensure(
+                &Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns),
+                claim,
+            )
+            .await?,
+        );
     }
     for service in &objects.services {
-        track("Service", service.metadata.name.clone(), ensure(&Api::<Service>::namespaced(client.clone(), &ns), service).await?);
+        track(
+            "Service",
+            service.metadata.name.clone(),
+            ensure(&Api::<Service>::namespaced(client.clone(), &ns), service).await?,
+        );
     }
-    track("Deployment", objects.outputs_deployment.metadata.name.clone(), ensure(&inference_api, &objects.outputs_deployment).await?);
-    track("Deployment", objects.inference_deployment.metadata.name.clone(), ensure(&inference_api, &objects.inference_deployment).await?);
+    track(
+        "Deployment",
+        objects.outputs_deployment.metadata.name.clone(),
+        ensure(&inference_api, &objects.outputs_deployment).await?,
+    );
+    track(
+        "Deployment",
+        objects.inference_deployment.metadata.name.clone(),
+        ensure(&inference_api, &objects.inference_deployment).await?,
+    );
     for (kind, object, applied) in &changes {
         let (reason, verb) = match applied {
             Applied::Created => ("Created", "created"),
             _ => ("Repaired", "restored the desired state of"),
         };
-        publish(ctx, tenant, EventType::Normal, reason, format!("{verb} {kind} {ns}/{object}")).await;
+        publish(
+            ctx,
+            tenant,
+            EventType::Normal,
+            reason,
+            format!("{verb} {kind} {ns}/{object}"),
+        )
+        .await;
     }
 
     observe_workloads(tenant, ctx, &mut status, replicas).await?;
     write_status(tenant, status, ctx).await?;
-    let requeue = scale_down_due_in(&ScalingInput { current: replicas, ..scaling }).map_or(RESYNC, |due| due.min(RESYNC) + Duration::from_secs(1));
+    let requeue = scale_down_due_in(&ScalingInput {
+        current: replicas,
+        ..scaling
+    })
+    .map_or(RESYNC, |due| due.min(RESYNC) + Duration::from_secs(1));
     Ok(Action::requeue(requeue))
 }
 
 /// A namespace of the tenant's name that someone else created is not ours to take over.
 async fn namespace_conflict(tenant: &Tenant, ctx: &Context) -> Result<Option<String>, Error> {
     let ns = tenant.namespace_name();
-    let Some(existing) = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns).await? else {
+    let Some(existing) = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&ns)
+        .await?
+    else {
         return Ok(None);
     };
     let uid = tenant.metadata.uid.as_deref();
-    let ours = existing.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid);
-    Ok((!ours).then(|| format!("namespace {ns} already exists and does not belong to tenant {}", tenant.name_any())))
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|o| Some(o.uid.as_str()) == uid);
+    Ok((!ours).then(|| {
+        format!(
+            "namespace {ns} already exists and does not belong to tenant {}",
+            tenant.name_any()
+        )
+    }))
 }
 
 /// Reads replicas and pod problems into the status conditions.
-async fn observe_workloads(tenant: &Tenant, ctx: &Context, status: &mut TenantStatus, desired: u32) -> Result<(), Error> {
+async fn observe_workloads(
+    tenant: &Tenant,
+    ctx: &Context,
+    status: &mut TenantStatus,
+    desired: u32,
+) -> Result<(), Error> {
     let ns = tenant.namespace_name();
     let generation = tenant.metadata.generation;
     let now = Time(ctx.clock.now());
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
-    let ready_of = |d: Option<Deployment>| d.and_then(|d| d.status).map_or((0, 0), |s| (s.replicas.unwrap_or(0) as u32, s.ready_replicas.unwrap_or(0) as u32));
+    let ready_of = |d: Option<Deployment>| {
+        d.and_then(|d| d.status).map_or((0, 0), |s| {
+            (
+                s.replicas.unwrap_or(0) as u32,
+                s.ready_replicas.unwrap_or(0) as u32,
+            )
+        })
+    };
     let (replicas, ready) = ready_of(deployments.get_opt(INFERENCE).await?);
     let (_, outputs_ready) = ready_of(deployments.get_opt(OUTPUTS).await?);
     status.namespace = Some(ns.clone());
@@ -195,22 +296,62 @@ async fn observe_workloads(tenant: &Tenant, ctx: &Context, status: &mut TenantSt
     let conditions = &mut status.conditions;
     match &problem {
         Some((reason, message)) => {
-            conditions::set_condition(conditions, DEGRADED, true, reason, message.clone(), generation, &now);
+            conditions::set_condition(
+                conditions,
+                DEGRADED,
+                true,
+                reason,
+                message.clone(),
+                generation,
+                &now,
+            );
         }
         None => {
-            conditions::set_condition(conditions, DEGRADED, false, "AsExpected", "", generation, &now);
+            conditions::set_condition(
+                conditions,
+                DEGRADED,
+                false,
+                "AsExpected",
+                "",
+                generation,
+                &now,
+            );
         }
     }
     let rolling_out = ready < desired || outputs_ready < 1;
-    let progress_message = format!("{ready}/{desired} inference replicas ready, outputs server {}", if outputs_ready > 0 { "ready" } else { "starting" });
-    conditions::set_condition(conditions, PROGRESSING, rolling_out, if rolling_out { "RollingOut" } else { "Complete" }, progress_message, generation, &now);
+    let progress_message = format!(
+        "{ready}/{desired} inference replicas ready, outputs server {}",
+        if outputs_ready > 0 {
+            "ready"
+        } else {
+            "starting"
+        }
+    );
+    conditions::set_condition(
+        conditions,
+        PROGRESSING,
+        rolling_out,
+        if rolling_out {
+            "RollingOut"
+        } else {
+            "Complete"
+        },
+        progress_message,
+        generation,
+        &now,
+    );
     let serving = outputs_ready > 0 && problem.is_none();
     let (reason, message) = if serving {
-        ("Ready", format!("namespace {ns} provisioned; {ready} inference replicas ready"))
+        (
+            "Ready",
+            format!("namespace {ns} provisioned; {ready} inference replicas ready"),
+        )
     } else {
         ("NotReady", "waiting for the tenant's pods".to_string())
     };
-    conditions::set_condition(conditions, READY, serving, reason, message, generation, &now);
+    conditions::set_condition(
+        conditions, READY, serving, reason, message, generation, &now,
+    );
     status.phase = Some(if problem.is_some() {
         TenantPhase::Degraded
     } else if serving {
@@ -225,29 +366,57 @@ async fn observe_workloads(tenant: &Tenant, ctx: &Context, status: &mut TenantSt
 /// The first reason a tenant pod cannot run, in the pods' own words.
 async fn pod_problem(tenant: &Tenant, ctx: &Context) -> Result<Option<(String, String)>, Error> {
     let ns = tenant.namespace_name();
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default().labels(LABEL_COMPONENT)).await?;
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(LABEL_COMPONENT))
+        .await?;
     for pod in &pods.items {
         let Some(status) = &pod.status else { continue };
         for condition in status.conditions.iter().flatten() {
-            if condition.type_ == "PodScheduled" && condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable") {
-                return Ok(Some(("Unschedulable".into(), format!("pod {}: {}", pod.name_any(), condition.message.clone().unwrap_or_default()))));
+            if condition.type_ == "PodScheduled"
+                && condition.status == "False"
+                && condition.reason.as_deref() == Some("Unschedulable")
+            {
+                return Ok(Some((
+                    "Unschedulable".into(),
+                    format!(
+                        "pod {}: {}",
+                        pod.name_any(),
+                        condition.message.clone().unwrap_or_default()
+                    ),
+                )));
             }
         }
         for container in status.container_statuses.iter().flatten() {
             let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
             if let Some(waiting) = waiting {
-                if matches!(waiting.reason.as_deref(), Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")) {
-                    return Ok(Some(("ImagePullFailed".into(), format!("pod {}: {}", pod.name_any(), waiting.message.clone().unwrap_or_default()))));
+                if matches!(
+                    waiting.reason.as_deref(),
+                    Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+                ) {
+                    return Ok(Some((
+                        "ImagePullFailed".into(),
+                        format!(
+                            "pod {}: {}",
+                            pod.name_any(),
+                            waiting.message.clone().unwrap_or_default()
+                        ),
+                    )));
                 }
             }
         }
     }
     // Pods refused by the ResourceQuota never exist; their ReplicaSet says why.
-    let replica_sets = Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default().labels(LABEL_COMPONENT)).await?;
+    let replica_sets =
+        Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default().labels(LABEL_COMPONENT))
+            .await?;
     for rs in &replica_sets.items {
         for condition in rs.status.iter().flat_map(|s| s.conditions.iter().flatten()) {
             let message = condition.message.clone().unwrap_or_default();
-            if condition.type_ == "ReplicaFailure" && condition.status == "True" && message.contains("exceeded quota") {
+            if condition.type_ == "ReplicaFailure"
+                && condition.status == "True"
+                && message.contains("exceeded quota")
+            {
                 return Ok(Some(("QuotaExceeded".into(), message)));
             }
         }
@@ -257,8 +426,24 @@ async fn pod_problem(tenant: &Tenant, ctx: &Context) -> Result<Option<(String, S
 
 fn set_degraded(status: &mut TenantStatus, reason: &str, message: &str, generation: Option<i64>) {
     let now = Time(Timestamp::now());
-    conditions::set_condition(&mut status.conditions, DEGRADED, true, reason, message, generation, &now);
-    conditions::set_condition(&mut status.conditions, READY, false, reason, message, generation, &now);
+    conditions::set_condition(
+        &mut status.conditions,
+        DEGRADED,
+        true,
+        reason,
+        message,
+        generation,
+        &now,
+    );
+    conditions::set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        reason,
+        message,
+        generation,
+        &now,
+    );
     status.phase = Some(TenantPhase::Degraded);
     status.observed_generation = generation;
 }
@@ -267,7 +452,17 @@ fn set_degraded(status: &mut TenantStatus, reason: &str, message: &str, generati
 /// fields (written by the job controller) alone.
 async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> Result<(), Error> {
     let current = tenant.status.clone().unwrap_or_default();
-    let mine = |s: &TenantStatus| (s.phase, s.conditions.clone(), s.observed_generation, s.namespace.clone(), s.replicas, s.ready_replicas, s.gpus_in_use);
+    let mine = |s: &TenantStatus| {
+        (
+            s.phase,
+            s.conditions.clone(),
+            s.observed_generation,
+            s.namespace.clone(),
+            s.replicas,
+            s.ready_replicas,
+            s.gpus_in_use,
+        )
+    };
     if mine(&current) == mine(&status) {
         return Ok(());
     }
@@ -280,12 +475,24 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
         "readyReplicas": status.ready_replicas,
         "gpusInUse": status.gpus_in_use,
     }});
-    Api::<Tenant>::all(ctx.client.clone()).patch_status(&tenant.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Api::<Tenant>::all(ctx.client.clone())
+        .patch_status(
+            &tenant.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     let ready = conditions::is_true(&status.conditions, READY);
     for condition in [READY, PROGRESSING, DEGRADED] {
-        let labels = super::metrics::TenantConditionLabels { tenant: tenant.name_any(), condition };
+        let labels = super::metrics::TenantConditionLabels {
+            tenant: tenant.name_any(),
+            condition,
+        };
         let value = i64::from(conditions::is_true(&status.conditions, condition));
-        ctx.metrics.tenant_conditions.get_or_create(&labels).set(value);
+        ctx.metrics
+            .tenant_conditions
+            .get_or_create(&labels)
+            .set(value);
     }
     tracing::info!(tenant = tenant.name_any(), phase = ?status.phase, ready, "tenant status updated");
     Ok(())
@@ -296,7 +503,11 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let ns = tenant.namespace_name();
     let jobs = Api::<GenerationJob>::namespaced(ctx.client.clone(), &ns);
     let active: Vec<GenerationJob> = match jobs.list(&ListParams::default()).await {
-        Ok(list) => list.items.into_iter().filter(|j| !j.phase().is_finished()).collect(),
+        Ok(list) => list
+            .items
+            .into_iter()
+            .filter(|j| !j.phase().is_finished())
+            .collect(),
         Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
         Err(error) => return Err(error.into()),
     };
@@ -304,7 +515,12 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         for job in &active {
             if !job.spec.cancel {
                 let patch = serde_json::json!({ "spec": { "cancel": true } });
-                jobs.patch(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                jobs.patch(
+                    &job.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
             }
         }
         return Err(Error::JobsStillRunning(active.len()));
@@ -316,7 +532,14 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     if let Some(namespace) = namespaces.get_opt(&ns).await? {
         if namespace.metadata.deletion_timestamp.is_none() {
             namespaces.delete(&ns, &Default::default()).await?;
-            publish(ctx, tenant, EventType::Normal, "Deleting", format!("deleting namespace {ns}")).await;
+            publish(
+                ctx,
+                tenant,
+                EventType::Normal,
+                "Deleting",
+                format!("deleting namespace {ns}"),
+            )
+            .await;
         }
     }
     Ok(Action::await_change())
@@ -327,24 +550,46 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
 async fn retain_output_volume(tenant: &Tenant, ctx: &Context) -> Result<(), Error> {
     let ns = tenant.namespace_name();
     let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
-    let Some(volume) = claims.get_opt(OUTPUTS_CLAIM).await?.and_then(|c| c.spec).and_then(|s| s.volume_name) else {
+    let Some(volume) = claims
+        .get_opt(OUTPUTS_CLAIM)
+        .await?
+        .and_then(|c| c.spec)
+        .and_then(|s| s.volume_name)
+    else {
         return Ok(());
     };
     let patch = serde_json::json!({
         "metadata": { "labels": { LABEL_TENANT: tenant.name_any(), "atelier.dev/retained-from": ns } },
         "spec": { "persistentVolumeReclaimPolicy": "Retain" },
     });
-    Api::<PersistentVolume>::all(ctx.client.clone()).patch(&volume, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    publish(ctx, tenant, EventType::Normal, "VolumeRetained", format!("kept PersistentVolume {volume} with the tenant's images")).await;
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .patch(&volume, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    publish(
+        ctx,
+        tenant,
+        EventType::Normal,
+        "VolumeRetained",
+        format!("kept PersistentVolume {volume} with the tenant's images"),
+    )
+    .await;
     Ok(())
 }
 
 fn owner_reference(tenant: &Tenant) -> OwnerReference {
-    tenant.controller_owner_ref(&()).expect("a Tenant from the API server has a name and uid")
+    tenant
+        .controller_owner_ref(&())
+        .expect("a Tenant from the API server has a name and uid")
 }
 
 async fn publish(ctx: &Context, tenant: &Tenant, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
         tracing::warn!(%error, "could not publish an event");
     }

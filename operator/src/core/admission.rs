@@ -18,7 +18,10 @@ pub mod reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Admit,
-    Reject { reason: &'static str, message: String },
+    Reject {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// What admission needs to know about the tenant at the moment of the decision.
@@ -33,7 +36,10 @@ pub struct TenantView<'a> {
 
 pub fn decide(job: &GenerationJobSpec, tenant: &TenantView<'_>) -> Decision {
     if let Some(message) = limit_violation(job, tenant.limits) {
-        return Decision::Reject { reason: reason::LIMIT_EXCEEDED, message };
+        return Decision::Reject {
+            reason: reason::LIMIT_EXCEEDED,
+            message,
+        };
     }
     if tenant.queued_by_user >= tenant.quota.max_queued_per_user {
         return Decision::Reject {
@@ -60,7 +66,9 @@ pub fn decide(job: &GenerationJobSpec, tenant: &TenantView<'_>) -> Decision {
         if total + job.num_images > per_tenant {
             return Decision::Reject {
                 reason: reason::TENANT_QUOTA_EXCEEDED,
-                message: format!("the tenant's daily quota of {per_tenant} images is reached ({total} used)"),
+                message: format!(
+                    "the tenant's daily quota of {per_tenant} images is reached ({total} used)"
+                ),
             };
         }
     }
@@ -73,16 +81,27 @@ fn limit_violation(job: &GenerationJobSpec, limits: &JobLimits) -> Option<String
         ("steps", job.steps, limits.max_steps, "limits.maxSteps"),
         ("width", job.width, limits.max_width, "limits.maxWidth"),
         ("height", job.height, limits.max_height, "limits.maxHeight"),
-        ("numImages", job.num_images, limits.max_images, "limits.maxImages"),
+        (
+            "numImages",
+            job.num_images,
+            limits.max_images,
+            "limits.maxImages",
+        ),
     ];
-    checks.into_iter().find(|(_, value, max, _)| value > max).map(|(field, value, max, limit)| {
-        format!("{field} {value} exceeds the tenant limit of {max} ({limit})")
-    })
+    checks
+        .into_iter()
+        .find(|(_, value, max, _)| value > max)
+        .map(|(field, value, max, limit)| {
+            format!("{field} {value} exceeds the tenant limit of {max} ({limit})")
+        })
 }
 
 /// Images `user` has reserved in `usage`.
 pub fn images_of(usage: &[UserUsage], user: &str) -> u32 {
-    usage.iter().find(|u| u.user == user).map_or(0, |u| u.images)
+    usage
+        .iter()
+        .find(|u| u.user == user)
+        .map_or(0, |u| u.images)
 }
 
 /// Adds `images` to `user`'s reservations.
@@ -90,7 +109,10 @@ pub fn reserve(usage: &mut Vec<UserUsage>, user: &str, images: u32) {
     match usage.iter_mut().find(|u| u.user == user) {
         Some(entry) => entry.images += images,
         None => {
-            usage.push(UserUsage { user: user.to_string(), images });
+            usage.push(UserUsage {
+                user: user.to_string(),
+                images,
+            });
             usage.sort_by(|a, b| a.user.cmp(&b.user));
         }
     }
@@ -122,14 +144,26 @@ mod tests {
         .unwrap()
     }
 
-    fn view<'a>(limits: &'a JobLimits, quota: &'a QuotaSpec, usage: &'a [UserUsage]) -> TenantView<'a> {
-        TenantView { limits, quota, usage, queued_by_user: 0 }
+    fn view<'a>(
+        limits: &'a JobLimits,
+        quota: &'a QuotaSpec,
+        usage: &'a [UserUsage],
+    ) -> TenantView<'a> {
+        TenantView {
+            limits,
+            quota,
+            usage,
+            queued_by_user: 0,
+        }
     }
 
     #[test]
     fn admits_until_the_user_quota_then_rejects_with_the_numbers() {
         let limits = JobLimits::default();
-        let quota = QuotaSpec { images_per_user_per_day: 5, ..QuotaSpec::default() };
+        let quota = QuotaSpec {
+            images_per_user_per_day: 5,
+            ..QuotaSpec::default()
+        };
         let mut usage = Vec::new();
         let mut admitted = 0;
         for _ in 0..20 {
@@ -147,37 +181,76 @@ mod tests {
             other => panic!("expected a rejection, got {other:?}"),
         }
         // Another user is not affected.
-        assert_eq!(decide(&job("bob", 4), &view(&limits, &quota, &usage)), Decision::Admit);
+        assert_eq!(
+            decide(&job("bob", 4), &view(&limits, &quota, &usage)),
+            Decision::Admit
+        );
     }
 
     #[test]
     fn a_batch_counts_every_image() {
         let limits = JobLimits::default();
-        let quota = QuotaSpec { images_per_user_per_day: 5, ..QuotaSpec::default() };
-        let usage = vec![UserUsage { user: "ann".into(), images: 2 }];
-        assert!(matches!(decide(&job("ann", 4), &view(&limits, &quota, &usage)), Decision::Reject { .. }));
-        assert_eq!(decide(&job("ann", 3), &view(&limits, &quota, &usage)), Decision::Admit);
+        let quota = QuotaSpec {
+            images_per_user_per_day: 5,
+            ..QuotaSpec::default()
+        };
+        let usage = vec![UserUsage {
+            user: "ann".into(),
+            images: 2,
+        }];
+        assert!(matches!(
+            decide(&job("ann", 4), &view(&limits, &quota, &usage)),
+            Decision::Reject { .. }
+        ));
+        assert_eq!(
+            decide(&job("ann", 3), &view(&limits, &quota, &usage)),
+            Decision::Admit
+        );
     }
 
     #[test]
     fn tenant_quota_counts_all_users() {
         let limits = JobLimits::default();
-        let quota = QuotaSpec { images_per_tenant_per_day: Some(3), ..QuotaSpec::default() };
-        let usage = vec![UserUsage { user: "ann".into(), images: 2 }, UserUsage { user: "bob".into(), images: 1 }];
+        let quota = QuotaSpec {
+            images_per_tenant_per_day: Some(3),
+            ..QuotaSpec::default()
+        };
+        let usage = vec![
+            UserUsage {
+                user: "ann".into(),
+                images: 2,
+            },
+            UserUsage {
+                user: "bob".into(),
+                images: 1,
+            },
+        ];
         let decision = decide(&job("cyd", 1), &view(&limits, &quota, &usage));
-        assert!(matches!(decision, Decision::Reject { reason: reason::TENANT_QUOTA_EXCEEDED, .. }));
+        assert!(matches!(
+            decision,
+            Decision::Reject {
+                reason: reason::TENANT_QUOTA_EXCEEDED,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn limits_name_the_field_and_the_limit() {
-        let limits = JobLimits { max_steps: 10, ..JobLimits::default() };
+        let limits = JobLimits {
+            max_steps: 10,
+            ..JobLimits::default()
+        };
         let quota = QuotaSpec::default();
         let mut spec = job("ann", 1);
         spec.steps = 30;
         match decide(&spec, &view(&limits, &quota, &[])) {
             Decision::Reject { reason, message } => {
                 assert_eq!(reason, reason::LIMIT_EXCEEDED);
-                assert_eq!(message, "steps 30 exceeds the tenant limit of 10 (limits.maxSteps)");
+                assert_eq!(
+                    message,
+                    "steps 30 exceeds the tenant limit of 10 (limits.maxSteps)"
+                );
             }
             other => panic!("expected a rejection, got {other:?}"),
         }
@@ -186,14 +259,31 @@ mod tests {
     #[test]
     fn too_many_queued_is_refused() {
         let limits = JobLimits::default();
-        let quota = QuotaSpec { max_queued_per_user: 2, ..QuotaSpec::default() };
-        let tenant = TenantView { limits: &limits, quota: &quota, usage: &[], queued_by_user: 2 };
-        assert!(matches!(decide(&job("ann", 1), &tenant), Decision::Reject { reason: reason::TOO_MANY_QUEUED, .. }));
+        let quota = QuotaSpec {
+            max_queued_per_user: 2,
+            ..QuotaSpec::default()
+        };
+        let tenant = TenantView {
+            limits: &limits,
+            quota: &quota,
+            usage: &[],
+            queued_by_user: 2,
+        };
+        assert!(matches!(
+            decide(&job("ann", 1), &tenant),
+            Decision::Reject {
+                reason: reason::TOO_MANY_QUEUED,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn release_never_goes_negative_and_drops_empty_entries() {
-        let mut usage = vec![UserUsage { user: "ann".into(), images: 1 }];
+        let mut usage = vec![UserUsage {
+            user: "ann".into(),
+            images: 1,
+        }];
         release(&mut usage, "ann", 3);
         assert!(usage.is_empty());
         release(&mut usage, "nobody", 1);

@@ -71,7 +71,10 @@ pub fn tenant_objects(
 ) -> Result<TenantObjects, SpecError> {
     let spec = &tenant.spec;
     if spec.gpus.per_replica > spec.gpus.max {
-        return Err(SpecError::GpuBudget { per_replica: spec.gpus.per_replica, max: spec.gpus.max });
+        return Err(SpecError::GpuBudget {
+            per_replica: spec.gpus.per_replica,
+            max: spec.gpus.max,
+        });
     }
     let model = &spec.inference.model;
     let model_claim = match (&model.claim_name, &model.volume_name) {
@@ -95,8 +98,14 @@ pub fn tenant_objects(
     };
 
     let mut namespace_labels = base_labels(&name);
-    namespace_labels.insert("pod-security.kubernetes.io/enforce".into(), "restricted".into());
-    namespace_labels.insert("pod-security.kubernetes.io/enforce-version".into(), "latest".into());
+    namespace_labels.insert(
+        "pod-security.kubernetes.io/enforce".into(),
+        "restricted".into(),
+    );
+    namespace_labels.insert(
+        "pod-security.kubernetes.io/enforce-version".into(),
+        "latest".into(),
+    );
     let namespace = json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": { "name": ns, "labels": namespace_labels, "ownerReferences": [owner] },
@@ -115,7 +124,8 @@ pub fn tenant_objects(
             "limits.cpu": scaled(&inference_cpu, ceiling, OUTPUTS_CPU),
             "requests.memory": scaled(&inference_memory, ceiling, OUTPUTS_MEMORY),
             "limits.memory": scaled(&inference_memory, ceiling, OUTPUTS_MEMORY),
-            "persistentvolumeclaims": "2",
+            // Outputs and model claims, and room for an admin-made model claim beside them.
+            "persistentvolumeclaims": "4",
             "pods": (ceiling + 1 + ceiling).to_string(),
         }},
     });
@@ -219,7 +229,11 @@ pub fn tenant_objects(
         }))
         .collect::<Vec<_>>();
 
-    let image = spec.inference.image.clone().unwrap_or_else(|| settings.default_inference_image.clone());
+    let image = spec
+        .inference
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.default_inference_image.clone());
     let model_dir = match &model.sub_path {
         Some(sub) => format!("/models/{}", sub.trim_start_matches('/')),
         None => "/models".to_string(),
@@ -267,20 +281,38 @@ pub fn tenant_objects(
             "topologyKey": "kubernetes.io/hostname",
         }]}});
     }
-    let inference_deployment = deployment(&meta(INFERENCE, Some(INFERENCE)), &name, INFERENCE, inference_replicas, inference_pod);
+    let inference_deployment = deployment(
+        &meta(INFERENCE, Some(INFERENCE)),
+        &name,
+        INFERENCE,
+        inference_replicas,
+        inference_pod,
+    );
 
     let outputs_pod = pod_spec(
         OUTPUTS,
         &image,
-        vec!["serve-outputs".into(), "--outputs-dir=/outputs".into(), format!("--listen=$(POD_IP):{HTTP_PORT}")],
+        vec![
+            "serve-outputs".into(),
+            "--outputs-dir=/outputs".into(),
+            format!("--listen=$(POD_IP):{HTTP_PORT}"),
+        ],
         json!({
             "requests": { "cpu": OUTPUTS_CPU, "memory": OUTPUTS_MEMORY },
             "limits": { "cpu": OUTPUTS_CPU, "memory": OUTPUTS_MEMORY },
         }),
         vec![json!({ "name": "outputs", "mountPath": "/outputs", "readOnly": true })],
-        vec![json!({ "name": "outputs", "persistentVolumeClaim": { "claimName": OUTPUTS_CLAIM, "readOnly": true } })],
+        vec![
+            json!({ "name": "outputs", "persistentVolumeClaim": { "claimName": OUTPUTS_CLAIM, "readOnly": true } }),
+        ],
     );
-    let outputs_deployment = deployment(&meta(OUTPUTS, Some(OUTPUTS)), &name, OUTPUTS, 1, outputs_pod);
+    let outputs_deployment = deployment(
+        &meta(OUTPUTS, Some(OUTPUTS)),
+        &name,
+        OUTPUTS,
+        1,
+        outputs_pod,
+    );
 
     Ok(TenantObjects {
         namespace: typed(namespace),
@@ -299,14 +331,24 @@ pub fn tenant_objects(
 fn base_labels(tenant: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_TENANT.to_string(), tenant.to_string()),
-        (LABEL_MANAGED_BY.to_string(), names::FIELD_MANAGER.to_string()),
+        (
+            LABEL_MANAGED_BY.to_string(),
+            names::FIELD_MANAGER.to_string(),
+        ),
         (LABEL_PART_OF.to_string(), "atelier".to_string()),
     ])
 }
 
 /// A restricted-profile pod: non-root, read-only root filesystem, no privilege escalation, no
 /// capabilities, RuntimeDefault seccomp, no API token.
-fn pod_spec(component: &str, image: &str, args: Vec<String>, resources: Value, mounts: Vec<Value>, volumes: Vec<Value>) -> Value {
+fn pod_spec(
+    component: &str,
+    image: &str,
+    args: Vec<String>,
+    resources: Value,
+    mounts: Vec<Value>,
+    volumes: Vec<Value>,
+) -> Value {
     json!({
         "serviceAccountName": WORKLOAD_SERVICE_ACCOUNT,
         "automountServiceAccountToken": false,
@@ -356,8 +398,13 @@ fn deployment(meta: &Value, tenant: &str, component: &str, replicas: u32, pod: V
     })
 }
 
-fn quantity_or(quantity: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>, default: &str) -> String {
-    quantity.as_ref().map_or_else(|| default.to_string(), |q| q.0.clone())
+fn quantity_or(
+    quantity: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    default: &str,
+) -> String {
+    quantity
+        .as_ref()
+        .map_or_else(|| default.to_string(), |q| q.0.clone())
 }
 
 /// `per_replica × replicas + extra` as a quantity string. Quantities are summed in their
@@ -383,7 +430,9 @@ enum Unit {
 
 /// Parses the quantity forms used for CPU (`2`, `500m`) and memory (`8Gi`, `128Mi`, `1G`).
 fn parse_quantity(text: &str) -> Option<(u128, Unit)> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     let number: u128 = number.parse().ok()?;
     let (factor, unit) = match suffix {
@@ -443,13 +492,23 @@ mod tests {
     }
 
     fn owner() -> OwnerReference {
-        OwnerReference { api_version: "atelier.dev/v1alpha1".into(), kind: "Tenant".into(), name: "team-a".into(), uid: "uid-1".into(), controller: Some(true), block_owner_deletion: Some(true) }
+        OwnerReference {
+            api_version: "atelier.dev/v1alpha1".into(),
+            kind: "Tenant".into(),
+            name: "team-a".into(),
+            uid: "uid-1".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
     }
 
     #[test]
     fn every_object_is_owned_and_lives_in_the_tenant_namespace() {
         let objects = tenant_objects(&tenant(json!({})), &owner(), &settings(), 1).unwrap();
-        assert_eq!(objects.namespace.metadata.name.as_deref(), Some("atelier-team-a"));
+        assert_eq!(
+            objects.namespace.metadata.name.as_deref(),
+            Some("atelier-team-a")
+        );
         let labels = objects.namespace.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
         let metas = [
@@ -469,11 +528,20 @@ mod tests {
 
     #[test]
     fn quota_caps_gpus_and_sums_cpu_and_memory() {
-        let objects = tenant_objects(&tenant(json!({ "inference": { "cpu": "2", "memory": "8Gi" } })), &owner(), &settings(), 0).unwrap();
+        let objects = tenant_objects(
+            &tenant(json!({ "inference": { "cpu": "2", "memory": "8Gi" } })),
+            &owner(),
+            &settings(),
+            0,
+        )
+        .unwrap();
         let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
         assert_eq!(hard["requests.nvidia.com/gpu"].0, "2");
         assert_eq!(hard["requests.cpu"].0, "4100m");
-        assert_eq!(hard["requests.memory"].0, (16u128 * (1 << 30) + 128 * (1 << 20)).to_string());
+        assert_eq!(
+            hard["requests.memory"].0,
+            (16u128 * (1 << 30) + 128 * (1 << 20)).to_string()
+        );
     }
 
     #[test]
@@ -483,40 +551,87 @@ mod tests {
         assert_eq!(spec.replicas, Some(2));
         let pod = spec.template.spec.unwrap();
         let container = &pod.containers[0];
-        let limits = container.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        let limits = container
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
         assert_eq!(limits["nvidia.com/mig-1g.18gb"].0, "1");
         let security = container.security_context.as_ref().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
-        assert!(container.args.as_ref().unwrap().contains(&"--model-dir=/models/majicflus".to_string()));
-        assert!(pod.affinity.is_some(), "ReadWriteOnce outputs need affinity to the outputs pod");
+        assert!(
+            container
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"--model-dir=/models/majicflus".to_string())
+        );
+        assert!(
+            pod.affinity.is_some(),
+            "ReadWriteOnce outputs need affinity to the outputs pod"
+        );
         assert_eq!(pod.automount_service_account_token, Some(false));
     }
 
     #[test]
     fn read_write_many_needs_no_affinity() {
-        let objects = tenant_objects(&tenant(json!({ "storage": { "accessMode": "ReadWriteMany" } })), &owner(), &settings(), 1).unwrap();
-        assert!(objects.inference_deployment.spec.unwrap().template.spec.unwrap().affinity.is_none());
+        let objects = tenant_objects(
+            &tenant(json!({ "storage": { "accessMode": "ReadWriteMany" } })),
+            &owner(),
+            &settings(),
+            1,
+        )
+        .unwrap();
+        assert!(
+            objects
+                .inference_deployment
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .affinity
+                .is_none()
+        );
     }
 
     #[test]
     fn impossible_gpu_budget_is_an_error() {
         let bad = tenant(json!({ "gpus": { "perReplica": 4, "max": 2 } }));
-        assert_eq!(tenant_objects(&bad, &owner(), &settings(), 0).err(), Some(SpecError::GpuBudget { per_replica: 4, max: 2 }));
+        assert_eq!(
+            tenant_objects(&bad, &owner(), &settings(), 0).err(),
+            Some(SpecError::GpuBudget {
+                per_replica: 4,
+                max: 2
+            })
+        );
     }
 
     #[test]
     fn a_model_is_required() {
         let mut bad = tenant(json!({}));
         bad.spec.inference.model.volume_name = None;
-        assert_eq!(tenant_objects(&bad, &owner(), &settings(), 0).err(), Some(SpecError::NoModelVolume));
+        assert_eq!(
+            tenant_objects(&bad, &owner(), &settings(), 0).err(),
+            Some(SpecError::NoModelVolume)
+        );
     }
 
     #[test]
     fn role_bindings_use_the_kubectl_identity_prefix() {
         let objects = tenant_objects(&tenant(json!({})), &owner(), &settings(), 0).unwrap();
-        let admins = objects.role_bindings.iter().find(|b| b.metadata.name.as_deref() == Some("atelier-admins")).unwrap();
-        assert_eq!(admins.subjects.as_ref().unwrap()[0].name, "oidc:team-a-admins");
+        let admins = objects
+            .role_bindings
+            .iter()
+            .find(|b| b.metadata.name.as_deref() == Some("atelier-admins"))
+            .unwrap();
+        assert_eq!(
+            admins.subjects.as_ref().unwrap()[0].name,
+            "oidc:team-a-admins"
+        );
         assert_eq!(admins.role_ref.name, "atelier-tenant-admin");
     }
 }

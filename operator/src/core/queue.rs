@@ -25,8 +25,10 @@ pub fn dispatch_order<'a>(
     let mut waiting: Vec<QueuedJob<'a>> = queued.to_vec();
     // Oldest first within a user, so that a user's own jobs keep their order.
     waiting.sort_by(|a, b| (a.created, a.name).cmp(&(b.created, b.name)));
-    let mut share: HashMap<&str, u32> =
-        recent_images.iter().map(|(user, images)| (*user, *images)).collect();
+    let mut share: HashMap<&str, u32> = recent_images
+        .iter()
+        .map(|(user, images)| (*user, *images))
+        .collect();
     let mut order = Vec::with_capacity(waiting.len());
     while !waiting.is_empty() {
         let next = waiting
@@ -61,7 +63,13 @@ mod tests {
     }
 
     fn job<'a>(name: &'a str, user: &'a str, priority: i32, created: i64) -> QueuedJob<'a> {
-        QueuedJob { name, user, priority, created: at(created), images: 1 }
+        QueuedJob {
+            name,
+            user,
+            priority,
+            created: at(created),
+            images: 1,
+        }
     }
 
     fn names(order: &[QueuedJob<'_>]) -> Vec<String> {
@@ -72,8 +80,11 @@ mod tests {
     fn a_late_user_does_not_wait_behind_a_busy_one() {
         // ann queued ten jobs and has one running; bob queued one afterwards.
         let names_a: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
-        let mut queued: Vec<QueuedJob<'_>> =
-            names_a.iter().enumerate().map(|(i, n)| job(n, "ann", 0, i as i64)).collect();
+        let mut queued: Vec<QueuedJob<'_>> = names_a
+            .iter()
+            .enumerate()
+            .map(|(i, n)| job(n, "ann", 0, i as i64))
+            .collect();
         queued.push(job("b0", "bob", 0, 100));
         let recent = HashMap::from([("ann", 1)]);
         let order = dispatch_order(&queued, &recent);
@@ -103,14 +114,22 @@ mod tests {
     #[test]
     fn equal_share_falls_back_to_creation_time() {
         let queued = vec![job("late", "bob", 0, 50), job("early", "ann", 0, 10)];
-        assert_eq!(names(&dispatch_order(&queued, &HashMap::new())), ["early", "late"]);
+        assert_eq!(
+            names(&dispatch_order(&queued, &HashMap::new())),
+            ["early", "late"]
+        );
     }
 
     #[test]
     fn batches_weigh_by_images() {
         let mut big = job("a0", "ann", 0, 0);
         big.images = 4;
-        let queued = vec![big, job("a1", "ann", 0, 1), job("b0", "bob", 0, 2), job("b1", "bob", 0, 3)];
+        let queued = vec![
+            big,
+            job("a1", "ann", 0, 1),
+            job("b0", "bob", 0, 2),
+            job("b1", "bob", 0, 3),
+        ];
         let order = dispatch_order(&queued, &HashMap::new());
         // After ann's batch of 4, bob catches up with both of his before ann goes again.
         assert_eq!(names(&order), ["a0", "b0", "b1", "a1"]);

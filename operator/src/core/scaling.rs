@@ -32,7 +32,11 @@ pub fn desired_replicas(input: &ScalingInput) -> u32 {
         None => true,
         Some(last) => input.now.duration_since(last).unsigned_abs() >= input.scale_down_after,
     };
-    if idle_long_enough { floor } else { input.current.clamp(floor, input.ceiling.max(floor)) }
+    if idle_long_enough {
+        floor
+    } else {
+        input.current.clamp(floor, input.ceiling.max(floor))
+    }
 }
 
 /// When the next scale-down decision is due, so the controller can requeue exactly then.
@@ -42,7 +46,10 @@ pub fn scale_down_due_in(input: &ScalingInput) -> Option<Duration> {
     }
     let last = input.last_active?;
     let idle = input.now.duration_since(last).unsigned_abs();
-    input.scale_down_after.checked_sub(idle).filter(|d| !d.is_zero())
+    input
+        .scale_down_after
+        .checked_sub(idle)
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -85,7 +92,10 @@ mod tests {
     #[test]
     fn keeps_replicas_while_recently_active_then_scales_to_zero() {
         assert_eq!(desired_replicas(&input(0, 2, 60)), 2);
-        assert_eq!(scale_down_due_in(&input(0, 2, 60)), Some(Duration::from_secs(540)));
+        assert_eq!(
+            scale_down_due_in(&input(0, 2, 60)),
+            Some(Duration::from_secs(540))
+        );
         assert_eq!(desired_replicas(&input(0, 2, 600)), 0);
         assert_eq!(scale_down_due_in(&input(0, 2, 600)), None);
     }

@@ -1,4 +1,10 @@
-//! Pod IPs 127.0.0.N (N from 2), unique among live pods, reused after deletion.
+//! Pod IPs 198.18.0.N (N from 2), unique among live pods, reused after deletion.
+//!
+//! The API server refuses loopback (127.0.0.0/8) and link-local addresses in EndpointSlices, so
+//! pods cannot use 127.0.0.N if Services are to find them. Instead each pod address is added to
+//! the loopback *interface* `lo` as a /32: it behaves like 127.0.0.N (only this machine reaches
+//! it) but is a valid endpoint. 198.18.0.0/15 is reserved for benchmarking (RFC 2544) and never
+//! routed. Adding addresses needs root (CAP_NET_ADMIN) and `ip` from iproute2.
 //!
 //! Several kubelets may run on one machine (each test binary has its own cluster), so a pod
 //! IP is reserved machine-wide with an exclusive `flock` on a file named after it; the kernel
@@ -18,18 +24,21 @@ pub(crate) struct IpPool {
     lock_dir: PathBuf,
     /// Pod UID → its address and the locked file that reserves it.
     leases: HashMap<String, (Ipv4Addr, File)>,
+    /// Whether addresses are added to `lo` (off for unit tests of the bookkeeping).
+    assign_to_loopback: bool,
 }
 
 impl IpPool {
     /// The pool of this machine's kubelets.
     pub(crate) fn machine_wide() -> Self {
-        Self::new(std::env::temp_dir().join("atelier-pod-ips"))
+        Self { assign_to_loopback: true, ..Self::new(std::env::temp_dir().join("atelier-pod-ips")) }
     }
 
     pub(crate) fn new(lock_dir: PathBuf) -> Self {
         Self {
             lock_dir,
             leases: HashMap::new(),
+            assign_to_loopback: false,
         }
     }
 
@@ -40,7 +49,7 @@ impl IpPool {
         }
         std::fs::create_dir_all(&self.lock_dir)?;
         for host in FIRST_HOST..=LAST_HOST {
-            let address = Ipv4Addr::new(127, 0, 0, host);
+            let address = Ipv4Addr::new(198, 18, 0, host);
             if self.leases.values().any(|(leased, _)| *leased == address) {
                 continue;
             }
@@ -51,16 +60,38 @@ impl IpPool {
                 .open(self.lock_dir.join(address.to_string()))?;
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                if self.assign_to_loopback {
+                    loopback_address("replace", address)?;
+                }
                 self.leases.insert(owner.to_string(), (address, file));
                 return Ok(address);
             }
         }
-        Err(io::Error::other("all pod IPs 127.0.0.2-254 are in use"))
+        Err(io::Error::other("all pod IPs 198.18.0.2-254 are in use"))
     }
 
     /// Frees the pod's address (closing the file releases its lock).
     pub(crate) fn release(&mut self, owner: &str) {
-        self.leases.remove(owner);
+        if let Some((address, _lock)) = self.leases.remove(owner) {
+            if self.assign_to_loopback {
+                let _ = loopback_address("del", address);
+            }
+        }
+    }
+}
+
+/// `ip address <verb> <address>/32 dev lo`.
+fn loopback_address(verb: &str, address: Ipv4Addr) -> io::Result<()> {
+    let output = std::process::Command::new("ip")
+        .args(["address", verb, &format!("{address}/32"), "dev", "lo"])
+        .output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip address {verb} {address}/32 dev lo: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
     }
 }
 
@@ -73,13 +104,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut first = IpPool::new(dir.path().to_path_buf());
         let mut second = IpPool::new(dir.path().to_path_buf());
-        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(first.allocate("b").unwrap(), Ipv4Addr::new(127, 0, 0, 3));
+        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(first.allocate("a").unwrap(), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(first.allocate("b").unwrap(), Ipv4Addr::new(198, 18, 0, 3));
         // Another kubelet on the machine skips the addresses this one holds.
-        assert_eq!(second.allocate("c").unwrap(), Ipv4Addr::new(127, 0, 0, 4));
+        assert_eq!(second.allocate("c").unwrap(), Ipv4Addr::new(198, 18, 0, 4));
         first.release("a");
-        assert_eq!(second.allocate("d").unwrap(), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(first.allocate("e").unwrap(), Ipv4Addr::new(127, 0, 0, 5));
+        assert_eq!(second.allocate("d").unwrap(), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(first.allocate("e").unwrap(), Ipv4Addr::new(198, 18, 0, 5));
     }
 }

@@ -1,7 +1,7 @@
 //! A local kubelet that runs pod containers as local processes.
 //!
 //! It registers Nodes and keeps them Ready ([`node`]), and for every pod bound to one of them
-//! ([`pods`], [`worker`]): gives it a loopback IP 127.0.0.N ([`ips`]), prepares its volumes
+//! ([`pods`], [`worker`]): gives it an address 198.18.0.N on the loopback interface ([`ips`]), prepares its volumes
 //! ([`volumes`]), environment ([`env`]) and ServiceAccount identity ([`identity`]), runs each
 //! container's binary (the image's name looked up in the bin dir) in its own mount namespace
 //! ([`process`]) with restarts and probes ([`container`], [`probes`]), reports the pod status

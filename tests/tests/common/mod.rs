@@ -26,7 +26,9 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(cluster: &TestCluster, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let log = cluster.dir().join(format!("{}.log", unique_name("operator")));
+        let log = cluster
+            .dir()
+            .join(format!("{}.log", unique_name("operator")));
         let out = std::fs::File::create(&log)?;
         let mut command = Command::new(cluster.bin_dir().join("atelier-operator"));
         command
@@ -46,7 +48,9 @@ impl Operator {
                 Ok(())
             });
         }
-        let child = command.spawn().context("starting atelier-operator (build it first)")?;
+        let child = command
+            .spawn()
+            .context("starting atelier-operator (build it first)")?;
         Ok(Self { child, log })
     }
 
@@ -98,7 +102,9 @@ pub async fn model_volume(cluster: &TestCluster) -> anyhow::Result<String> {
             "hostPath": { "path": dir.to_string_lossy(), "type": "Directory" },
         },
     }))?;
-    Api::<PersistentVolume>::all(cluster.client().await).create(&PostParams::default(), &volume).await?;
+    Api::<PersistentVolume>::all(cluster.client().await)
+        .create(&PostParams::default(), &volume)
+        .await?;
     Ok(name)
 }
 
@@ -123,7 +129,10 @@ pub fn tenant_manifest(name: &str, model_volume: &str, overrides: Value) -> Tena
         "limits": { "maxSteps": 50, "maxWidth": 512, "maxHeight": 512 },
     });
     merge(&mut spec, overrides);
-    Tenant::new(name, serde_json::from_value(spec).expect("a valid tenant spec"))
+    Tenant::new(
+        name,
+        serde_json::from_value(spec).expect("a valid tenant spec"),
+    )
 }
 
 pub fn merge(base: &mut Value, overrides: Value) {
@@ -148,11 +157,18 @@ pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::R
 }
 
 /// Waits until the tenant's status says Ready.
-pub async fn wait_tenant_ready(cluster: &TestCluster, name: &str, timeout: Duration) -> anyhow::Result<Tenant> {
+pub async fn wait_tenant_ready(
+    cluster: &TestCluster,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Tenant> {
     let tenants = Api::<Tenant>::all(cluster.client().await);
     wait_for(&format!("tenant {name} Ready"), timeout, || async {
         let tenant = tenants.get(name).await?;
-        let ready = tenant.status.as_ref().is_some_and(|s| atelier_crds::conditions::is_true(&s.conditions, "Ready"));
+        let ready = tenant
+            .status
+            .as_ref()
+            .is_some_and(|s| atelier_crds::conditions::is_true(&s.conditions, "Ready"));
         Ok(ready.then_some(tenant))
     })
     .await
@@ -168,17 +184,38 @@ pub fn job_manifest(user: &str, overrides: Value) -> GenerationJob {
     job
 }
 
-pub async fn create_job(cluster: &TestCluster, namespace: &str, user: &str, overrides: Value) -> anyhow::Result<GenerationJob> {
+pub async fn create_job(
+    cluster: &TestCluster,
+    namespace: &str,
+    user: &str,
+    overrides: Value,
+) -> anyhow::Result<GenerationJob> {
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, namespace);
-    Ok(jobs.create(&PostParams::default(), &job_manifest(user, overrides)).await?)
+    Ok(jobs
+        .create(&PostParams::default(), &job_manifest(user, overrides))
+        .await?)
 }
 
 /// Waits until the job reaches a finished phase and returns it.
-pub async fn wait_job_finished(cluster: &TestCluster, namespace: &str, name: &str, timeout: Duration) -> anyhow::Result<GenerationJob> {
-    wait_job(cluster, namespace, name, timeout, |job| job.phase().is_finished()).await
+pub async fn wait_job_finished(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<GenerationJob> {
+    wait_job(cluster, namespace, name, timeout, |job| {
+        job.phase().is_finished()
+    })
+    .await
 }
 
-pub async fn wait_job(cluster: &TestCluster, namespace: &str, name: &str, timeout: Duration, done: impl Fn(&GenerationJob) -> bool) -> anyhow::Result<GenerationJob> {
+pub async fn wait_job(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+    done: impl Fn(&GenerationJob) -> bool,
+) -> anyhow::Result<GenerationJob> {
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, namespace);
     wait_for(&format!("job {namespace}/{name}"), timeout, || async {
         let job = jobs.get(name).await?;
@@ -196,10 +233,23 @@ pub fn phase(job: &GenerationJob) -> JobPhase {
 pub fn apply_chart_template(cluster: &TestCluster, template: &str) -> anyhow::Result<()> {
     let chart = paths::workspace_root().join("charts/atelier");
     let rendered = Command::new(paths::tool("helm"))
-        .args(["template", "atelier", "--namespace", "atelier-system", "--show-only", template])
+        .args([
+            "template",
+            "atelier",
+            "--namespace",
+            "atelier-system",
+            "--show-only",
+            template,
+        ])
+        .arg("--values")
+        .arg(chart.join("ci/default-values.yaml"))
         .arg(&chart)
         .output()?;
-    anyhow::ensure!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    anyhow::ensure!(
+        rendered.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
     let mut apply = Command::new(paths::tool("kubectl"))
         .args(["apply", "--server-side", "-f", "-", "--kubeconfig"])
         .arg(cluster.kubeconfig_path())
@@ -208,19 +258,41 @@ pub fn apply_chart_template(cluster: &TestCluster, template: &str) -> anyhow::Re
         .stderr(Stdio::piped())
         .spawn()?;
     use std::io::Write;
-    apply.stdin.take().expect("piped stdin").write_all(&rendered.stdout)?;
+    apply
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(&rendered.stdout)?;
     let output = apply.wait_with_output()?;
-    anyhow::ensure!(output.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        output.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 
 /// The tenant's output directory on the local node: the hostPath of its outputs PV.
 pub async fn outputs_dir(cluster: &TestCluster, namespace: &str) -> anyhow::Result<PathBuf> {
     let client = cluster.client().await;
-    let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), namespace).get("outputs").await?;
-    let volume_name = claim.spec.and_then(|s| s.volume_name).context("outputs claim not bound")?;
-    let volume = Api::<PersistentVolume>::all(client).get(&volume_name).await?;
+    let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+        client.clone(),
+        namespace,
+    )
+    .get("outputs")
+    .await?;
+    let volume_name = claim
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("outputs claim not bound")?;
+    let volume = Api::<PersistentVolume>::all(client)
+        .get(&volume_name)
+        .await?;
     let spec = volume.spec.context("PV without spec")?;
-    let path = spec.host_path.map(|h| h.path).or(spec.local.map(|l| l.path)).context("PV without a local path")?;
+    let path = spec
+        .host_path
+        .map(|h| h.path)
+        .or(spec.local.map(|l| l.path))
+        .context("PV without a local path")?;
     Ok(PathBuf::from(path))
 }
