@@ -4,6 +4,9 @@
 //! the result (`charts/atelier/crds/`). Validation that `kubectl apply` must enforce lives in the
 //! schema (bounds, CEL rules), so bad objects are refused by the API server itself.
 
+// kube's `printcolumn(...)` is meant to repeat; clippy mistakes the repeats for duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 pub mod generation_job;
 pub mod names;

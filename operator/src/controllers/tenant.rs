@@ -388,20 +388,20 @@ async fn pod_problem(tenant: &Tenant, ctx: &Context) -> Result<Option<(String, S
         }
         for container in status.container_statuses.iter().flatten() {
             let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
-            if let Some(waiting) = waiting {
-                if matches!(
+            if let Some(waiting) = waiting
+                && matches!(
                     waiting.reason.as_deref(),
                     Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
-                ) {
-                    return Ok(Some((
-                        "ImagePullFailed".into(),
-                        format!(
-                            "pod {}: {}",
-                            pod.name_any(),
-                            waiting.message.clone().unwrap_or_default()
-                        ),
-                    )));
-                }
+                )
+            {
+                return Ok(Some((
+                    "ImagePullFailed".into(),
+                    format!(
+                        "pod {}: {}",
+                        pod.name_any(),
+                        waiting.message.clone().unwrap_or_default()
+                    ),
+                )));
             }
         }
     }
@@ -529,18 +529,18 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         retain_output_volume(tenant, ctx).await?;
     }
     let namespaces = Api::<Namespace>::all(ctx.client.clone());
-    if let Some(namespace) = namespaces.get_opt(&ns).await? {
-        if namespace.metadata.deletion_timestamp.is_none() {
-            namespaces.delete(&ns, &Default::default()).await?;
-            publish(
-                ctx,
-                tenant,
-                EventType::Normal,
-                "Deleting",
-                format!("deleting namespace {ns}"),
-            )
-            .await;
-        }
+    if let Some(namespace) = namespaces.get_opt(&ns).await?
+        && namespace.metadata.deletion_timestamp.is_none()
+    {
+        namespaces.delete(&ns, &Default::default()).await?;
+        publish(
+            ctx,
+            tenant,
+            EventType::Normal,
+            "Deleting",
+            format!("deleting namespace {ns}"),
+        )
+        .await;
     }
     Ok(Action::await_change())
 }

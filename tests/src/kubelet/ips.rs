@@ -31,7 +31,10 @@ pub(crate) struct IpPool {
 impl IpPool {
     /// The pool of this machine's kubelets.
     pub(crate) fn machine_wide() -> Self {
-        Self { assign_to_loopback: true, ..Self::new(std::env::temp_dir().join("atelier-pod-ips")) }
+        Self {
+            assign_to_loopback: true,
+            ..Self::new(std::env::temp_dir().join("atelier-pod-ips"))
+        }
     }
 
     pub(crate) fn new(lock_dir: PathBuf) -> Self {
@@ -72,10 +75,10 @@ impl IpPool {
 
     /// Frees the pod's address (closing the file releases its lock).
     pub(crate) fn release(&mut self, owner: &str) {
-        if let Some((address, _lock)) = self.leases.remove(owner) {
-            if self.assign_to_loopback {
-                let _ = loopback_address("del", address);
-            }
+        if let Some((address, _lock)) = self.leases.remove(owner)
+            && self.assign_to_loopback
+        {
+            let _ = loopback_address("del", address);
         }
     }
 }
