@@ -3,7 +3,7 @@
 #
 #   1. the test control plane (atelier-testcluster: etcd, kube-apiserver, controller-manager,
 #      scheduler) and the local kubelet + volume provisioner (atelier-kubelet), which runs pod
-#      containers as local processes on 127.0.0.N;
+#      containers as local processes, each pod on its own local address;
 #   2. a tiny random-weight Flux model (atelier-inference make-tiny-model) on a PersistentVolume;
 #   3. the test OpenID provider (tests/oidc) with a demo user;
 #   4. the Helm chart (operator with leader election, API + web page) with examples/values-local.yaml;
@@ -139,7 +139,7 @@ model_dir="$state/models/flux-tiny"
 sed "s#MODEL_DIR#$model_dir#" "$root/examples/model-pv-local.yaml" | kubectl apply -f - >&2
 
 # --- 3. OpenID provider and the address of the web page ----------------------------------------------
-# The API pod gets its 127.0.0.N address only once it runs, but its public URL (OIDC redirect)
+# The API pod gets its local address only once it runs, but its public URL (OIDC redirect)
 # is needed at install: a small local proxy on a fixed port forwards to whichever API pod is ready.
 web_port="${ATELIER_DEMO_PORT:-$(free_port)}"
 public_url="http://127.0.0.1:$web_port"
@@ -209,10 +209,11 @@ bold() { printf '\033[1m%s\033[0m\n' "$*"; }
   echo "  Web page:   $public_url"
   echo "  Login:      $demo_user / $demo_password (OpenID provider $issuer)"
   echo "  kubectl:    export KUBECONFIG=$KUBECONFIG; $tools/kubectl get tenants,gj -A"
+  if [ "$keep" = 1 ]; then kept="keeps $state"; else kept="removes $state, the image with it; --keep keeps it"; fi
   if [ "$no_wait" = 1 ]; then
-    echo "  Stopping:   now (--no-wait)"
+    echo "  Stopping:   now (--no-wait): stops every process the demo started and $kept"
   else
-    echo "  Stop:       Ctrl-C (stops every process the demo started and removes $state)"
+    echo "  Stop:       Ctrl-C: stops every process the demo started and $kept"
   fi
   echo
   bold "What ran"
@@ -225,6 +226,10 @@ bold() { printf '\033[1m%s\033[0m\n' "$*"; }
   echo
   kubectl get tenants,generationjobs -A
   echo
+  bold "Objects the operator created for tenant $tenant"
+  kubectl -n "$tenant_ns" get deployments,services,persistentvolumeclaims,resourcequotas,limitranges,networkpolicies,rolebindings,serviceaccounts
+  echo
+  bold "Pods"
   kubectl get pods -A -o wide
   echo
   echo "Logs: $logs, pod logs: $state/node/kubelet/logs"

@@ -1,6 +1,6 @@
 // A TCP proxy for the demo: listens on a fixed local address and forwards each connection to a
 // ready pod of a Service, found in its EndpointSlices (the local cluster has no kube-proxy, and
-// the pod's 127.0.0.N address is only known once it runs). Only Node.js built-ins.
+// the pod's local address is only known once it runs). Only Node.js built-ins.
 //
 //   node scripts/demo/proxy.mjs --listen 127.0.0.1:8080 --kubectl PATH --namespace NS --service NAME
 import { execFile } from "node:child_process";
