@@ -3,7 +3,8 @@
 //! - [`TestCluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler in one `atelier-testcluster` process) with Atelier's CRDs installed, a local
 //!   kubelet and a local volume provisioner, torn down with the test process.
-//! - [`kubelet`]: runs pod containers as local processes on loopback addresses 127.0.0.N.
+//! - [`kubelet`]: runs pod containers as local processes, each pod on its own address 198.18.0.N
+//!   on the loopback interface.
 //! - [`provisioner`]: the `local` StorageClass, backed by directories.
 //! - fault injection on [`TestCluster`]: kill a pod's process, make a node NotReady, pause the
 //!   API server.

@@ -11,8 +11,8 @@ use atelier_tests::{
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Secret,
-    Service, ServiceAccount,
+    ConfigMap, Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
+    Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -177,8 +177,8 @@ async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> 
     let pod = ready_pod(&pods, "app=web").await?;
     let ip = pod_ip(&pod);
     let last_octet: u8 = ip
-        .strip_prefix("127.0.0.")
-        .context("a loopback pod IP")?
+        .strip_prefix("198.18.0.")
+        .context("a pod IP of 198.18.0.0/24")?
         .parse()?;
     assert!(last_octet >= 2, "pod IP {ip}");
     assert_eq!(
@@ -250,7 +250,7 @@ async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> 
     Ok(())
 }
 
-/// The real endpointslice controller lists the pod's 127.0.0.N address, which answers.
+/// The real endpointslice controller lists the pod's address, which answers.
 #[tokio::test]
 async fn a_service_endpoint_slice_lists_the_ready_pod_address() -> anyhow::Result<()> {
     let cluster = TestCluster::shared().await;
@@ -282,11 +282,30 @@ async fn a_service_endpoint_slice_lists_the_ready_pod_address() -> anyhow::Resul
             Ok(endpoint)
         },
     )
-    .await?;
+    .await;
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(error) => {
+            let events = service_events(&client, &namespace).await;
+            return Err(error.context(format!("warnings about Service web: {events:?}")));
+        }
+    };
     assert_eq!(listed, ip);
     let (status, _) = get_text(&format!("http://{listed}:8080/readyz")).await?;
     assert_eq!(status, 200);
     Ok(())
+}
+
+/// Warnings recorded about the Service `web` (by the endpointslice controller).
+async fn service_events(client: &Client, namespace: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().fields("involvedObject.name=web,type=Warning");
+    let list = events
+        .list(&params)
+        .await
+        .map(|list| list.items)
+        .unwrap_or_default();
+    list.into_iter().filter_map(|event| event.message).collect()
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
-    about = "Runs pods bound to local nodes as local processes on 127.0.0.N, and provisions `local` volumes"
+    about = "Runs pods bound to local nodes as local processes on 198.18.0.N (on the loopback interface), and provisions `local` volumes"
 )]
 struct Args {
     /// Admin kubeconfig of the cluster.
@@ -35,6 +35,14 @@ struct Args {
     /// The extended resource name of the GPUs, e.g. nvidia.com/mig-1g.18gb.
     #[arg(long, default_value = "nvidia.com/gpu")]
     gpu_resource: String,
+    /// More node capacity as NAME=QUANTITY (repeatable), e.g. nvidia.com/mig-1g.18gb=7.
+    #[arg(long = "resource", value_parser = parse_resource)]
+    resources: Vec<(String, String)>,
+}
+
+fn parse_resource(text: &str) -> Result<(String, String), String> {
+    let (name, quantity) = text.split_once('=').ok_or("expected NAME=QUANTITY")?;
+    Ok((name.to_string(), quantity.to_string()))
 }
 
 // A current-thread runtime: container processes die with the thread that spawned them.
@@ -56,7 +64,14 @@ async fn main() -> anyhow::Result<()> {
     let nodes = args
         .nodes
         .iter()
-        .map(|name| NodeConfig::new(name).with_resource(&args.gpu_resource, &gpus))
+        .map(|name| {
+            let node = NodeConfig::new(name).with_resource(&args.gpu_resource, &gpus);
+            args.resources
+                .iter()
+                .fold(node, |node, (resource, quantity)| {
+                    node.with_resource(resource, quantity)
+                })
+        })
         .collect();
     let bin_dir = args.bin_dir.unwrap_or_else(paths::default_bin_dir);
     let config = KubeletConfig::new(&args.kubeconfig, &args.root, &bin_dir, nodes);

@@ -275,7 +275,7 @@ mod tests {
 
     fn lookup(name: &str) -> Option<String> {
         match name {
-            "POD_IP" => Some("127.0.0.2".into()),
+            "POD_IP" => Some("198.18.0.2".into()),
             "EMPTY" => Some(String::new()),
             _ => None,
         }
@@ -285,16 +285,16 @@ mod tests {
     fn expands_like_kubernetes() {
         assert_eq!(
             expand("--listen $(POD_IP):8080", lookup),
-            "--listen 127.0.0.2:8080"
+            "--listen 198.18.0.2:8080"
         );
-        assert_eq!(expand("$(POD_IP)$(POD_IP)", lookup), "127.0.0.2127.0.0.2");
+        assert_eq!(expand("$(POD_IP)$(POD_IP)", lookup), "198.18.0.2198.18.0.2");
         assert_eq!(expand("a$(EMPTY)b", lookup), "ab");
         assert_eq!(expand("$(UNKNOWN) stays", lookup), "$(UNKNOWN) stays");
         assert_eq!(
             expand("$$(POD_IP) is escaped", lookup),
             "$(POD_IP) is escaped"
         );
-        assert_eq!(expand("$$$(POD_IP)", lookup), "$127.0.0.2");
+        assert_eq!(expand("$$$(POD_IP)", lookup), "$198.18.0.2");
         assert_eq!(expand("unclosed $(POD_IP", lookup), "unclosed $(POD_IP");
         assert_eq!(
             expand("$x and $é and trailing $", lookup),
@@ -324,7 +324,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            field_value(&pod, "metadata.name", "127.0.0.9").unwrap(),
+            field_value(&pod, "metadata.name", "198.18.0.9").unwrap(),
             "p"
         );
         assert_eq!(field_value(&pod, "metadata.namespace", "").unwrap(), "ns");
@@ -334,8 +334,8 @@ mod tests {
             "web"
         );
         assert_eq!(
-            field_value(&pod, "status.podIP", "127.0.0.9").unwrap(),
-            "127.0.0.9"
+            field_value(&pod, "status.podIP", "198.18.0.9").unwrap(),
+            "198.18.0.9"
         );
         assert_eq!(field_value(&pod, "spec.nodeName", "").unwrap(), "local-1");
         assert_eq!(

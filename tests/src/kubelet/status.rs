@@ -290,7 +290,7 @@ mod tests {
         let containers = [running("a", true), running("b", false)];
         let view = PodView {
             pod: &pod,
-            pod_ip: Some("127.0.0.2"),
+            pod_ip: Some("198.18.0.2"),
             start_time: None,
             containers: &containers,
             previous: None,
@@ -318,7 +318,7 @@ mod tests {
             ready.message.as_deref(),
             Some("containers with unready status: [b]")
         );
-        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "127.0.0.2");
+        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "198.18.0.2");
 
         // Transition times survive while a condition keeps its status.
         let containers = [running("a", true), running("b", true)];
