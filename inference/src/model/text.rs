@@ -162,6 +162,7 @@ pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, Erro
             whitespace.into(),
             Lowercase.into(),
         ])))
+        .map_err(|e| tokenizer_error(context, e))?
         .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(
             vec![split.into(), ByteLevel::new(false, true, false).into()],
         )))

@@ -46,7 +46,9 @@ pub fn write_t5_tokenizer(path: &Path) -> Result<usize, Error> {
     let size = vocab.len();
     let model = Unigram::from(vocab, Some(2), false).map_err(tokenizer_error)?;
     let mut tokenizer = Tokenizer::new(model);
-    tokenizer.add_special_tokens(&specials.map(|s| AddedToken::from(s, true)));
+    tokenizer
+        .add_special_tokens(specials.map(|s| AddedToken::from(s, true)))
+        .map_err(tokenizer_error)?;
     tokenizer
         .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
         .with_decoder(Some(Metaspace::new('▁', PrependScheme::Always, true)))
