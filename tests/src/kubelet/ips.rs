@@ -1,10 +1,12 @@
 //! Pod IPs 198.18.0.N (N from 2), unique among live pods, reused after deletion.
 //!
 //! The API server refuses loopback (127.0.0.0/8) and link-local addresses in EndpointSlices, so
-//! pods cannot use 127.0.0.N if Services are to find them. Instead each pod address is added to
-//! the loopback *interface* `lo` as a /32: it behaves like 127.0.0.N (only this machine reaches
-//! it) but is a valid endpoint. 198.18.0.0/15 is reserved for benchmarking (RFC 2544) and never
-//! routed. Adding addresses needs root (CAP_NET_ADMIN) and `ip` from iproute2.
+//! pods cannot use 127.0.0.N if Services are to find them. Instead the whole range
+//! 198.18.0.0/24 (reserved for benchmarking, RFC 2544) is made local like 127.0.0.0/8: one
+//! `local` route to the loopback interface lets a process bind any address of it, and a
+//! connection to an address nobody listens on is refused on this machine rather than sent to
+//! the network, even after its pod is gone. Setting the route needs root (CAP_NET_ADMIN) and
+//! `ip` from iproute2.
 //!
 //! Several kubelets may run on one machine (each test binary has its own cluster), so a pod
 //! IP is reserved machine-wide with an exclusive `flock` on a file named after it; the kernel
@@ -17,6 +19,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
+const NETWORK: [u8; 4] = [198, 18, 0, 0];
 const FIRST_HOST: u8 = 2;
 const LAST_HOST: u8 = 254;
 
@@ -24,24 +27,19 @@ pub(crate) struct IpPool {
     lock_dir: PathBuf,
     /// Pod UID → its address and the locked file that reserves it.
     leases: HashMap<String, (Ipv4Addr, File)>,
-    /// Whether addresses are added to `lo` (off for unit tests of the bookkeeping).
-    assign_to_loopback: bool,
 }
 
 impl IpPool {
-    /// The pool of this machine's kubelets.
-    pub(crate) fn machine_wide() -> Self {
-        Self {
-            assign_to_loopback: true,
-            ..Self::new(std::env::temp_dir().join("atelier-pod-ips"))
-        }
+    /// The pool of this machine's kubelets, with the range routed to the loopback interface.
+    pub(crate) fn machine_wide() -> io::Result<Self> {
+        route_range_to_loopback()?;
+        Ok(Self::new(std::env::temp_dir().join("atelier-pod-ips")))
     }
 
     pub(crate) fn new(lock_dir: PathBuf) -> Self {
         Self {
             lock_dir,
             leases: HashMap::new(),
-            assign_to_loopback: false,
         }
     }
 
@@ -52,7 +50,8 @@ impl IpPool {
         }
         std::fs::create_dir_all(&self.lock_dir)?;
         for host in FIRST_HOST..=LAST_HOST {
-            let address = Ipv4Addr::new(198, 18, 0, host);
+            let [a, b, c, _] = NETWORK;
+            let address = Ipv4Addr::new(a, b, c, host);
             if self.leases.values().any(|(leased, _)| *leased == address) {
                 continue;
             }
@@ -63,9 +62,6 @@ impl IpPool {
                 .open(self.lock_dir.join(address.to_string()))?;
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                if self.assign_to_loopback {
-                    loopback_address("replace", address)?;
-                }
                 self.leases.insert(owner.to_string(), (address, file));
                 return Ok(address);
             }
@@ -75,24 +71,21 @@ impl IpPool {
 
     /// Frees the pod's address (closing the file releases its lock).
     pub(crate) fn release(&mut self, owner: &str) {
-        if let Some((address, _lock)) = self.leases.remove(owner)
-            && self.assign_to_loopback
-        {
-            let _ = loopback_address("del", address);
-        }
+        self.leases.remove(owner);
     }
 }
 
-/// `ip address <verb> <address>/32 dev lo`.
-fn loopback_address(verb: &str, address: Ipv4Addr) -> io::Result<()> {
+/// `ip route replace local 198.18.0.0/24 dev lo` (idempotent; it lands in the `local` table).
+fn route_range_to_loopback() -> io::Result<()> {
+    let range = format!("{}/24", Ipv4Addr::from(NETWORK));
     let output = std::process::Command::new("ip")
-        .args(["address", verb, &format!("{address}/32"), "dev", "lo"])
+        .args(["route", "replace", "local", &range, "dev", "lo"])
         .output()?;
     if output.status.success() {
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "ip address {verb} {address}/32 dev lo: {}",
+            "ip route replace local {range} dev lo: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         )))
     }

@@ -1,9 +1,9 @@
 //! A local kubelet that runs pod containers as local processes.
 //!
 //! It registers Nodes and keeps them Ready ([`node`]), and for every pod bound to one of them
-//! ([`pods`], [`worker`]): gives it an address 198.18.0.N on the loopback interface ([`ips`]), prepares its volumes
-//! ([`volumes`]), environment ([`env`]) and ServiceAccount identity ([`identity`]), runs each
-//! container's binary (the image's name looked up in the bin dir) in its own mount namespace
+//! ([`pods`], [`worker`]): gives it an address 198.18.0.N routed to the loopback interface
+//! ([`ips`]), prepares its volumes ([`volumes`]), environment ([`env`]) and ServiceAccount
+//! identity ([`identity`]), runs each container's binary (the image's name looked up in the bin dir) in its own mount namespace
 //! ([`process`]) with restarts and probes ([`container`], [`probes`]), reports the pod status
 //! ([`status`]) and finishes deletions.
 
@@ -152,7 +152,10 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
         api_access: identity::ApiAccess::from_kubeconfig(&config.kubeconfig)?,
         client,
         config,
-        ips: Mutex::new(ips::IpPool::machine_wide()),
+        ips: Mutex::new(
+            ips::IpPool::machine_wide()
+                .context("routing the pod IP range to the loopback interface")?,
+        ),
         processes: processes.clone(),
         node_ready: node_ready_receivers,
         http: reqwest::Client::builder()
