@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, Client, ResourceExt};
@@ -695,6 +696,105 @@ async fn local_volumes_bind_and_mount_with_their_access_mode() -> anyhow::Result
     )
     .await?;
     assert!(!volume_dir.exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retain_class_keeps_released_volumes() -> anyhow::Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let namespace = cluster.create_namespace("retain").await?;
+    let class_name = unique_name("retain");
+    let class = from_json(json!({
+        "metadata": {"name": class_name},
+        "provisioner": "atelier.dev/local",
+        "reclaimPolicy": "Retain",
+    }));
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    classes.create(&PostParams::default(), &class).await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    let claim = from_json(json!({
+        "metadata": {"name": "kept"},
+        "spec": {
+            "storageClassName": class_name,
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }));
+    claims.create(&PostParams::default(), &claim).await?;
+    let volume_name = wait_for("the claim to be Bound", DEFAULT_TIMEOUT, || async {
+        let claim = claims.get("kept").await?;
+        let bound = claim.status.and_then(|status| status.phase).as_deref() == Some("Bound");
+        Ok(claim
+            .spec
+            .and_then(|spec| spec.volume_name)
+            .filter(|_| bound))
+    })
+    .await?;
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let volume = volumes.get(&volume_name).await?;
+    let spec = volume.spec.unwrap_or_default();
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some("Retain")
+    );
+    let volume_dir = std::path::PathBuf::from(spec.host_path.context("a hostPath volume")?.path);
+    std::fs::write(volume_dir.join("keep.txt"), "history")?;
+
+    claims.delete("kept", &DeleteParams::default()).await?;
+    wait_for("the volume to be Released", DEFAULT_TIMEOUT, || async {
+        let volume = volumes.get(&volume_name).await?;
+        let phase = volume.status.and_then(|status| status.phase);
+        Ok((phase.as_deref() == Some("Released")).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        std::fs::read_to_string(volume_dir.join("keep.txt"))?,
+        "history"
+    );
+    volumes
+        .delete(&volume_name, &DeleteParams::default())
+        .await?;
+    classes
+        .delete(&class_name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_liveness_probe_restarts_the_container() -> anyhow::Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let namespace = cluster.create_namespace("liveness").await?;
+    let mut container = test_server_container();
+    container["livenessProbe"] = json!({
+        "httpGet": {"path": "/no-such-page", "port": "http"},
+        "initialDelaySeconds": 1,
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    });
+    let pod =
+        from_json(json!({"metadata": {"name": "unhealthy"}, "spec": {"containers": [container]}}));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    pods.create(&PostParams::default(), &pod).await?;
+    let restarted = wait_for_pod(cluster, &pods, "unhealthy", "restarted", |pod| {
+        restart_count(pod) >= 1
+    })
+    .await?;
+    let statuses = restarted
+        .status
+        .and_then(|status| status.container_statuses)
+        .unwrap_or_default();
+    let last_exit = statuses[0]
+        .last_state
+        .clone()
+        .and_then(|state| state.terminated)
+        .map(|terminated| terminated.exit_code);
+    assert_eq!(
+        last_exit,
+        Some(137),
+        "killed for failing its liveness probe"
+    );
     Ok(())
 }
 

@@ -158,7 +158,9 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
         ),
         processes: processes.clone(),
         node_ready: node_ready_receivers,
+        // Probes go straight to the pod, never through a proxy from the environment.
         http: reqwest::Client::builder()
+            .no_proxy()
             .danger_accept_invalid_certs(true)
             .build()?,
     });
