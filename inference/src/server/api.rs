@@ -200,7 +200,7 @@ impl JobRequest {
         let width = self.width.unwrap_or(DEFAULT_SIZE);
         let height = self.height.unwrap_or(DEFAULT_SIZE);
         for (name, value) in [("width", width), ("height", height)] {
-            if value == 0 || value > MAX_SIDE || value % 16 != 0 {
+            if value == 0 || value > MAX_SIDE || !value.is_multiple_of(16) {
                 return invalid(format!(
                     "{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}"
                 ));

@@ -188,8 +188,8 @@ pub struct OutputsMetrics {
     resident_memory: Gauge,
 }
 
-impl OutputsMetrics {
-    pub fn new() -> Self {
+impl Default for OutputsMetrics {
+    fn default() -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
         let requests = Family::<KindLabels, Counter>::default();
         let resident_memory = Gauge::default();
@@ -209,7 +209,9 @@ impl OutputsMetrics {
             resident_memory,
         }
     }
+}
 
+impl OutputsMetrics {
     pub fn request(&self, kind: OutputsRequest) {
         let kind = match kind {
             OutputsRequest::List => "list",

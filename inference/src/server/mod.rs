@@ -124,7 +124,7 @@ pub async fn serve_outputs(
 ) -> Result<(), Error> {
     let state = Arc::new(HistoryState {
         outputs_dir,
-        metrics: OutputsMetrics::new(),
+        metrics: OutputsMetrics::default(),
     });
     axum::serve(listener, history::router(state))
         .with_graceful_shutdown(shutdown)
