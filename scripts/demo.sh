@@ -45,7 +45,7 @@ demo_password="${ATELIER_DEMO_PASSWORD:-atelier-demo}"
 client_id=atelier-demo
 client_secret=atelier-demo-secret
 
-say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+if [ -t 2 ]; then say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }; else say() { printf '==> %s\n' "$*" >&2; }; fi
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- What must be there -------------------------------------------------------------------------
@@ -200,7 +200,7 @@ png="$volume_dir/${output#/outputs/}"
 [ -f "$png" ] || die "the job succeeded but $png is missing"
 
 # --- Summary -------------------------------------------------------------------------------------
-bold() { printf '\033[1m%s\033[0m\n' "$*"; }
+if [ -t 1 ]; then bold() { printf '\033[1m%s\033[0m\n' "$*"; }; else bold() { printf '%s\n' "$*"; }; fi
 {
   echo
   bold "Atelier is running."
