@@ -2,7 +2,7 @@
 //! random-weight checkpoint generator for tests.
 
 pub mod model;
-pub mod pipeline;
-pub mod tiny;
 pub mod outputs;
+pub mod pipeline;
 pub mod server;
+pub mod tiny;
