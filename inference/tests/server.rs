@@ -332,7 +332,7 @@ async fn full_disk_fails_the_job_without_partial_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_moves_to_device_for_jobs_and_back_when_idle() {
-    let server = Server::start(|c| c.idle_offload = Duration::from_millis(500)).await;
+    let server = Server::start(|c| c.idle_offload = Duration::from_secs(3)).await;
     let (code, ready) = server.get_status_json("/readyz").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(
@@ -467,23 +467,40 @@ async fn events_stream_progress_until_finished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_running_job_and_refuses_new_ones() {
     let server = Server::start(|c| c.shutdown_grace = Duration::from_secs(60)).await;
-    server.post_job(&job("drain-1", 4)).await;
+    server.post_job(&job("drain-1", 20)).await;
     server
         .wait_for("drain-1", |s| s["state"] == "running")
         .await;
     let (base, http, outputs, handle) = server.begin_stop();
     // While draining: not ready, new ids refused, known ids still answered.
-    let ready = http.get(format!("{base}/readyz")).send().await;
-    if let Ok(ready) = ready {
-        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let refused = http
-            .post(format!("{base}/v1/jobs"))
-            .json(&job("late-1", 2))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let started = Instant::now();
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == StatusCode::OK
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "still ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let refused = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&job("late-1", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let answer: Value = refused.json().await.unwrap();
+    assert_eq!(answer["error"]["reason"], "ShuttingDown");
+    let known = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&job("drain-1", 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(known.status(), StatusCode::OK);
     let result = tokio::time::timeout(Duration::from_secs(120), handle)
         .await
         .expect("server stops");
