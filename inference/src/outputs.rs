@@ -182,7 +182,7 @@ pub struct ImageMetadata {
 }
 
 /// A written image, with paths relative to the outputs root.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutputFile {
     pub path: String,
