@@ -45,6 +45,7 @@ async fn platform() -> (&'static TestCluster, &'static Shared) {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({})).await.unwrap();
@@ -190,6 +191,7 @@ async fn a_quota_reset_admits_again() {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "limits": { "maxSteps": 10 } }))
@@ -213,6 +215,7 @@ fn job_phase(status: &atelier_crds::GenerationJobStatus) -> JobPhase {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn a_late_user_runs_before_the_busy_users_third_job() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(
@@ -259,6 +262,7 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn cancel_while_running_stops_the_generation_and_writes_nothing() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
@@ -335,6 +339,7 @@ async fn a_job_past_its_timeout_fails_with_deadline_exceeded() {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn a_killed_inference_process_is_retried_and_yields_one_image() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
@@ -388,6 +393,7 @@ async fn a_killed_inference_process_is_retried_and_yields_one_image() {
 }
 
 #[tokio::test]
+#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(
