@@ -204,14 +204,10 @@ async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named()
     let job = wait_job_finished(cluster, &ns, &job.name_any(), TIMEOUT)
         .await
         .unwrap();
+    assert_eq!(job.phase(), JobPhase::Rejected);
     let status = job.status.unwrap();
-    assert_eq!(job_phase(&status), JobPhase::Rejected);
     assert_eq!(status.reason.as_deref(), Some("LimitExceeded"));
     assert!(status.message.unwrap().contains("limits.maxSteps"));
-}
-
-fn job_phase(status: &atelier_crds::GenerationJobStatus) -> JobPhase {
-    status.phase.unwrap_or(JobPhase::Pending)
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use atelier_crds::{GenerationJob, JobPhase, Tenant};
+use atelier_crds::{GenerationJob, Tenant};
 use atelier_tests::{TestCluster, paths, unique_name, wait_for};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, PostParams};
@@ -222,10 +222,6 @@ pub async fn wait_job(
         Ok(done(&job).then_some(job))
     })
     .await
-}
-
-pub fn phase(job: &GenerationJob) -> JobPhase {
-    job.phase()
 }
 
 /// Applies the chart's template `name` (e.g. `templates/tenant-clusterroles.yaml`) as rendered
