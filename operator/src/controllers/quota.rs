@@ -3,7 +3,7 @@
 //! the API's quota reset) can interleave but never lose or double an update, so 20 concurrent
 //! admissions against a quota of 5 admit exactly 5.
 
-use atelier_crds::{GenerationJobSpec, Tenant, TenantStatus};
+use atelier_crds::{GenerationJobSpec, Tenant, TenantSpec, TenantStatus};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, PostParams};
@@ -13,7 +13,7 @@ use crate::core::admission::{self, Decision, TenantView};
 const MAX_CONFLICT_RETRIES: usize = 50;
 
 /// Decides admission against the freshest Tenant and, when admitted, reserves the job's images
-/// for `day`. Returns the decision and the day counted.
+/// for `day`. Returns the decision and the day counted, or `None` when the tenant does not exist.
 pub async fn admit(
     tenants: &Api<Tenant>,
     tenant_name: &str,
@@ -21,37 +21,28 @@ pub async fn admit(
     queued_by_user: u32,
     now: Timestamp,
 ) -> kube::Result<Option<(Decision, String)>> {
-    for _ in 0..MAX_CONFLICT_RETRIES {
-        let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
-            return Ok(None);
-        };
-        let day = admission::quota_day(now, &tenant.spec.quota.time_zone);
-        let mut status = tenant.status.clone().unwrap_or_default();
-        roll_over(&mut status, &day);
+    let mut outcome = None;
+    let found = update(tenants, tenant_name, |spec, status| {
+        let day = admission::quota_day(now, &spec.quota.time_zone);
+        roll_over(status, &day);
         let decision = admission::decide(
             job,
             &TenantView {
-                limits: &tenant.spec.limits,
-                quota: &tenant.spec.quota,
+                limits: &spec.limits,
+                quota: &spec.quota,
                 usage: &status.usage,
                 queued_by_user,
             },
         );
-        if decision != Decision::Admit {
-            return Ok(Some((decision, day)));
+        let admitted = decision == Decision::Admit;
+        if admitted {
+            admission::reserve(&mut status.usage, &job.user, job.num_images);
         }
-        admission::reserve(&mut status.usage, &job.user, job.num_images);
-        tenant.status = Some(status);
-        match tenants
-            .replace_status(tenant_name, &PostParams::default(), &tenant)
-            .await
-        {
-            Ok(_) => return Ok(Some((decision, day))),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Err(conflict_exhausted())
+        outcome = Some((decision, day));
+        admitted
+    })
+    .await?;
+    Ok(outcome.filter(|_| found))
 }
 
 /// Gives back `images` of `user` reserved on `day` (no-op once the day has rolled over).
@@ -62,7 +53,7 @@ pub async fn release(
     images: u32,
     day: &str,
 ) -> kube::Result<()> {
-    update(tenants, tenant_name, |status| {
+    update(tenants, tenant_name, |_, status| {
         if status.usage_day.as_deref() != Some(day) {
             return false;
         }
@@ -71,6 +62,7 @@ pub async fn release(
         status.usage != before
     })
     .await
+    .map(drop)
 }
 
 /// Publishes the tenant's demand (queued and running jobs) for the tenant controller's scaling.
@@ -81,7 +73,7 @@ pub async fn publish_demand(
     running: u32,
     now: Timestamp,
 ) -> kube::Result<()> {
-    update(tenants, tenant_name, |status| {
+    update(tenants, tenant_name, |_, status| {
         if status.queued == queued && status.running == running {
             return false;
         }
@@ -95,28 +87,31 @@ pub async fn publish_demand(
         true
     })
     .await
+    .map(drop)
 }
 
-/// Applies `change` to the latest status and writes it if `change` says something changed.
-async fn update(
+/// Applies `change` to the latest status (seeing the spec it was decided against) and writes it
+/// if `change` says something changed; on a conflicting write, reads again and retries.
+/// Returns whether the tenant exists.
+pub async fn update(
     tenants: &Api<Tenant>,
     tenant_name: &str,
-    change: impl Fn(&mut TenantStatus) -> bool,
-) -> kube::Result<()> {
+    mut change: impl FnMut(&TenantSpec, &mut TenantStatus) -> bool,
+) -> kube::Result<bool> {
     for _ in 0..MAX_CONFLICT_RETRIES {
         let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let mut status = tenant.status.clone().unwrap_or_default();
-        if !change(&mut status) {
-            return Ok(());
+        if !change(&tenant.spec, &mut status) {
+            return Ok(true);
         }
         tenant.status = Some(status);
         match tenants
             .replace_status(tenant_name, &PostParams::default(), &tenant)
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(error) => return Err(error),
         }
