@@ -3,13 +3,9 @@
 // it in "My images" and reuse its parameters; on a phone-sized screen.
 //
 //   node page.mjs --api URL --login alice@example.com --password alice-pw --prompt TEXT --out DIR
-//                 [--outputs reachable|unreachable] [--admin-login L --admin-password P]
+//                 [--admin-login L --admin-password P]
 //
 // With --admin-login, a tenant admin then opens the admin view on a desktop-sized screen.
-//
-// `--outputs unreachable`: the tenant's outputs server cannot be reached (the test cluster
-// cannot publish loopback addresses in EndpointSlices); then the page must say so where the
-// images would be, and the image checks stop there.
 //
 // The job is driven to completion by whoever runs this (the controller and inference, or a
 // test playing them); this script only looks at the page. Screenshots go to --out.
@@ -28,7 +24,6 @@ const { values: args } = parseArgs({
     prompt: { type: 'string' },
     out: { type: 'string' },
     timeout: { type: 'string', default: '60000' },
-    outputs: { type: 'string', default: 'reachable' },
     'admin-login': { type: 'string' },
     'admin-password': { type: 'string' },
   },
@@ -38,7 +33,6 @@ for (const name of ['api', 'login', 'password', 'prompt', 'out']) {
 }
 mkdirSync(args.out, { recursive: true });
 const timeout = Number(args.timeout);
-const outputsReachable = args.outputs !== 'unreachable';
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -92,12 +86,10 @@ try {
     await page.locator('#job-phase').filter({ hasText: 'Succeeded' }).waitFor();
     const image = page.locator('#job-images img').first();
     await image.waitFor({ state: 'attached' });
-    if (outputsReachable) {
-      await page.waitForFunction(() => {
-        const img = document.querySelector('#job-images img');
-        return img && img.complete && img.naturalWidth > 0;
-      });
-    }
+    await page.waitForFunction(() => {
+      const img = document.querySelector('#job-images img');
+      return img && img.complete && img.naturalWidth > 0;
+    });
     const progress = await page.$eval('#job-progress', (el) => [el.value, el.max]);
     if (progress[0] !== progress[1]) throw new Error(`progress bar at ${progress}`);
     await shot('6-done');
@@ -105,11 +97,6 @@ try {
 
   await step('find it in "My images" and reuse its parameters', async () => {
     await page.click('button[data-tab=gallery]');
-    if (!outputsReachable) {
-      await page.locator('#message').filter({ hasText: 'not reachable' }).waitFor();
-      await shot('7-gallery-unreachable');
-      return;
-    }
     const card = page.locator('#gallery .card').first();
     await card.waitFor();
     await page.waitForFunction(() => [...document.querySelectorAll('#gallery img')].some((img) => img.complete && img.naturalWidth > 0));

@@ -33,10 +33,11 @@ pub struct ClusterOptions {
 }
 
 impl Default for ClusterOptions {
-    /// One node `local-1` with 4 `nvidia.com/gpu`; binaries from [`paths::default_bin_dir`].
+    /// One node `local-1` with 8 `nvidia.com/gpu` (room for the GPU-holding tenants of one test
+    /// binary); binaries from [`paths::default_bin_dir`].
     fn default() -> Self {
         Self {
-            nodes: vec![NodeConfig::new("local-1").with_resource("nvidia.com/gpu", "4")],
+            nodes: vec![NodeConfig::new("local-1").with_resource("nvidia.com/gpu", "8")],
             bin_dir: paths::default_bin_dir(),
         }
     }

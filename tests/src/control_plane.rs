@@ -54,7 +54,7 @@ impl ControlPlane {
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true);
-        child::die_with_parent(&mut command, libc::SIGTERM);
+        child::die_with_parent(command.as_std_mut(), libc::SIGTERM);
         let mut process = command
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;

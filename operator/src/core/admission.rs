@@ -126,6 +126,14 @@ pub fn release(usage: &mut Vec<UserUsage>, user: &str, images: u32) {
     usage.retain(|u| u.images > 0);
 }
 
+/// Forgets everything `user` reserved today (an admin's quota reset); returns how many images that
+/// was.
+pub fn reset(usage: &mut Vec<UserUsage>, user: &str) -> u32 {
+    let removed = images_of(usage, user);
+    usage.retain(|u| u.user != user);
+    removed
+}
+
 /// The quota day (`YYYY-MM-DD`) of `now` in the tenant's time zone; UTC when the zone is unknown,
 /// which the tenant controller reports as a Degraded condition.
 pub fn quota_day(now: Timestamp, time_zone: &str) -> String {
@@ -288,6 +296,18 @@ mod tests {
         assert!(usage.is_empty());
         release(&mut usage, "nobody", 1);
         assert!(usage.is_empty());
+    }
+
+    #[test]
+    fn reset_removes_only_that_user() {
+        let mut usage = Vec::new();
+        reserve(&mut usage, "alice", 5);
+        reserve(&mut usage, "bob", 2);
+        assert_eq!(reset(&mut usage, "alice"), 5);
+        assert_eq!(images_of(&usage, "alice"), 0);
+        assert_eq!(images_of(&usage, "bob"), 2);
+        assert_eq!(reset(&mut usage, "carol"), 0);
+        assert_eq!(usage.len(), 1);
     }
 
     #[test]

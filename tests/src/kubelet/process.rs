@@ -93,7 +93,7 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
         .stderr(log)
         .process_group(0)
         .kill_on_drop(true);
-    child::die_with_parent(&mut command, libc::SIGKILL);
+    child::die_with_parent(command.as_std_mut(), libc::SIGKILL);
     let mounts = launch
         .mounts
         .iter()

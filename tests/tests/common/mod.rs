@@ -3,16 +3,23 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
-use std::os::unix::process::CommandExt;
+pub mod platform;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use atelier_crds::{GenerationJob, Tenant};
-use atelier_tests::{TestCluster, paths, unique_name, wait_for};
-use k8s_openapi::api::core::v1::PersistentVolume;
-use kube::api::{Api, PostParams};
+use atelier_tests::{TestCluster, TestProcess, paths, unique_name, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, ResourceQuota, Service,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -20,7 +27,7 @@ pub const INFERENCE_IMAGE: &str = "ghcr.io/atelier-dev/atelier-inference:test";
 
 /// The operator's controller, run as a local process with the admin kubeconfig.
 pub struct Operator {
-    child: Child,
+    process: TestProcess,
     pub log: PathBuf,
 }
 
@@ -41,33 +48,39 @@ impl Operator {
             .env("RUST_LOG", "info,atelier_operator=debug")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out));
-        // The operator must not outlive a test process that is killed.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command
-            .spawn()
-            .context("starting atelier-operator (build it first)")?;
-        Ok(Self { child, log })
+        let (process, _) =
+            TestProcess::spawn(command).context("starting atelier-operator (build it first)")?;
+        Ok(Self { process, log })
     }
 
     /// Kills the operator at once, as a crash or a lost node would.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
 
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
+    /// The operator's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let address = wait_for(
+            "the operator's metrics address",
+            Duration::from_secs(30),
+            || async {
+                Ok(self.logs().lines().find_map(|line| {
+                    let entry: Value = serde_json::from_str(line).ok()?;
+                    (entry["message"] == "serving metrics")
+                        .then(|| entry["address"].as_str().map(String::from))?
+                }))
+            },
+        )
+        .await?;
+        Ok(reqwest::get(format!("http://{address}/metrics"))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 }
 
@@ -146,13 +159,22 @@ pub fn merge(base: &mut Value, overrides: Value) {
     }
 }
 
-/// Creates a tenant and waits until its namespace exists.
+/// Creates a tenant and waits until its namespace exists, so that jobs can be created in it.
 pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::Result<Tenant> {
     let client = cluster.client().await;
     let volume = model_volume(cluster).await?;
     let tenant = tenant_manifest(&unique_name("tn"), &volume, overrides);
-    let tenants = Api::<Tenant>::all(client);
-    let created = tenants.create(&PostParams::default(), &tenant).await?;
+    let created = Api::<Tenant>::all(client.clone())
+        .create(&PostParams::default(), &tenant)
+        .await?;
+    let namespaces = Api::<Namespace>::all(client);
+    let namespace = created.namespace_name();
+    wait_for(
+        &format!("namespace {namespace}"),
+        Duration::from_secs(60),
+        || async { Ok(namespaces.get_opt(&namespace).await?.map(drop)) },
+    )
+    .await?;
     Ok(created)
 }
 
@@ -268,15 +290,75 @@ pub fn apply_chart_template(cluster: &TestCluster, template: &str) -> anyhow::Re
     Ok(())
 }
 
+/// The value of the sample `name{labels}` in Prometheus text, where `labels` lists some of the
+/// sample's labels (`tenant="x"`), in the order the operator writes them.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric == name && labels.iter().all(|label| rest.contains(label))
+        })
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// Every object the tenant controller applies in `ns`, as `Kind/name` → the version that changes
+/// when something writes it (the spec generation for a ResourceQuota, whose status the quota
+/// controller keeps rewriting; the resourceVersion otherwise).
+pub async fn tenant_objects(
+    client: &kube::Client,
+    ns: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut objects = BTreeMap::new();
+    collect::<Deployment>(client, ns, &mut objects, resource_version).await?;
+    collect::<Service>(client, ns, &mut objects, resource_version).await?;
+    collect::<NetworkPolicy>(client, ns, &mut objects, resource_version).await?;
+    collect::<RoleBinding>(client, ns, &mut objects, resource_version).await?;
+    collect::<LimitRange>(client, ns, &mut objects, resource_version).await?;
+    collect::<PersistentVolumeClaim>(client, ns, &mut objects, resource_version).await?;
+    collect::<ResourceQuota>(client, ns, &mut objects, |meta| {
+        format!("generation {:?}", meta.generation)
+    })
+    .await?;
+    Ok(objects)
+}
+
+fn resource_version(meta: &ObjectMeta) -> String {
+    meta.resource_version.clone().unwrap_or_default()
+}
+
+async fn collect<K>(
+    client: &kube::Client,
+    ns: &str,
+    into: &mut BTreeMap<String, String>,
+    version: impl Fn(&ObjectMeta) -> String,
+) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    for object in Api::<K>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+    {
+        let meta = object.meta();
+        into.insert(
+            format!("{}/{}", K::kind(&()), meta.name.clone().unwrap_or_default()),
+            version(meta),
+        );
+    }
+    Ok(())
+}
+
 /// The tenant's output directory on the local node: the hostPath of its outputs PV.
 pub async fn outputs_dir(cluster: &TestCluster, namespace: &str) -> anyhow::Result<PathBuf> {
     let client = cluster.client().await;
-    let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
-        client.clone(),
-        namespace,
-    )
-    .get("outputs")
-    .await?;
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .get("outputs")
+        .await?;
     let volume_name = claim
         .spec
         .and_then(|s| s.volume_name)

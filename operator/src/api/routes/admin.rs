@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -24,10 +24,9 @@ use crate::api::audit::{Event, Outcome};
 use crate::api::auth::Caller;
 use crate::api::authz;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
+use crate::controllers::quota;
 use crate::endpoints::ready_endpoints;
 
-/// Attempts of a read-modify-write of the Tenant status before giving up on conflicts.
-const STATUS_WRITE_ATTEMPTS: usize = 8;
 /// How long an inference pod may take to answer a model request.
 const MODEL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -196,25 +195,6 @@ pub struct QuotaResetResult {
     pub removed_images: u32,
 }
 
-/// Removes `user` from today's usage, or `None` when there is nothing to remove.
-pub fn without_user(tenant: &Tenant, user: &str) -> Option<(Tenant, u32)> {
-    let status = tenant.status.as_ref()?;
-    let removed: u32 = status
-        .usage
-        .iter()
-        .filter(|u| u.user == user)
-        .map(|u| u.images)
-        .sum();
-    if !status.usage.iter().any(|u| u.user == user) {
-        return None;
-    }
-    let mut updated = tenant.clone();
-    if let Some(status) = updated.status.as_mut() {
-        status.usage.retain(|u| u.user != user);
-    }
-    Some((updated, removed))
-}
-
 /// Reset a user's daily quota (admin)
 ///
 /// Removes the user's entry from `Tenant.status.usage` with a read-modify-write that carries
@@ -240,38 +220,20 @@ pub async fn reset_quota(
     access.require_admin(&caller, "quota_reset")?;
     let Json(QuotaReset { user }) =
         body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
-    let api = Api::<Tenant>::all(state.kube.clone());
-    let mut current = access.tenant;
-    let mut removed_images = 0;
-    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
-        let Some((updated, removed)) = without_user(&current, &user) else {
-            break;
-        };
-        match api
-            .replace_status(&tenant, &PostParams::default(), &updated)
-            .await
-        {
-            Ok(_) => {
-                removed_images = removed;
-                break;
-            }
-            Err(kube::Error::Api(status))
-                if status.code == 409 && attempt < STATUS_WRITE_ATTEMPTS =>
-            {
-                current = api.get(&tenant).await?;
-            }
-            Err(error) => {
-                Event::new("quota_reset", Outcome::Failure)
-                    .user(caller.user())
-                    .tenant(&tenant)
-                    .client(caller.client)
-                    .object(&user)
-                    .reason("WriteFailed")
-                    .emit();
-                return Err(error.into());
-            }
+    let tenants = Api::<Tenant>::all(state.kube.clone());
+    let removed_images = match quota::reset(&tenants, &tenant, &user).await {
+        Ok(removed) => removed.unwrap_or(0),
+        Err(error) => {
+            Event::new("quota_reset", Outcome::Failure)
+                .user(caller.user())
+                .tenant(&tenant)
+                .client(caller.client)
+                .object(&user)
+                .reason("WriteFailed")
+                .emit();
+            return Err(error.into());
         }
-    }
+    };
     Event::new("quota_reset", Outcome::Success)
         .user(caller.user())
         .tenant(&tenant)
@@ -622,35 +584,5 @@ mod tests {
         assert_eq!(csv.lines().nth(1), Some("2026-11-29,alice,2,3,80.0"));
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
         assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
-    }
-
-    #[test]
-    fn quota_reset_removes_only_that_user() {
-        let mut t = tenant();
-        assert!(without_user(&t, "alice").is_none());
-        t.status = Some(TenantStatus {
-            usage_day: Some("2026-11-29".into()),
-            usage: vec![
-                UserUsage {
-                    user: "alice".into(),
-                    images: 5,
-                },
-                UserUsage {
-                    user: "bob".into(),
-                    images: 2,
-                },
-            ],
-            ..TenantStatus::default()
-        });
-        let (updated, removed) = without_user(&t, "alice").unwrap();
-        assert_eq!(removed, 5);
-        assert_eq!(
-            updated.status.unwrap().usage,
-            vec![UserUsage {
-                user: "bob".into(),
-                images: 2
-            }]
-        );
-        assert!(without_user(&t, "carol").is_none());
     }
 }

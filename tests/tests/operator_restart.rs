@@ -1,0 +1,165 @@
+//! The operator killed at the worst moments: in the middle of a tenant's first reconcile, and
+//! while a job runs. A new operator process must finish the work without duplicating or
+//! orphaning anything. Each test kills its own operator, so this binary has its cluster to
+//! itself and runs its tests one at a time.
+
+mod common;
+
+use std::time::Duration;
+
+use atelier_crds::JobPhase;
+use atelier_tests::{TestCluster, wait_for};
+use common::{
+    Operator, create_job, create_tenant, tenant_objects, wait_job, wait_job_finished,
+    wait_tenant_ready,
+};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Two operators must never run at once here (one is killed, the next started).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn cluster() -> &'static TestCluster {
+    let cluster = TestCluster::shared().await;
+    static ROLES: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ROLES
+        .get_or_init(|| async {
+            common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml")
+                .expect("tenant ClusterRoles");
+        })
+        .await;
+    cluster
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let client = cluster.client().await;
+    let mut first = Operator::start(cluster, &[]).unwrap();
+    // The namespace is the first object of the reconcile: kill the operator as soon as it exists.
+    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
+    first.kill();
+    let ns = tenant.namespace_name();
+    let partial = tenant_objects(&client, &ns).await.unwrap();
+
+    let _second = Operator::start(cluster, &[]).unwrap();
+    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
+    let objects = tenant_objects(&client, &ns).await.unwrap();
+    let kinds: Vec<&str> = objects.keys().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Deployment/inference",
+            "Deployment/outputs",
+            "LimitRange/atelier-defaults",
+            "NetworkPolicy/allow-from-platform",
+            "NetworkPolicy/default-deny-ingress",
+            "PersistentVolumeClaim/model",
+            "PersistentVolumeClaim/outputs",
+            "ResourceQuota/atelier-quota",
+            "RoleBinding/atelier-admins",
+            "RoleBinding/atelier-members",
+            "Service/inference",
+            "Service/outputs",
+        ],
+        "after the restart (before it: {partial:?})"
+    );
+    // One ReplicaSet per Deployment and exactly the pods asked for: nothing created twice.
+    let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        replica_sets.items.len(),
+        2,
+        "{:?}",
+        names(&replica_sets.items)
+    );
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    wait_for("one inference and one outputs pod", TIMEOUT, || async {
+        let list = pods.list(&ListParams::default()).await?;
+        let live: Vec<&Pod> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        Ok((live.len() == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_job_yields_one_image_and_the_job_completes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let mut first = Operator::start(cluster, &[]).unwrap();
+    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
+    let ns = tenant.namespace_name();
+    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
+    // About ten seconds of work on the tiny model.
+    let job = create_job(
+        cluster,
+        &ns,
+        "joe@example.com",
+        json!({ "steps": 30, "width": 512, "height": 512 }),
+    )
+    .await
+    .unwrap();
+    let name = job.name_any();
+    wait_job(cluster, &ns, &name, TIMEOUT, |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.progress)
+            .is_some_and(|p| p.step >= 1)
+    })
+    .await
+    .unwrap();
+    first.kill();
+
+    let second = Operator::start(cluster, &[]).unwrap();
+    let done = wait_job_finished(cluster, &ns, &name, TIMEOUT)
+        .await
+        .unwrap();
+    let status = done.status.clone().unwrap();
+    assert_eq!(done.phase(), JobPhase::Succeeded, "{status:?}");
+    assert_eq!(
+        status.attempts, 1,
+        "the running generation was adopted, not redone"
+    );
+    assert_eq!(status.progress.unwrap().step, 30);
+    let dir = common::outputs_dir(cluster, &ns)
+        .await
+        .unwrap()
+        .join("joe@example.com");
+    let pngs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|x| x == "png"))
+        .collect();
+    assert_eq!(pngs.len(), 1, "exactly one image for one job: {pngs:?}");
+    assert!(
+        !second.logs().contains("dispatch failed"),
+        "{}",
+        second.logs()
+    );
+}
+
+fn names<K: kube::Resource>(items: &[K]) -> Vec<String> {
+    items.iter().map(|item| item.name_any()).collect()
+}
