@@ -1,5 +1,5 @@
-//! The operator killed at the worst moments: in the middle of a tenant's first reconcile, and
-//! while a job runs. A new operator process must finish the work without duplicating or
+//! The operator killed at the worst moments: in the middle of a tenant's first reconcile, while
+//! a job runs, and while it leads a pair of replicas. A new operator process must finish the work without duplicating or
 //! orphaning anything. Each test kills its own operator, so this binary has its cluster to
 //! itself and runs its tests one at a time.
 
@@ -8,15 +8,15 @@ mod common;
 use std::time::Duration;
 
 use atelier_crds::JobPhase;
-use atelier_tests::{TestCluster, wait_for};
+use atelier_tests::{TestCluster, unique_name, wait_for};
 use common::{
     Operator, create_job, create_tenant, tenant_objects, wait_job, wait_job_finished,
     wait_tenant_ready,
 };
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -158,6 +158,55 @@ async fn an_operator_killed_mid_job_yields_one_image_and_the_job_completes() {
         "{}",
         second.logs()
     );
+}
+
+#[tokio::test]
+async fn of_two_operators_one_leads_and_the_other_takes_over_when_it_dies() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let client = cluster.client().await;
+    let lease_namespace = unique_name("leases");
+    let namespace: Namespace =
+        serde_json::from_value(json!({ "metadata": { "name": lease_namespace } })).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let elect = |identity: &str| {
+        Operator::start(
+            cluster,
+            &[
+                "--leader-elect",
+                &format!("--leader-namespace={lease_namespace}"),
+                &format!("--identity={identity}"),
+            ],
+        )
+        .unwrap()
+    };
+    let mut first = elect("operator-a");
+    wait_for("operator-a to lead", TIMEOUT, || async {
+        Ok(first.logs().contains("became leader").then_some(()))
+    })
+    .await
+    .unwrap();
+    let second = elect("operator-b");
+    let tenant = create_tenant(cluster, json!({})).await.unwrap();
+    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        !second.logs().contains("became leader") && !second.logs().contains("tenant status"),
+        "the standby reconciled:\n{}",
+        second.logs()
+    );
+
+    first.kill();
+    // The standby takes over once the dead leader's lease expires.
+    let tenant = create_tenant(cluster, json!({})).await.unwrap();
+    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
+    assert!(second.logs().contains("became leader"), "{}", second.logs());
 }
 
 fn names<K: kube::Resource>(items: &[K]) -> Vec<String> {

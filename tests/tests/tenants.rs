@@ -131,11 +131,14 @@ async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
         model["state"], "host",
         "the model is loaded and waits in host memory: {model}"
     );
-    let tenant = Api::<Tenant>::all(client)
-        .get(&tenant.name_any())
-        .await
-        .unwrap();
-    assert_eq!(tenant.status.unwrap().ready_replicas, 1);
+    // The status follows the Deployment's, a moment after the pod's readiness.
+    let tenants = Api::<Tenant>::all(client);
+    wait_for("status.readyReplicas 1", TIMEOUT, || async {
+        let status = tenants.get(&tenant.name_any()).await?.status;
+        Ok((status.is_some_and(|s| s.ready_replicas == 1)).then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -273,6 +276,62 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
         snapshot,
         "a reconcile wrote to an object that was already as desired"
     );
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_out_new_inference_pods() {
+    let cluster = operator().await;
+    let client = cluster.client().await;
+    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
+    let name = tenant.name_any();
+    let ns = tenant.namespace_name();
+    wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let inference = ListParams::default().labels("app.kubernetes.io/component=inference");
+    let ready_inference_pods = || async {
+        let list = pods.list(&inference).await?;
+        anyhow::Ok(
+            list.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .collect::<Vec<Pod>>(),
+        )
+    };
+    let before: Vec<String> = wait_for("a Ready inference pod", TIMEOUT, || async {
+        let ready = ready_inference_pods().await?;
+        Ok((!ready.is_empty()).then(|| ready.iter().map(|p| p.name_any()).collect()))
+    })
+    .await
+    .unwrap();
+
+    Api::<Tenant>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "inference": { "model": { "precision": "fp8" } } } })),
+        )
+        .await
+        .unwrap();
+    let replaced = wait_for("a new inference pod with fp8", TIMEOUT, || async {
+        let ready = ready_inference_pods().await?;
+        Ok(ready.into_iter().find(|p| !before.contains(&p.name_any())))
+    })
+    .await
+    .unwrap();
+    let args = replaced.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(args.iter().any(|a| a == "--precision=fp8"), "{args:?}");
+    wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
 }
 
 #[tokio::test]
