@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use atelier_crds::{GenerationJob, JobPhase, Tenant};
 use atelier_tests::{TestCluster, wait_for};
+use base64::Engine as _;
 use common::{
     Operator, create_job, create_tenant, metric, wait_job, wait_job_finished, wait_tenant_ready,
 };
 use futures::future::join_all;
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -428,4 +430,92 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_signed_webhook_hears_start_and_completion_and_the_ttl_keeps_the_image() {
+    let (cluster, _) = platform().await;
+    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
+    let ns = tenant.namespace_name();
+    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
+        .await
+        .unwrap();
+    let (deliveries, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let deliveries = deliveries.clone();
+            async move {
+                let header = |name: &str| headers[name].to_str().unwrap().to_string();
+                let _ = deliveries.send((
+                    header("webhook-id"),
+                    header("webhook-timestamp"),
+                    header("webhook-signature"),
+                    body,
+                ));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let key = b"a signing key of the tenant".to_vec();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "hooks" },
+        "stringData": { "key": format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&key)) },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(cluster.client().await, &ns)
+        .create(&Default::default(), &secret)
+        .await
+        .unwrap();
+
+    let job = create_job(
+        cluster,
+        &ns,
+        "kim@example.com",
+        json!({
+            "webhook": { "url": url, "secretRef": { "name": "hooks", "key": "key" }, "events": ["started", "completed"] },
+            "ttlAfterFinished": "3s",
+        }),
+    )
+    .await
+    .unwrap();
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        let (id, timestamp, signature, body) = tokio::time::timeout(TIMEOUT, delivered.recv())
+            .await
+            .expect("a webhook delivery")
+            .unwrap();
+        assert_eq!(
+            signature,
+            atelier_operator::controllers::webhook::sign(&key, &id, &timestamp, &body)
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["data"]["name"], job.name_any().as_str());
+        events.push((body["type"].as_str().unwrap().to_string(), body));
+    }
+    assert_eq!(events[0].0, "generation.started");
+    assert_eq!(events[1].0, "generation.completed");
+    assert_eq!(events[1].1["data"]["phase"], "Succeeded");
+    let path = events[1].1["data"]["outputs"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The finished object goes after its TTL; the image stays.
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    wait_for("the job deleted after its TTL", TIMEOUT, || async {
+        Ok(jobs.get_opt(&job.name_any()).await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    let png = common::outputs_dir(cluster, &ns)
+        .await
+        .unwrap()
+        .join(path.trim_start_matches("/outputs/"));
+    assert!(png.exists(), "{} is gone", png.display());
 }

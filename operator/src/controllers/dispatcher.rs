@@ -711,7 +711,14 @@ impl Dispatcher {
         update: Option<&(dyn Fn(&mut atelier_crds::GenerationJobStatus) + Sync)>,
     ) {
         match finish(job, &self.ctx, phase, reason, message, update).await {
-            Ok(()) => webhook::notify(&self.ctx, job, WebhookEvent::Completed, phase.as_str()),
+            Ok(status) => {
+                // The receiver wants the outputs that were just recorded.
+                let finished = GenerationJob {
+                    status: Some(status),
+                    ..job.clone()
+                };
+                webhook::notify(&self.ctx, &finished, WebhookEvent::Completed, phase.as_str())
+            }
             Err(error) => {
                 tracing::warn!(job = job.name_any(), %error, "could not record the end of a job")
             }

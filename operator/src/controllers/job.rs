@@ -237,7 +237,7 @@ pub async fn release_reservation(job: &GenerationJob, ctx: &Context) -> kube::Re
     .await
 }
 
-/// Moves a job to a final phase with a reason, condition and Event.
+/// Moves a job to a final phase with a reason, condition and Event; returns the status written.
 pub async fn finish(
     job: &GenerationJob,
     ctx: &Context,
@@ -245,7 +245,7 @@ pub async fn finish(
     reason: &str,
     message: &str,
     update: Option<&(dyn Fn(&mut GenerationJobStatus) + Sync)>,
-) -> kube::Result<()> {
+) -> kube::Result<GenerationJobStatus> {
     let now = Time(ctx.clock.now());
     let mut status = job.status.clone().unwrap_or_default();
     status.phase = Some(phase);
@@ -304,7 +304,7 @@ pub async fn finish(
             .run_time
             .observe(now.0.duration_since(start.0).as_secs_f64().max(0.0));
     }
-    Ok(())
+    Ok(status)
 }
 
 /// Writes a job's whole status with a merge patch.
