@@ -6,7 +6,7 @@
 //! the inference pods' own job lists, so a restarted or newly elected operator re-adopts running
 //! work instead of dispatching it twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,24 +131,36 @@ impl Dispatcher {
     }
 
     async fn tick(&self) {
-        let mut by_tenant: BTreeMap<String, Vec<Arc<GenerationJob>>> = BTreeMap::new();
+        // One pass over each store per tick, so that a tick costs O(tenants + jobs + slices).
+        let mut jobs_by_tenant: HashMap<String, Vec<Arc<GenerationJob>>> = HashMap::new();
         for job in self.jobs.state() {
             if let Some(tenant) = tenant_of(&job) {
-                by_tenant
+                jobs_by_tenant
                     .entry(tenant.to_string())
                     .or_default()
                     .push(job.clone());
             }
         }
-        for tenant in self.tenants.state() {
-            by_tenant.entry(tenant.name_any()).or_default();
+        let mut slices_by_namespace: HashMap<String, Vec<EndpointSlice>> = HashMap::new();
+        for slice in self.slices.state() {
+            if let Some(namespace) = &slice.metadata.namespace {
+                slices_by_namespace
+                    .entry(namespace.clone())
+                    .or_default()
+                    .push((*slice).clone());
+            }
         }
         self.cancel_orphans().await;
-        join_all(
-            by_tenant
-                .into_iter()
-                .map(|(tenant, jobs)| self.tenant_tick(tenant, jobs)),
-        )
+        join_all(self.tenants.state().into_iter().map(|tenant| {
+            let jobs = jobs_by_tenant
+                .remove(&tenant.name_any())
+                .unwrap_or_default();
+            let slices = slices_by_namespace
+                .remove(&tenant.namespace_name())
+                .unwrap_or_default();
+            let endpoints = ready_in_slices(&slices, HTTP_PORT_NAME);
+            async move { self.tenant_tick(&tenant, jobs, endpoints).await }
+        }))
         .await;
     }
 
@@ -179,16 +191,13 @@ impl Dispatcher {
         }
     }
 
-    async fn tenant_tick(&self, tenant_name: String, jobs: Vec<Arc<GenerationJob>>) {
-        let Some(tenant) = self
-            .tenants
-            .state()
-            .into_iter()
-            .find(|t| t.name_any() == tenant_name)
-        else {
-            return;
-        };
-        let endpoints = self.endpoints_of(&tenant);
+    async fn tenant_tick(
+        &self,
+        tenant: &Tenant,
+        jobs: Vec<Arc<GenerationJob>>,
+        endpoints: Vec<Endpoint>,
+    ) {
+        let tenant_name = tenant.name_any();
         let running: Vec<&Arc<GenerationJob>> = jobs
             .iter()
             .filter(|j| j.phase() == JobPhase::Running)
@@ -196,7 +205,7 @@ impl Dispatcher {
         join_all(
             running
                 .iter()
-                .map(|job| self.follow(&tenant, job, &endpoints)),
+                .map(|job| self.follow(tenant, job, &endpoints)),
         )
         .await;
 
@@ -206,7 +215,7 @@ impl Dispatcher {
             .collect();
         let mut dispatched = 0;
         if !queued.is_empty() && !endpoints.is_empty() {
-            dispatched = self.dispatch(&tenant, &jobs, &queued, &endpoints).await;
+            dispatched = self.dispatch(tenant, &jobs, &queued, &endpoints).await;
         }
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
@@ -243,18 +252,6 @@ impl Dispatcher {
                 tracing::warn!(tenant = tenant_name, %error, "could not publish demand");
             }
         }
-    }
-
-    fn endpoints_of(&self, tenant: &Tenant) -> Vec<Endpoint> {
-        let ns = tenant.namespace_name();
-        let slices: Vec<EndpointSlice> = self
-            .slices
-            .state()
-            .iter()
-            .filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()))
-            .map(|s| (**s).clone())
-            .collect();
-        ready_in_slices(&slices, HTTP_PORT_NAME)
     }
 
     /// Hands queued jobs to endpoints with free slots, in queue order. Returns how many started.
@@ -717,7 +714,12 @@ impl Dispatcher {
                     status: Some(status),
                     ..job.clone()
                 };
-                webhook::notify(&self.ctx, &finished, WebhookEvent::Completed, phase.as_str())
+                webhook::notify(
+                    &self.ctx,
+                    &finished,
+                    WebhookEvent::Completed,
+                    phase.as_str(),
+                )
             }
             Err(error) => {
                 tracing::warn!(job = job.name_any(), %error, "could not record the end of a job")

@@ -508,7 +508,7 @@ pub async fn usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atelier_crds::{GenerationJobStatus, JobOutput, JobPhase, TenantStatus, UserUsage};
+    use atelier_crds::{GenerationJobStatus, JobOutput, JobPhase};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn tenant() -> Tenant {
