@@ -258,6 +258,42 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     })
     .await
     .unwrap();
+    // Each repair is reported as an Event on the Tenant: the edited quota as repaired, the
+    // deleted Service as created (a second time).
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    wait_for("events of the repairs", TIMEOUT, || async {
+        // The recorder folds a repeated event into one object with a series count.
+        let notes: Vec<(String, String, i32)> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(&name))
+            .map(|e| {
+                let times = e.series.as_ref().map_or(1, |s| s.count.max(1));
+                (
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                    times,
+                )
+            })
+            .collect();
+        let count = |reason: &str, note: String| -> i32 {
+            notes
+                .iter()
+                .filter(|(r, n, _)| r == reason && *n == note)
+                .map(|(_, _, times)| times)
+                .sum()
+        };
+        let quota_repaired = count(
+            "Repaired",
+            format!("restored the desired state of ResourceQuota {ns}/atelier-quota"),
+        );
+        let service_created = count("Created", format!("created Service {ns}/outputs"));
+        Ok((quota_repaired >= 1 && service_created >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
     wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
 
     // Steady state: reconciles triggered by touching the tenant change no owned object.

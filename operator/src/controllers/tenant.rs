@@ -13,8 +13,8 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Service,
-    ServiceAccount,
+    LimitRange, Namespace, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+    ResourceQuota, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -224,12 +224,19 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             Applied::Created => ("Created", "created"),
             _ => ("Repaired", "restored the desired state of"),
         };
+        let related = ObjectReference {
+            kind: Some(kind.to_string()),
+            namespace: (*kind != "Namespace").then(|| ns.clone()),
+            name: Some(object.clone()),
+            ..ObjectReference::default()
+        };
         publish(
             ctx,
             tenant,
             EventType::Normal,
             reason,
             format!("{verb} {kind} {ns}/{object}"),
+            Some(related),
         )
         .await;
     }
@@ -539,6 +546,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             EventType::Normal,
             "Deleting",
             format!("deleting namespace {ns}"),
+            None,
         )
         .await;
     }
@@ -571,6 +579,7 @@ async fn retain_output_volume(tenant: &Tenant, ctx: &Context) -> Result<(), Erro
         EventType::Normal,
         "VolumeRetained",
         format!("kept PersistentVolume {volume} with the tenant's images"),
+        None,
     )
     .await;
     Ok(())
@@ -582,13 +591,22 @@ fn owner_reference(tenant: &Tenant) -> OwnerReference {
         .expect("a Tenant from the API server has a name and uid")
 }
 
-async fn publish(ctx: &Context, tenant: &Tenant, type_: EventType, reason: &str, note: String) {
+/// Publishes an Event on the tenant; `related` names the object it is about, which also keeps
+/// the recorder from folding events about different objects into one series.
+async fn publish(
+    ctx: &Context,
+    tenant: &Tenant,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
         tracing::warn!(%error, "could not publish an event");
