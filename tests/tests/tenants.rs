@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use atelier_crds::Tenant;
 use atelier_tests::{TestCluster, unique_name, wait_for};
-use common::{Operator, create_tenant, tenant_objects, wait_tenant_ready};
+use common::{Operator, create_tenant, metric, tenant_objects, wait_tenant_ready};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod, ResourceQuota, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -20,21 +20,25 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 
 /// One operator for the tests of this binary that do not restart it.
 async fn operator() -> &'static TestCluster {
+    started_operator().await.0
+}
+
+async fn started_operator() -> (&'static TestCluster, &'static Operator) {
     static OPERATOR: OnceCell<Operator> = OnceCell::const_new();
     let cluster = TestCluster::shared().await;
-    OPERATOR
+    let operator = OPERATOR
         .get_or_init(|| async {
             common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml")
                 .expect("tenant ClusterRoles");
             Operator::start(cluster, &[]).expect("operator")
         })
         .await;
-    cluster
+    (cluster, operator)
 }
 
 #[tokio::test]
 async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
-    let cluster = operator().await;
+    let (cluster, operator) = started_operator().await;
     let client = cluster.client().await;
     let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
         .await
@@ -139,6 +143,39 @@ async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
     })
     .await
     .unwrap();
+
+    // Metrics: reconciles counted, the tenant's conditions published.
+    let metrics = operator.metrics().await.unwrap();
+    let tenant_label = format!("tenant=\"{}\"", tenant.name_any());
+    assert_eq!(
+        metric(
+            &metrics,
+            "atelier_tenant_condition",
+            &[&tenant_label, "condition=\"Ready\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "atelier_tenant_condition",
+            &[&tenant_label, "condition=\"Degraded\""]
+        ),
+        Some(0.0)
+    );
+    let reconciles = metric(
+        &metrics,
+        "atelier_reconcile_total",
+        &["controller=\"tenant\"", "result=\"success\""],
+    );
+    assert!(reconciles >= Some(1.0), "{metrics}");
+    let histogram = metric(
+        &metrics,
+        "atelier_reconcile_duration_seconds_count",
+        &["controller=\"tenant\""],
+    );
+    assert!(histogram >= Some(1.0), "{metrics}");
 }
 
 #[tokio::test]
