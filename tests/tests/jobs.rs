@@ -233,7 +233,7 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
                 cluster,
                 &ns,
                 "ann@example.com",
-                json!({ "steps": 20, "width": 512, "height": 512 }),
+                json!({ "steps": 12, "width": 512, "height": 512 }),
             )
             .await
             .unwrap()
@@ -245,6 +245,17 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
         .await
         .unwrap()
         .name_any();
+    // Waiting jobs show where they stand in the queue.
+    let last = wait_job(cluster, &ns, &ann[9], TIMEOUT, |j| {
+        j.status.as_ref().and_then(|s| s.queue_position).is_some()
+    })
+    .await
+    .unwrap();
+    let position = last.status.unwrap().queue_position.unwrap();
+    assert!(
+        (2..=10).contains(&position),
+        "ann's tenth job at {position}"
+    );
     let bob_done = wait_job_finished(cluster, &ns, &bob, Duration::from_secs(300))
         .await
         .unwrap();
