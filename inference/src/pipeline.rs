@@ -568,7 +568,10 @@ fn build_models(
     })
 }
 
-fn validate(req: &GenerateRequest) -> Result<(), Error> {
+/// Checks a request against the limits above ([`Error::InvalidRequest`] says which one
+/// fails). [`Pipeline::generate`] calls it first; the HTTP server calls it on submission too,
+/// so that a bad request is a 400 rather than a job that fails later.
+pub fn validate(req: &GenerateRequest) -> Result<(), Error> {
     let invalid = |message: String| Err(Error::InvalidRequest(message));
     for (name, value) in [("width", req.width), ("height", req.height)] {
         if value == 0 || value % 16 != 0 || value > MAX_SIDE {

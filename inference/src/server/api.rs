@@ -24,7 +24,7 @@ use super::metrics::InferenceMetrics;
 use super::warm::ModelState;
 use super::worker::{Command, ModelView, OffloadError};
 use crate::outputs;
-use crate::pipeline::{MAX_IMAGES, MAX_SIDE, MAX_STEPS};
+use crate::pipeline;
 
 /// How long `DELETE /v1/jobs/{id}` waits for a running job to stop, so that the reply usually
 /// shows the final state. One denoising step is well below this on any supported hardware.
@@ -171,9 +171,8 @@ const MAX_PROMPT_BYTES: usize = 10_000;
 const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
 
 impl JobRequest {
-    /// Validates and fills in defaults. The limits are the pipeline's own (it checks again and
-    /// would fail the job with `InvalidRequest`); checking here answers the caller at once with
-    /// a 400 instead of a job that fails later.
+    /// Validates and fills in defaults. The generation parameters go through the pipeline's
+    /// own [`pipeline::validate`], which the worker would otherwise hit only when the job runs.
     pub fn into_spec(self, model: &ModelView) -> Result<JobSpec, ApiError> {
         let invalid = |m: String| Err(ApiError::InvalidRequest(m));
         if self.id.is_empty()
@@ -197,51 +196,30 @@ impl JobRequest {
         let Some(seed) = self.seed else {
             return invalid("seed is required".into());
         };
-        let width = self.width.unwrap_or(DEFAULT_SIZE);
-        let height = self.height.unwrap_or(DEFAULT_SIZE);
-        for (name, value) in [("width", width), ("height", height)] {
-            if value == 0 || value > MAX_SIDE || !value.is_multiple_of(16) {
-                return invalid(format!(
-                    "{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}"
-                ));
-            }
-        }
-        let steps = self.steps.unwrap_or(model.default_steps);
-        if !(1..=MAX_STEPS).contains(&steps) {
-            return invalid(format!(
-                "steps must be between 1 and {MAX_STEPS}, got {steps}"
-            ));
-        }
-        let guidance = self.guidance.unwrap_or(model.default_guidance);
-        if !guidance.is_finite() || guidance < 0.0 {
-            return invalid(format!(
-                "guidance must be a finite number >= 0, got {guidance}"
-            ));
-        }
-        let num_images = self.num_images.unwrap_or(1);
-        if !(1..=MAX_IMAGES).contains(&num_images) {
-            return invalid(format!(
-                "numImages must be between 1 and {MAX_IMAGES}, got {num_images}"
-            ));
-        }
         let timeout_seconds = self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
         if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout_seconds) {
             return invalid(format!(
                 "timeoutSeconds must be between 1 and {MAX_TIMEOUT_SECONDS}, got {timeout_seconds}"
             ));
         }
-        Ok(JobSpec {
+        let spec = JobSpec {
             id: self.id,
             user: self.user,
             prompt: self.prompt,
-            width,
-            height,
-            steps,
-            guidance,
+            width: self.width.unwrap_or(DEFAULT_SIZE),
+            height: self.height.unwrap_or(DEFAULT_SIZE),
+            steps: self.steps.unwrap_or(model.default_steps),
+            guidance: self.guidance.unwrap_or(model.default_guidance),
             seed,
-            num_images,
+            num_images: self.num_images.unwrap_or(1),
             timeout: Duration::from_secs(timeout_seconds),
-        })
+        };
+        pipeline::validate(&spec.request()).map_err(|e| match e {
+            // Without the variant's "invalid request: " prefix: the reason already says so.
+            pipeline::Error::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            other => ApiError::InvalidRequest(other.to_string()),
+        })?;
+        Ok(spec)
     }
 }
 
@@ -502,6 +480,21 @@ mod tests {
         );
         assert_eq!(spec.guidance, 3.5);
         assert_eq!(spec.timeout, Duration::from_secs(DEFAULT_TIMEOUT_SECONDS));
+    }
+
+    #[test]
+    fn generation_parameters_get_the_pipelines_message() {
+        let body = json!({"id": "j1", "user": "alice", "prompt": "fox", "seed": 1, "width": 100});
+        match request(body) {
+            Err(ApiError::InvalidRequest(message)) => assert_eq!(
+                message,
+                format!(
+                    "width 100 must be a positive multiple of 16 up to {}",
+                    pipeline::MAX_SIDE
+                )
+            ),
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::outputs::OutputFile;
+use crate::pipeline::GenerateRequest;
 
 /// A validated request, with defaults filled in. Two submissions with the same id are the same
 /// job exactly when their specs are equal.
@@ -31,6 +32,21 @@ pub struct JobSpec {
     pub seed: u64,
     pub num_images: u32,
     pub timeout: Duration,
+}
+
+impl JobSpec {
+    /// What the pipeline is asked to generate for this job.
+    pub fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            num_images: self.num_images,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -21,7 +21,7 @@ use super::jobs::{FailureReason, Job, JobError, Outcome};
 use super::metrics::InferenceMetrics;
 use super::warm::{self, ModelState, Move, WarmKeeper};
 use crate::outputs::{self, ImageData, JobInfo};
-use crate::pipeline::{self, GenerateRequest, Pipeline, Placement, Precision};
+use crate::pipeline::{self, Pipeline, Placement, Precision};
 
 /// What the HTTP side asks of the worker.
 pub enum Command {
@@ -217,15 +217,7 @@ impl Worker {
 
     fn generate(&self, job: &Job) -> Outcome {
         let spec = &job.spec;
-        let request = GenerateRequest {
-            prompt: spec.prompt.clone(),
-            width: spec.width,
-            height: spec.height,
-            steps: spec.steps,
-            guidance: spec.guidance,
-            seed: spec.seed,
-            num_images: spec.num_images,
-        };
+        let request = spec.request();
         let mut last_step = Instant::now();
         let mut on_step = |step: u32, total: u32| {
             job.progress(step, total);
