@@ -10,8 +10,8 @@ use std::time::Duration;
 use atelier_crds::JobPhase;
 use atelier_tests::{TestCluster, unique_name, wait_for};
 use common::{
-    Operator, create_job, create_tenant, tenant_objects, wait_job, wait_job_finished,
-    wait_tenant_ready,
+    Operator, create_job, create_ready_tenant, create_tenant, tenant_objects, user_pngs,
+    wait_job_finished, wait_job_generating, wait_tenant_ready,
 };
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -105,13 +105,8 @@ async fn an_operator_killed_mid_job_yields_one_image_and_the_job_completes() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let mut first = Operator::start(cluster, &[]).unwrap();
-    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
-        .await
-        .unwrap();
+    let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
     let ns = tenant.namespace_name();
-    wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
-        .await
-        .unwrap();
     // About ten seconds of work on the tiny model.
     let job = create_job(
         cluster,
@@ -122,14 +117,9 @@ async fn an_operator_killed_mid_job_yields_one_image_and_the_job_completes() {
     .await
     .unwrap();
     let name = job.name_any();
-    wait_job(cluster, &ns, &name, TIMEOUT, |j| {
-        j.status
-            .as_ref()
-            .and_then(|s| s.progress)
-            .is_some_and(|p| p.step >= 1)
-    })
-    .await
-    .unwrap();
+    wait_job_generating(cluster, &ns, &name, TIMEOUT)
+        .await
+        .unwrap();
     first.kill();
 
     let second = Operator::start(cluster, &[]).unwrap();
@@ -143,15 +133,7 @@ async fn an_operator_killed_mid_job_yields_one_image_and_the_job_completes() {
         "the running generation was adopted, not redone"
     );
     assert_eq!(status.progress.unwrap().step, 30);
-    let dir = common::outputs_dir(cluster, &ns)
-        .await
-        .unwrap()
-        .join("joe@example.com");
-    let pngs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|x| x == "png"))
-        .collect();
+    let pngs = user_pngs(cluster, &ns, "joe@example.com").await.unwrap();
     assert_eq!(pngs.len(), 1, "exactly one image for one job: {pngs:?}");
     assert!(
         !second.logs().contains("dispatch failed"),

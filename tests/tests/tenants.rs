@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use atelier_crds::Tenant;
 use atelier_tests::{TestCluster, unique_name, wait_for};
-use common::{Operator, create_tenant, metric, tenant_objects, wait_tenant_ready};
+use common::{
+    Operator, create_ready_tenant, create_tenant, metric, tenant_objects, wait_tenant_ready,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod, ResourceQuota, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -355,12 +357,9 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
 async fn a_spec_change_rolls_out_new_inference_pods() {
     let cluster = operator().await;
     let client = cluster.client().await;
-    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
-        .await
-        .unwrap();
+    let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
     let name = tenant.name_any();
     let ns = tenant.namespace_name();
-    wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let inference = ListParams::default().labels("app.kubernetes.io/component=inference");
     let ready_inference_pods = || async {

@@ -444,6 +444,7 @@ impl Dispatcher {
         });
         status.queue_position = None;
         write_status(job, &self.ctx, &status).await?;
+        tracing::info!(job = job.name_any(), user = job.spec.user, endpoint = %endpoint.address, attempt = status.attempts, "dispatched");
         let uid = job.metadata.uid.clone().unwrap_or_default();
         self.memory
             .lock()

@@ -155,6 +155,7 @@ async fn admit(
                 &Time(now),
             );
             write_status(job, ctx, &status).await?;
+            tracing::info!(job = job.name_any(), user = job.spec.user, "admitted");
             transition_event(
                 ctx,
                 job,

@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
@@ -178,6 +179,19 @@ pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::R
     Ok(created)
 }
 
+/// Creates a tenant that keeps an inference pod up (`inference.minReplicas: 1` unless
+/// `overrides` says otherwise) and waits until it is Ready.
+pub async fn create_ready_tenant(
+    cluster: &TestCluster,
+    overrides: Value,
+) -> anyhow::Result<Tenant> {
+    let mut spec = json!({ "inference": { "minReplicas": 1 } });
+    merge(&mut spec, overrides);
+    let tenant = create_tenant(cluster, spec).await?;
+    wait_tenant_ready(cluster, &tenant.name_any(), Duration::from_secs(180)).await?;
+    Ok(tenant)
+}
+
 /// Waits until the tenant's status says Ready.
 pub async fn wait_tenant_ready(
     cluster: &TestCluster,
@@ -242,6 +256,22 @@ pub async fn wait_job(
     wait_for(&format!("job {namespace}/{name}"), timeout, || async {
         let job = jobs.get(name).await?;
         Ok(done(&job).then_some(job))
+    })
+    .await
+}
+
+/// Waits until the job's generation has made its first denoising step.
+pub async fn wait_job_generating(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<GenerationJob> {
+    wait_job(cluster, namespace, name, timeout, |job| {
+        job.status
+            .as_ref()
+            .and_then(|s| s.progress)
+            .is_some_and(|p| p.step >= 1)
     })
     .await
 }
@@ -351,6 +381,24 @@ where
         );
     }
     Ok(())
+}
+
+/// The PNG files in `user`'s folder of the tenant's volume (none when the folder does not exist).
+pub async fn user_pngs(
+    cluster: &TestCluster,
+    namespace: &str,
+    user: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = outputs_dir(cluster, namespace).await?.join(user);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    Ok(entries
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|x| x == "png"))
+        .collect())
 }
 
 /// The tenant's output directory on the local node: the hostPath of its outputs PV.
