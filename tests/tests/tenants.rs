@@ -407,6 +407,37 @@ async fn a_spec_change_rolls_out_new_inference_pods() {
 }
 
 #[tokio::test]
+async fn pods_that_cannot_run_degrade_the_tenant_with_their_own_reason() {
+    let cluster = operator().await;
+    let tenants = Api::<Tenant>::all(cluster.client().await);
+    for (overrides, reason, words) in [
+        (
+            json!({ "inference": { "minReplicas": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } }),
+            "Unschedulable",
+            "Insufficient example.com/no-such-gpu",
+        ),
+        (
+            json!({ "inference": { "minReplicas": 1, "image": "ghcr.io/atelier-dev/no-such-binary:1" } }),
+            "ImagePullFailed",
+            "no-such-binary",
+        ),
+    ] {
+        let tenant = create_tenant(cluster, overrides).await.unwrap();
+        let degraded = wait_for(&format!("{reason} on the tenant"), TIMEOUT, || async {
+            let status = tenants.get(&tenant.name_any()).await?.status;
+            Ok(status.and_then(|s| {
+                s.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason)
+            }))
+        })
+        .await
+        .unwrap();
+        assert!(degraded.message.contains(words), "{}", degraded.message);
+    }
+}
+
+#[tokio::test]
 async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
     let cluster = operator().await;
     let client = cluster.client().await;
