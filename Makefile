@@ -39,5 +39,12 @@ parity:
 bench-inference:
 	inference/bench/bench.sh
 
+## Control-plane, API and fault benchmarks against the test control plane (about 25 min on 2
+## cores): rewrites the generated part of docs/benchmarks.md and docs/benchmarks.json.
+## More or fewer jobs: make bench BENCH_ARGS='--closed-jobs 3000,3000,3200' (see atelier-bench --help).
+bench: cluster build
+	[ -d tests/oidc/node_modules ] || npm ci --prefix tests/oidc
+	$(CARGO_TARGET_DIR)/debug/atelier-bench $(BENCH_ARGS)
+
 clean:
 	cargo clean

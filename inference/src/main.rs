@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use atelier_inference::pipeline::{GenerateRequest, Pipeline, Precision};
+use atelier_inference::server::simulate::SimulateConfig;
 use atelier_inference::server::{self, ServeConfig};
 use atelier_inference::tiny::{self, TinyModelOptions};
 use clap::{Args, Parser, Subcommand};
@@ -38,8 +39,8 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    #[arg(long, env = "ATELIER_MODEL_DIR")]
-    model_dir: PathBuf,
+    #[arg(long, env = "ATELIER_MODEL_DIR", required_unless_present = "simulate")]
+    model_dir: Option<PathBuf>,
     #[arg(long, env = "ATELIER_OUTPUTS_DIR")]
     outputs_dir: PathBuf,
     #[arg(long, env = "ATELIER_LISTEN", default_value = "127.0.0.1:8080")]
@@ -55,6 +56,13 @@ struct ServeArgs {
     /// On SIGTERM, how long running jobs may finish before they are cancelled.
     #[arg(long, env = "ATELIER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Load no model: report the steps and write a flat-colour PNG per image (benchmarks of the
+    /// control plane; see docs/inference-api.md).
+    #[arg(long, env = "ATELIER_SIMULATE")]
+    simulate: bool,
+    /// With --simulate: time each step takes.
+    #[arg(long, env = "ATELIER_SIMULATE_STEP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    simulate_step_delay: Duration,
 }
 
 #[derive(Args)]
@@ -140,14 +148,21 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
     let config = ServeConfig {
-        model_dir: args.model_dir,
+        model_dir: args.model_dir.unwrap_or_default(),
         outputs_dir: args.outputs_dir,
         precision: args.precision,
         concurrency: usize::from(args.concurrency),
         idle_offload: args.idle_offload,
         shutdown_grace: args.shutdown_grace,
     };
-    server::serve(listener, config, shutdown_signal()).await?;
+    if args.simulate {
+        let simulate = SimulateConfig {
+            step_delay: args.simulate_step_delay,
+        };
+        server::serve_simulated(listener, config, simulate, shutdown_signal()).await?;
+    } else {
+        server::serve(listener, config, shutdown_signal()).await?;
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ pub mod api;
 pub mod history;
 pub mod jobs;
 pub mod metrics;
+pub mod simulate;
 pub mod warm;
 pub mod worker;
 
@@ -61,16 +62,38 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_with(listener, config, None, shutdown).await
+}
+
+/// [`serve`] with the simulated worker of [`simulate`] instead of the model (`serve --simulate`).
+pub async fn serve_simulated(
+    listener: TcpListener,
+    config: ServeConfig,
+    simulate: simulate::SimulateConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    serve_with(listener, config, Some(simulate), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    config: ServeConfig,
+    simulate: Option<simulate::SimulateConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let metrics = Arc::new(InferenceMetrics::new(config.concurrency));
-    let spawned = worker::spawn(
-        WorkerConfig {
-            model_dir: config.model_dir,
-            outputs_dir: config.outputs_dir,
-            precision: config.precision,
-            idle_offload: config.idle_offload,
-        },
-        Arc::clone(&metrics),
-    )
+    let spawned = match simulate {
+        Some(simulate) => simulate::spawn(simulate, config.outputs_dir, Arc::clone(&metrics)),
+        None => worker::spawn(
+            WorkerConfig {
+                model_dir: config.model_dir,
+                outputs_dir: config.outputs_dir,
+                precision: config.precision,
+                idle_offload: config.idle_offload,
+            },
+            Arc::clone(&metrics),
+        ),
+    }
     .map_err(Error::Spawn)?;
     let state = Arc::new(AppState {
         jobs: Mutex::new(Registry::new(config.concurrency, Retention::default())),

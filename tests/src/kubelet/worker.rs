@@ -176,7 +176,10 @@ impl PodWorker {
     /// all ended, and writes the status.
     async fn progress(&mut self) {
         let due = self.retry_at.is_none_or(|at| at <= Instant::now());
-        self.retry_at = None;
+        // Woken early (a pod update, often our own status write): keep the pending retry.
+        if due {
+            self.retry_at = None;
+        }
         if self.containers.is_none() && due {
             match self.start().await {
                 Ok(()) => self.retry_delay = Duration::from_secs(1),
