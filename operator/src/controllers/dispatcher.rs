@@ -565,7 +565,17 @@ impl Dispatcher {
                     .unreachable_since
                     .entry(uid.clone())
                     .or_insert_with(Instant::now);
-                if !listed || since.elapsed() > LOST_AFTER {
+                // Refused means no process listens there any more. A timeout (an overloaded pod,
+                // one briefly not Ready) may hide a generation still running: requeueing it at
+                // once would make a second image, so that waits for LOST_AFTER, and the old pod
+                // is told to stop in case it is still at work.
+                let gone = matches!(&error, inference_client::Error::Unreachable(e) if e.is_connect() && !e.is_timeout());
+                if (gone && !listed) || since.elapsed() > LOST_AFTER {
+                    if !gone {
+                        let client = self.client.clone();
+                        let uid = uid.clone();
+                        tokio::spawn(async move { client.cancel(endpoint, &uid).await });
+                    }
                     self.lost(
                         tenant,
                         job,
