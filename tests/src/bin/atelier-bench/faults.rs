@@ -61,6 +61,9 @@ pub struct FileCheck {
     pub duplicated: usize,
     /// PNGs of jobs that did not succeed, or of no job at all.
     pub orphans: usize,
+    /// The jobs with more than one PNG, or with an image while not Succeeded:
+    /// `namespace/name (phase, attempts N, files F)`.
+    pub suspects: Vec<String>,
 }
 
 /// The `job8` part of an output file name (`<stamp>_<seed>_<job8>[_<n>].png`).
@@ -97,6 +100,16 @@ pub fn check_files(files: &[String], jobs: &HashMap<String, JobTrack>) -> FileCh
         claimed += found.len();
         if found.len() > 1 {
             check.duplicated += 1;
+        }
+        if found.len() > 1 || (!found.is_empty() && track.phase != Some(JobPhase::Succeeded)) {
+            check.suspects.push(format!(
+                "{}/{} ({}, attempts {}, {} images)",
+                track.namespace,
+                track.name,
+                track.phase.map_or("unseen", JobPhase::as_str),
+                track.attempts,
+                found.len()
+            ));
         }
         if track.phase == Some(JobPhase::Succeeded) {
             let named = track
@@ -358,7 +371,8 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let check = check_files(&files, &jobs);
+        let mut check = check_files(&files, &jobs);
+        check.suspects.sort();
         assert_eq!(
             check,
             FileCheck {
@@ -367,6 +381,10 @@ mod tests {
                 missing: 1,
                 duplicated: 1,
                 orphans: 2,
+                suspects: vec![
+                    "/ (Failed, attempts 0, 1 images)".to_string(),
+                    "/ (Succeeded, attempts 0, 2 images)".to_string(),
+                ],
             }
         );
     }

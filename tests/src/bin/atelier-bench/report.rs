@@ -652,6 +652,24 @@ pub fn render(report: &Report) -> String {
             if faults.passed { "Passed." } else { "Failed." }
         ));
     }
+    let suspects: Vec<&String> = report
+        .dispatch
+        .iter()
+        .flat_map(|s| [&s.closed, &s.paced])
+        .flat_map(|run| &run.files.suspects)
+        .chain(report.faults.iter().flat_map(|f| &f.files.suspects))
+        .collect();
+    if !suspects.is_empty() {
+        out.push_str("Jobs whose images do not match their outcome: ");
+        out.push_str(
+            &suspects
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        out.push_str(".\n\n");
+    }
     out.push_str("Raw figures: [benchmarks.json](benchmarks.json).\n");
     out
 }
