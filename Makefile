@@ -39,7 +39,7 @@ parity:
 bench-inference:
 	inference/bench/bench.sh
 
-## Control-plane, API and fault benchmarks against the test control plane (about 25 min on 2
+## Control-plane, API and fault benchmarks against the test control plane (16-20 min on 2
 ## cores): rewrites the generated part of docs/benchmarks.md and docs/benchmarks.json.
 ## More or fewer jobs: make bench BENCH_ARGS='--closed-jobs 3000,3000,3200' (see atelier-bench --help).
 bench: cluster build

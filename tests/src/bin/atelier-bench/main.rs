@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use atelier_crds::{GenerationJob, JobPhase};
-use atelier_tests::paths;
 use clap::Parser;
 use kube::api::{Api, ListParams};
 
@@ -176,10 +175,11 @@ async fn main() -> anyhow::Result<()> {
     add_notes(&mut report);
     write(&args, &report)?;
     crate::say!(
-        "done in {:.1} min; wrote {} and {}",
+        "done in {:.1} min; wrote {} and {} in {}",
         report.wall_seconds / 60.0,
         args.out.display(),
-        args.json.display()
+        args.json.display(),
+        std::env::current_dir()?.display()
     );
     Ok(())
 }
@@ -446,8 +446,11 @@ fn add_notes(report: &mut Report) {
     }
 }
 
+/// Relative paths are taken from the current directory (`make bench` runs in the repository
+/// root), not from where the binary was built: the shared target directory may hold a binary
+/// built by another clone.
 fn write(args: &Args, report: &Report) -> anyhow::Result<()> {
-    let root = paths::workspace_root();
+    let root = std::env::current_dir()?;
     let resolve = |p: &PathBuf| {
         if p.is_absolute() {
             p.clone()

@@ -599,7 +599,8 @@ impl RequestCounts {
                 verbs.contains(&verb.as_str()) && resource.is_none_or(|r| r == res)
             })
             .map(|(_, v)| v)
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty float sum is -0.0
     }
 
     /// As JSON: `{"VERB resource[/subresource]": count}`.
