@@ -35,6 +35,7 @@ pub mod crds;
 mod faults;
 pub mod kubelet;
 pub mod names;
+pub mod oidc;
 pub mod paths;
 pub mod provisioner;
 mod proxy;

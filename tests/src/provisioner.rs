@@ -51,6 +51,28 @@ pub async fn ensure_storage_class(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The directory on this machine that holds the data of `claim` in `namespace`: the local path
+/// of the PersistentVolume bound to it.
+pub async fn claim_dir(client: &Client, namespace: &str, claim: &str) -> anyhow::Result<PathBuf> {
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .get(claim)
+        .await?;
+    let volume_name = claim
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("the claim is not bound")?;
+    let spec = Api::<PersistentVolume>::all(client.clone())
+        .get(&volume_name)
+        .await?
+        .spec
+        .context("PersistentVolume without spec")?;
+    spec.host_path
+        .map(|h| h.path)
+        .or(spec.local.map(|l| l.path))
+        .map(PathBuf::from)
+        .context("PersistentVolume without a local path")
+}
+
 /// Provisions and reclaims volumes under `root` until the watch ends (it retries errors).
 pub async fn run(client: Client, root: PathBuf) {
     let claims = watcher(

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use atelier_crds::{GenerationJob, Tenant};
+use atelier_tests::oidc::{self, OidcProvider};
 use atelier_tests::{DEFAULT_TIMEOUT, TestCluster, TestProcess, paths, unique_name, wait_for};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Namespace;
@@ -29,13 +30,13 @@ use tokio::sync::OnceCell;
 
 mod common;
 
-use common::platform::{AUDIENCE, ApiProcess, CLI_REDIRECT, Provider, binary, free_port};
+use common::platform::{AUDIENCE, ApiProcess, CLI_REDIRECT, binary, free_port, start_provider};
 
 // ---- the shared environment ----
 
 struct Env {
     dir: PathBuf,
-    provider: Provider,
+    provider: OidcProvider,
     api: ApiProcess,
     /// Tenant X (team-x users, team-x-admins admins) with an outputs server.
     x: String,
@@ -61,7 +62,7 @@ async fn start_env() -> anyhow::Result<Env> {
         .tempdir()?
         .keep();
     let port = free_port();
-    let provider = Provider::start(&dir, &format!("http://127.0.0.1:{port}"))?;
+    let provider = start_provider(&dir, &format!("http://127.0.0.1:{port}"))?;
     let api = ApiProcess::start(
         cluster,
         &dir,
@@ -445,23 +446,6 @@ async fn access_token(env: &Env, user: &str) -> anyhow::Result<String> {
     Ok(token.to_string())
 }
 
-/// A token made by the provider's test endpoint (`mode`: sign, none, hmac, foreign).
-async fn minted(
-    issuer: &str,
-    mode: &str,
-    claims: Value,
-    kid: Option<&str>,
-) -> anyhow::Result<String> {
-    let body: Value = reqwest::Client::new()
-        .post(format!("{issuer}/__test/mint"))
-        .json(&json!({"mode": mode, "claims": claims, "kid": kid}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(body["token"].as_str().unwrap().to_string())
-}
-
 /// A bearer-token client of the API.
 struct Bearer {
     http: reqwest::Client,
@@ -793,7 +777,7 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
     for (mode, claims, kid, status, expected) in cases {
         // "use-a-known-kid": a foreign key under the provider's current kid (bad signature).
         let kid = kid.map(|_| current_kid.as_str());
-        let token = minted(issuer, mode, claims.clone(), kid).await?;
+        let token = oidc::mint(issuer, mode, &claims, kid).await?;
         let (got, body) = Bearer::new(&env.api.url, &token).get("/api/v1/me").await?;
         let expected = if kid.is_some() {
             "bad_signature"
@@ -1149,7 +1133,7 @@ async fn key_rotation_needs_no_restart() -> anyhow::Result<()> {
     // A provider and API of their own: rotating the shared provider's keys would disturb the
     // other tests.
     let port = free_port();
-    let provider = Provider::start(&env.dir, &format!("http://127.0.0.1:{port}"))?;
+    let provider = start_provider(&env.dir, &format!("http://127.0.0.1:{port}"))?;
     let api = ApiProcess::start(
         cluster,
         &env.dir,
@@ -1513,10 +1497,10 @@ async fn a_provider_outage_is_reported_clearly() -> anyhow::Result<()> {
         json!({"action": "login", "outcome": "failure", "reason": "provider_unavailable"}),
     )
     .await?;
-    let token = minted(
+    let token = oidc::mint(
         &env.provider.issuer,
         "sign",
-        json!({"sub": "alice", "email": "alice@example.com"}),
+        &json!({"sub": "alice", "email": "alice@example.com"}),
         None,
     )
     .await?;

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use atelier_crds::{GenerationJob, JobPhase, Tenant};
+use atelier_tests::oidc::OidcProvider;
 use atelier_tests::{TestCluster, paths, unique_name, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -655,18 +656,7 @@ const TENANT: &str = "team-a";
 const TENANT_NAMESPACE: &str = "atelier-team-a";
 
 /// An OpenID provider for the API pods (tests/oidc), stopped when dropped.
-struct OidcProvider {
-    _child: tokio::process::Child,
-    issuer: String,
-}
-
-async fn start_oidc_provider(dir: &Path, public_url: &str) -> anyhow::Result<OidcProvider> {
-    use tokio::io::AsyncBufReadExt;
-    let oidc = paths::workspace_root().join("tests/oidc");
-    ensure!(
-        oidc.join("node_modules").exists(),
-        "tests/oidc/node_modules is missing: run `npm ci` in tests/oidc"
-    );
+fn start_oidc_provider(dir: &Path, public_url: &str) -> anyhow::Result<OidcProvider> {
     let config = json!({
         "audience": format!("{public_url}/api"),
         "clients": [{
@@ -679,34 +669,7 @@ async fn start_oidc_provider(dir: &Path, public_url: &str) -> anyhow::Result<Oid
         "users": [{"id": "alice", "email": "alice@example.com", "password": "alice-pw", "groups": ["team-a"]}],
     });
     std::fs::create_dir_all(dir)?;
-    let config_path = dir.join("oidc-config.json");
-    std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
-    let mut child = tokio::process::Command::new("node")
-        .arg(oidc.join("provider.mjs"))
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the OpenID provider")?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-    let issuer = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(issuer) = line.strip_prefix("READY ") {
-                return Ok(issuer.trim().to_string());
-            }
-        }
-        Err(anyhow!("the OpenID provider exited before READY"))
-    })
-    .await
-    .context("waiting for the OpenID provider")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(OidcProvider {
-        _child: child,
-        issuer,
-    })
+    OidcProvider::start(&dir.join("oidc-config.json"), &config)
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -836,7 +799,7 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
 
     // The API reaches its OpenID provider at start.
     let public_url = "http://atelier.test";
-    let oidc = start_oidc_provider(&cluster.dir().join("oidc"), public_url).await?;
+    let oidc = start_oidc_provider(&cluster.dir().join("oidc"), public_url)?;
 
     // Install. CRDs already exist (the test cluster installs the chart's): Helm skips them.
     let values = examples_dir()
@@ -898,8 +861,8 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     }
 
     // Exactly one leader, holding the Lease the chart created.
-    let lease: Value = serde_json::from_str(
-        &kubectl(
+    let lease = || async {
+        let text = kubectl(
             cluster,
             &[
                 "-n",
@@ -912,37 +875,26 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
             ],
             None,
         )
-        .await?,
-    )?;
-    wait_for("a leader", Duration::from_secs(60), || async {
-        let lease: Value = serde_json::from_str(
-            &kubectl(
-                cluster,
-                &[
-                    "-n",
-                    RELEASE_NAMESPACE,
-                    "get",
-                    "lease",
-                    "atelier-operator",
-                    "-o",
-                    "json",
-                ],
-                None,
-            )
-            .await?,
-        )?;
+        .await?;
+        anyhow::Ok(serde_json::from_str::<Value>(&text)?)
+    };
+    let leader = wait_for("a leader", Duration::from_secs(60), || async {
+        let lease = lease().await?;
         Ok(lease["spec"]["holderIdentity"]
             .as_str()
             .filter(|h| operators.iter().any(|p| p.name_any() == *h))
             .map(String::from))
     })
-    .await
-    .with_context(|| {
-        format!(
-            "lease {lease}\nlogs:\n{}",
+    .await;
+    if let Err(error) = leader {
+        let current = lease()
+            .await
+            .map_or_else(|e| e.to_string(), |l| l.to_string());
+        return Err(error.context(format!(
+            "lease {current}\nlogs:\n{}",
             release_logs(cluster, &operators)
-        )
-    })?;
+        )));
+    }
 
     // The example tenant on the tiny model, and the example job, submitted by its user.
     let model_dir = cluster.dir().join("models/flux-tiny");

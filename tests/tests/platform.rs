@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use atelier_crds::{GenerationJob, JobPhase};
 use atelier_tests::{TestCluster, paths, unique_name};
-use common::platform::{ApiProcess, Provider, free_port};
+use common::platform::{ApiProcess, free_port, start_provider};
 use common::{Operator, create_tenant, wait_tenant_ready};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -49,7 +49,7 @@ async fn the_page_logs_in_generates_with_the_tiny_model_and_shows_the_image() {
         .unwrap()
         .keep();
     let port = free_port();
-    let provider = Provider::start(&dir, &format!("http://127.0.0.1:{port}")).unwrap();
+    let provider = start_provider(&dir, &format!("http://127.0.0.1:{port}")).unwrap();
     let api = ApiProcess::start(cluster, &dir, port, &provider.issuer, &[])
         .await
         .unwrap();

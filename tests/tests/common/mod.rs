@@ -403,22 +403,5 @@ pub async fn user_pngs(
 
 /// The tenant's output directory on the local node: the hostPath of its outputs PV.
 pub async fn outputs_dir(cluster: &TestCluster, namespace: &str) -> anyhow::Result<PathBuf> {
-    let client = cluster.client().await;
-    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
-        .get("outputs")
-        .await?;
-    let volume_name = claim
-        .spec
-        .and_then(|s| s.volume_name)
-        .context("outputs claim not bound")?;
-    let volume = Api::<PersistentVolume>::all(client)
-        .get(&volume_name)
-        .await?;
-    let spec = volume.spec.context("PV without spec")?;
-    let path = spec
-        .host_path
-        .map(|h| h.path)
-        .or(spec.local.map(|l| l.path))
-        .context("PV without a local path")?;
-    Ok(PathBuf::from(path))
+    atelier_tests::provisioner::claim_dir(&cluster.client().await, namespace, "outputs").await
 }

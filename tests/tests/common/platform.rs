@@ -2,12 +2,12 @@
 //! (`tests/oidc/provider.mjs`, npm `oidc-provider`) with its users, and the API process
 //! (`atelier-operator api`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use atelier_tests::oidc::OidcProvider;
 use atelier_tests::{DEFAULT_TIMEOUT, TestCluster, TestProcess, paths, wait_for};
 use serde_json::{Value, json};
 
@@ -55,69 +55,30 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The test OpenID provider.
-pub struct Provider {
-    pub issuer: String,
-    _process: TestProcess,
-}
-
-impl Provider {
-    pub fn start(dir: &Path, api_url: &str) -> anyhow::Result<Self> {
-        let oidc_dir = paths::workspace_root().join("tests/oidc");
-        if !oidc_dir.join("node_modules/oidc-provider").exists() {
-            bail!("run `npm ci` in {} first", oidc_dir.display());
-        }
-        let config = json!({
-            "audience": AUDIENCE,
-            "clients": [
-                {
-                    "client_id": "atelier-api",
-                    "client_secret": "test-secret",
-                    "redirect_uris": [format!("{api_url}/auth/callback")],
-                    "post_logout_redirect_uris": [format!("{api_url}/")],
-                    "grant_types": ["authorization_code"],
-                    "response_types": ["code"],
-                },
-                {
-                    "client_id": "atelier-cli",
-                    "token_endpoint_auth_method": "none",
-                    "redirect_uris": [CLI_REDIRECT],
-                    "grant_types": ["authorization_code"],
-                    "response_types": ["code"],
-                },
-            ],
-            "users": users(),
-        });
-        let config_path = dir.join(format!("oidc-{}.json", free_port()));
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let log = std::fs::File::create(config_path.with_extension("log"))?;
-        let mut command = Command::new("node");
-        command
-            .arg(oidc_dir.join("provider.mjs"))
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let (process, stdout) = TestProcess::spawn(command)?;
-        let lines = BufReader::new(stdout.expect("captured")).lines();
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Keeps reading after READY so that the provider never blocks on a full pipe.
-            for line in lines.map_while(Result::ok) {
-                if let Some(issuer) = line.strip_prefix("READY ") {
-                    let _ = sender.send(issuer.to_string());
-                }
-            }
-        });
-        let issuer = receiver
-            .recv_timeout(Duration::from_secs(30))
-            .context("the OpenID provider did not start")?;
-        Ok(Self {
-            issuer,
-            _process: process,
-        })
-    }
+/// The test OpenID provider with the users of [`users`] and the clients of the API under test.
+pub fn start_provider(dir: &Path, api_url: &str) -> anyhow::Result<OidcProvider> {
+    let config = json!({
+        "audience": AUDIENCE,
+        "clients": [
+            {
+                "client_id": "atelier-api",
+                "client_secret": "test-secret",
+                "redirect_uris": [format!("{api_url}/auth/callback")],
+                "post_logout_redirect_uris": [format!("{api_url}/")],
+                "grant_types": ["authorization_code"],
+                "response_types": ["code"],
+            },
+            {
+                "client_id": "atelier-cli",
+                "token_endpoint_auth_method": "none",
+                "redirect_uris": [CLI_REDIRECT],
+                "grant_types": ["authorization_code"],
+                "response_types": ["code"],
+            },
+        ],
+        "users": users(),
+    });
+    OidcProvider::start(&dir.join(format!("oidc-{}.json", free_port())), &config)
 }
 
 /// One running API process and its log (stdout and stderr: JSON lines, audit included).

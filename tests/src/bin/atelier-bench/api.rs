@@ -3,7 +3,6 @@
 //! generator (fixed concurrency, keep-alive connections on loopback), and JWT validation on its
 //! own (the API's own validator, in a loop).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use atelier_operator::api::auth::claims::ClaimNames;
 use atelier_operator::api::auth::jwt::{JwksSource, JwtValidator, TokenRules};
-use atelier_tests::{TestProcess, paths};
+use atelier_tests::TestProcess;
+use atelier_tests::oidc::{self, OidcProvider};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -42,90 +42,20 @@ pub struct ApiBench {
     pub api_peak_rss_mib: f64,
 }
 
-/// The test OpenID provider, as a process.
-struct Provider {
-    issuer: String,
-    _process: TestProcess,
-}
-
-impl Provider {
-    fn start(work: &Path) -> anyhow::Result<Self> {
-        let oidc_dir = paths::workspace_root().join("tests/oidc");
-        if !oidc_dir.join("node_modules/oidc-provider").exists() {
-            bail!("run `npm ci` in {} first", oidc_dir.display());
-        }
-        let config = json!({
-            "audience": AUDIENCE,
-            "clients": [{
-                "client_id": "atelier-api",
-                "client_secret": "bench-secret",
-                "redirect_uris": ["http://127.0.0.1:9/auth/callback"],
-                "grant_types": ["authorization_code"],
-                "response_types": ["code"],
-            }],
-            "users": [{ "id": "user0", "email": "user0@example.com", "password": "pw", "groups": [USERS_GROUP] }],
-        });
-        let config_path = work.join("oidc.json");
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let log = std::fs::File::create(work.join("oidc.log"))?;
-        let mut command = Command::new("node");
-        command
-            .arg(oidc_dir.join("provider.mjs"))
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let (process, stdout) = TestProcess::spawn(command).context("starting node")?;
-        let lines = BufReader::new(stdout.context("captured stdout")?).lines();
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Some(issuer) = line.strip_prefix("READY ") {
-                    let _ = sender.send(issuer.to_string());
-                }
-            }
-        });
-        let issuer = receiver
-            .recv_timeout(Duration::from_secs(30))
-            .context("the OpenID provider did not start")?;
-        Ok(Self {
-            issuer,
-            _process: process,
-        })
-    }
-
-    /// A signed access token for the API (`/__test/mint`), valid for an hour.
-    async fn token(&self) -> anyhow::Result<String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let claims = json!({
-            "sub": "user0", "email": "user0@example.com", "groups": [USERS_GROUP],
-            "iat": now, "exp": now + 3600,
-        });
-        let body: Value = reqwest::Client::new()
-            .post(format!("{}/__test/mint", self.issuer))
-            .json(&json!({ "mode": "sign", "claims": claims }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        Ok(body["token"].as_str().context("no token")?.to_string())
-    }
-
-    async fn jwks(&self) -> anyhow::Result<Value> {
-        let http = reqwest::Client::new();
-        let discovery: Value = http
-            .get(format!("{}/.well-known/openid-configuration", self.issuer))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let uri = discovery["jwks_uri"].as_str().context("no jwks_uri")?;
-        Ok(http.get(uri).send().await?.json().await?)
-    }
+/// The test OpenID provider with one user of the benchmark's tenants.
+fn start_provider(work: &Path) -> anyhow::Result<OidcProvider> {
+    let config = json!({
+        "audience": AUDIENCE,
+        "clients": [{
+            "client_id": "atelier-api",
+            "client_secret": "bench-secret",
+            "redirect_uris": ["http://127.0.0.1:9/auth/callback"],
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+        }],
+        "users": [{ "id": "user0", "email": "user0@example.com", "password": "pw", "groups": [USERS_GROUP] }],
+    });
+    OidcProvider::start(&work.join("oidc.json"), &config)
 }
 
 struct FixedJwks(Value);
@@ -208,7 +138,7 @@ pub async fn run(
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<ApiBench> {
-    let provider = Provider::start(&platform.work)?;
+    let provider = start_provider(&platform.work)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -254,7 +184,14 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let token = provider.token().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = json!({
+        "sub": "user0", "email": "user0@example.com", "groups": [USERS_GROUP],
+        "iat": now, "exp": now + 3600,
+    });
+    let token = oidc::mint(&provider.issuer, "sign", &claims, None).await?;
     // The first request fetches the JWKS; it is not measured.
     let first = http
         .get(format!("{url}/api/v1/me"))

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use atelier_crds::{GenerationJob, Tenant};
 use atelier_tests::{ClusterOptions, NodeConfig, TestCluster, TestProcess, paths};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -279,27 +279,13 @@ impl Platform {
         {
             return Ok(dir.clone());
         }
-        let claim = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace)
-            .get("outputs")
-            .await?;
-        let volume_name = claim
-            .spec
-            .and_then(|s| s.volume_name)
-            .context("outputs claim not bound")?;
-        let volume = Api::<PersistentVolume>::all(self.client.clone())
-            .get(&volume_name)
-            .await?;
-        let spec = volume.spec.context("PV without spec")?;
-        let path = spec
-            .host_path
-            .map(|h| h.path)
-            .or(spec.local.map(|l| l.path))
-            .context("PV without a local path")?;
+        let path =
+            atelier_tests::provisioner::claim_dir(&self.client, namespace, "outputs").await?;
         self.outputs_dirs
             .lock()
             .expect("not poisoned")
-            .insert(namespace.to_string(), PathBuf::from(&path));
-        Ok(PathBuf::from(path))
+            .insert(namespace.to_string(), path.clone());
+        Ok(path)
     }
 
     /// The images of the jobs `uids` (with their `tracks`) on the volumes of `namespaces`,
