@@ -10,6 +10,7 @@
 //! replacing, unlike `rename`), and the directory is fsynced. A reader therefore sees either no
 //! file or the complete file, and an existing image is never overwritten.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -80,17 +81,21 @@ pub fn safe_user_dir(user: &str) -> Result<String, Error> {
 /// `job8` is the first 8 ASCII alphanumerics of the job id (the hex prefix of a Kubernetes UID),
 /// which keeps names short while distinguishing jobs that finish in the same second.
 pub fn output_stem(created: Timestamp, seed: u64, job_id: &str, index: u32) -> String {
-    let job8: String = job_id
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
+    let job8 = job8(job_id);
     let stamp = created.strftime("%Y%m%d_%H%M%S");
     if index == 0 {
         format!("{stamp}_{seed}_{job8}")
     } else {
         format!("{stamp}_{seed}_{job8}_{index}")
     }
+}
+
+fn job8(job_id: &str) -> String {
+    job_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +297,110 @@ fn write_new_file(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf, Error>
         }
         Err(e) => Err(io_err(format!("writing {}", target.display()))(e)),
     }
+}
+
+/// The complete outputs an earlier run of job `job_id` left under `root`, in batch order.
+///
+/// A job is sent again when its first pod died or stopped answering; if that pod had already
+/// written all `num_images` images, they are the job's result and generating again would put a
+/// second set on the volume. The files of an attempt that did not finish its batch (a pod killed
+/// between two files) are this job's own partial output: they are removed.
+pub fn find_job_outputs(
+    root: &Path,
+    user: &str,
+    job_id: &str,
+    seed: u64,
+    num_images: u32,
+) -> Result<Option<Vec<OutputFile>>, Error> {
+    let user_dir = safe_user_dir(user)?;
+    let dir = root.join(&user_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(format!("reading {}", dir.display()))(e)),
+    };
+    // Stems are `<date>_<time>_<seed>_<job8>[_<n>]`; one attempt's images share the part up to
+    // `<job8>`. Only this job's names are opened.
+    const STAMP_LEN: usize = "yyyymmdd_HHMMSS".len();
+    let infix = format!("_{seed}_{}", job8(job_id));
+    let mut attempts: BTreeMap<String, Vec<(ImageMetadata, String)>> = BTreeMap::new();
+    let mut partial: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if parse_file_name(&name) != Some(FileKind::Json) {
+            continue;
+        }
+        let stem = &name[..name.len() - ".json".len()];
+        let Some(rest) = stem[STAMP_LEN..].strip_prefix(&infix) else {
+            continue;
+        };
+        if !(rest.is_empty() || rest.starts_with('_')) {
+            continue;
+        }
+        let Some(metadata) = fs::read(dir.join(&name))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<ImageMetadata>(&bytes).ok())
+            .filter(|m| m.job_id == job_id)
+        else {
+            continue;
+        };
+        let png = format!("{stem}.png");
+        if fs::symlink_metadata(dir.join(&png)).is_ok_and(|stat| stat.is_file()) {
+            let attempt = stem[..STAMP_LEN + infix.len()].to_string();
+            attempts.entry(attempt).or_default().push((metadata, png));
+        } else {
+            partial.push(name);
+        }
+    }
+    let mut complete = None;
+    for (attempt, mut images) in attempts {
+        images.sort_by_key(|(metadata, _)| metadata.index);
+        let whole = images.len() == num_images as usize
+            && images.iter().zip(0u32..).all(|((m, _), i)| m.index == i);
+        if whole && complete.is_none() {
+            complete = Some(images);
+        } else if !whole {
+            tracing::warn!(
+                job = job_id,
+                attempt,
+                "an earlier attempt left an incomplete batch"
+            );
+            for (_, png) in images {
+                let json = format!("{}.json", png.trim_end_matches(".png"));
+                partial.push(png);
+                partial.push(json);
+            }
+        }
+    }
+    for name in &partial {
+        tracing::warn!(
+            job = job_id,
+            file = name,
+            "removing the partial output of an earlier attempt"
+        );
+        fs::remove_file(dir.join(name)).map_err(io_err(format!("removing {name}")))?;
+    }
+    let Some(images) = complete else {
+        return Ok(None);
+    };
+    let mut files = Vec::with_capacity(images.len());
+    for (metadata, png) in images {
+        let bytes = fs::metadata(dir.join(&png))
+            .map_err(io_err(format!("reading {png}")))?
+            .len();
+        files.push(OutputFile {
+            metadata_path: format!("{user_dir}/{}.json", png.trim_end_matches(".png")),
+            path: format!("{user_dir}/{png}"),
+            sha256: metadata.sha256,
+            width: metadata.width,
+            height: metadata.height,
+            bytes,
+        });
+    }
+    Ok(Some(files))
 }
 
 /// One entry of a user's history.
@@ -549,6 +658,57 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names.len(), 4, "{names:?}");
+    }
+
+    #[test]
+    fn finds_the_complete_outputs_of_an_earlier_attempt() {
+        let root = tempfile::tempdir().unwrap();
+        let info = job("alice", "1a2b3c4d-0001", "2026-11-29T22:35:01Z");
+        let written =
+            write_job_outputs(root.path(), &info, 42, &[image(b"a"), image(b"b")]).unwrap();
+        // Another job whose id shares the 8-character prefix is not this job.
+        let other = job("alice", "1a2b3c4d-0002", "2026-11-29T22:35:02Z");
+        write_job_outputs(root.path(), &other, 42, &[image(b"c")]).unwrap();
+
+        let found = find_job_outputs(root.path(), "alice", "1a2b3c4d-0001", 42, 2).unwrap();
+        assert_eq!(found, Some(written));
+        assert_eq!(
+            find_job_outputs(root.path(), "alice", "1a2b3c4d-0003", 42, 1).unwrap(),
+            None
+        );
+        assert_eq!(
+            find_job_outputs(root.path(), "bob", "1a2b3c4d-0001", 42, 2).unwrap(),
+            None
+        );
+        assert_eq!(files_in(&root.path().join("alice")).len(), 6);
+    }
+
+    #[test]
+    fn removes_the_incomplete_batch_of_a_killed_attempt() {
+        let root = tempfile::tempdir().unwrap();
+        let info = job("alice", "1a2b3c4d-0001", "2026-11-29T22:35:01Z");
+        let written =
+            write_job_outputs(root.path(), &info, 42, &[image(b"a"), image(b"b")]).unwrap();
+        let other = job("alice", "77777777", "2026-11-29T22:35:01Z");
+        write_job_outputs(root.path(), &other, 42, &[image(b"c")]).unwrap();
+        // Killed after the second image's metadata, before its PNG.
+        fs::remove_file(root.path().join(&written[1].path)).unwrap();
+
+        let found = find_job_outputs(root.path(), "alice", "1a2b3c4d-0001", 42, 2).unwrap();
+        assert_eq!(found, None);
+        let left = files_in(&root.path().join("alice"));
+        assert_eq!(left.len(), 2, "only the other job's files remain: {left:?}");
+        assert!(
+            left.iter().all(|name| name.contains("_77777777")),
+            "{left:?}"
+        );
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
     }
 
     #[test]

@@ -124,6 +124,53 @@ async fn batch_writes_one_file_per_image() {
     server.stop().await;
 }
 
+/// The operator sends a job again when its pod was lost; the images that pod already wrote on
+/// the shared volume are the result, and an unfinished attempt's files are cleaned up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_job_is_answered_from_the_images_of_a_lost_pod() {
+    let volume = tempfile::tempdir().unwrap();
+    let on_volume = |config: &mut ServeConfig| config.outputs_dir = volume.path().to_owned();
+    let user_dir = volume.path().join("alice@example.com");
+    let body = job("resent-1", 2);
+
+    let first_pod = Server::start(on_volume).await;
+    first_pod.post_job(&body).await;
+    let first = first_pod.wait_finished("resent-1").await;
+    assert_eq!(first["state"], "succeeded", "{first}");
+    first_pod.stop().await;
+
+    let second_pod = Server::start(on_volume).await;
+    let (code, again) = second_pod.post_job(&body).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["state"], "succeeded", "{again}");
+    assert_eq!(again["outputs"], first["outputs"]);
+    assert_eq!(list_files(&user_dir).len(), 2, "no second image");
+    let metrics = second_pod.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "atelier_inference_steps_total 0"),
+        "the second pod generated nothing:\n{metrics}"
+    );
+    second_pod.stop().await;
+
+    // A pod killed between the metadata and the PNG: the job is generated again, and the
+    // metadata file without its image is gone.
+    let png = volume
+        .path()
+        .join(first["outputs"][0]["path"].as_str().unwrap());
+    std::fs::remove_file(&png).unwrap();
+    let third_pod = Server::start(on_volume).await;
+    third_pod.post_job(&body).await;
+    let regenerated = third_pod.wait_finished("resent-1").await;
+    assert_eq!(regenerated["state"], "succeeded", "{regenerated}");
+    let files = list_files(&user_dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let new_png = regenerated["outputs"][0]["path"].as_str().unwrap();
+    assert!(volume.path().join(new_png).is_file());
+    third_pod.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_400_with_reason() {
     let server = Server::start(|_| {}).await;

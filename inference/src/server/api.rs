@@ -2,6 +2,7 @@
 //! `docs/inference-api.md`; the operator's dispatcher depends on every name here.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
@@ -228,6 +229,7 @@ pub struct AppState {
     pub commands: mpsc::Sender<Command>,
     pub model: watch::Receiver<ModelView>,
     pub metrics: Arc<InferenceMetrics>,
+    pub outputs_dir: PathBuf,
     /// Set on SIGTERM: no new jobs, readiness fails, existing jobs stay readable.
     pub draining: AtomicBool,
 }
@@ -288,6 +290,13 @@ async fn submit_job(
                 job = %job.spec.id,
                 outcome = "accepted",
             );
+            if let Some(files) = earlier_outputs(&state, &job).await {
+                tracing::info!(job = %job.spec.id, images = files.len(), "an earlier attempt already wrote this job's images; not generating again");
+                let now = Timestamp::now();
+                job.start(now);
+                job.finish(jobs::Outcome::Succeeded(files), now);
+                return Ok((StatusCode::ACCEPTED, AppJson(job.status())));
+            }
             if state.commands.send(Command::Run(Arc::clone(&job))).is_err() {
                 // Only after the worker thread died: fail the job rather than leave it queued.
                 job.finish(
@@ -301,6 +310,26 @@ async fn submit_job(
             }
             Ok((StatusCode::ACCEPTED, AppJson(job.status())))
         }
+    }
+}
+
+/// The images a previous pod wrote for this job before it was lost (see
+/// [`outputs::find_job_outputs`]). An unreadable volume means "none": generating then fails with
+/// the volume's own error.
+async fn earlier_outputs(state: &AppState, job: &jobs::Job) -> Option<Vec<outputs::OutputFile>> {
+    let root = state.outputs_dir.clone();
+    let spec = job.spec.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        outputs::find_job_outputs(&root, &spec.user, &spec.id, spec.seed, spec.num_images)
+    })
+    .await;
+    match found {
+        Ok(Ok(files)) => files,
+        Ok(Err(error)) => {
+            tracing::warn!(job = %job.spec.id, %error, "could not look for earlier outputs");
+            None
+        }
+        Err(_) => None,
     }
 }
 

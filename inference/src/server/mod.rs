@@ -82,6 +82,7 @@ async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let metrics = Arc::new(InferenceMetrics::new(config.concurrency));
+    let outputs_dir = config.outputs_dir.clone();
     let spawned = match simulate {
         Some(simulate) => simulate::spawn(simulate, config.outputs_dir, Arc::clone(&metrics)),
         None => worker::spawn(
@@ -100,6 +101,7 @@ async fn serve_with(
         commands: spawned.commands,
         model: spawned.model,
         metrics,
+        outputs_dir,
         draining: AtomicBool::new(false),
     });
     let app = api::router(Arc::clone(&state));
