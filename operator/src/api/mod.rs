@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod tenants;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -112,6 +113,7 @@ pub struct Settings {
 /// Everything a request may need.
 pub struct AppState {
     pub kube: kube::Client,
+    pub tenants: tenants::TenantCache,
     pub settings: Settings,
     pub oidc: Arc<Oidc>,
     pub tokens: JwtValidator<DiscoveredJwks>,
@@ -154,6 +156,7 @@ impl AppState {
              frame-ancestors 'none'; base-uri 'none'; form-action 'self' {issuer_origin}"
         );
         Ok(Self {
+            tenants: tenants::TenantCache::spawn(kube.clone()),
             kube,
             settings: Settings {
                 secure_cookies: !args.insecure_cookies,

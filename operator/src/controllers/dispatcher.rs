@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use super::inference_client::{self, InferenceClient, RemoteJob, RemoteState, SubmitRequest};
 use super::job::{finish, release_reservation, tenant_of, transition_event, write_status};
@@ -29,7 +29,16 @@ use super::{Context, quota, webhook};
 use crate::core::queue::{QueuedJob, dispatch_order};
 use crate::endpoints::{Endpoint, ready_in_slices};
 
+/// Running jobs are polled, and everything re-examined, at least this often; new work and new
+/// endpoints wake the dispatcher at once.
 const TICK: Duration = Duration::from_millis(200);
+/// Wake-ups closer together than this are folded into one pass.
+const MIN_PASS_GAP: Duration = Duration::from_millis(10);
+/// A job whose phase this process wrote is left alone until the watch shows that phase; after
+/// this long the watch is trusted again (someone else may have written since).
+const CACHE_LAG_LIMIT: Duration = Duration::from_secs(30);
+/// A running job's pod is asked for its state at most this often.
+const POLL_EVERY: Duration = Duration::from_millis(100);
 /// Progress is mirrored into status at most this often per job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How long a running job's pod may be unreachable before the job counts as lost.
@@ -50,6 +59,10 @@ struct Memory {
     /// Jobs this process knows to be on an inference pod: uid → endpoint, to cancel the remote
     /// job when its object is deleted.
     in_flight: HashMap<String, SocketAddr>,
+    /// Phases this process wrote that the watch has not shown yet (uid → phase, when). Acting on
+    /// the stale copy meanwhile would dispatch a job twice or end it twice.
+    written: HashMap<String, (JobPhase, Instant)>,
+    last_poll: HashMap<String, Instant>,
 }
 
 pub async fn run(ctx: Arc<Context>) {
@@ -59,6 +72,7 @@ pub async fn run(ctx: Arc<Context>) {
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let slice_config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={INFERENCE}"));
+    let wake = Arc::new(Notify::new());
     let watches = futures::future::join3(
         reflector::reflector(
             jobs_writer,
@@ -69,7 +83,12 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .default_backoff()
         .touched_objects()
-        .for_each(|_| async {}),
+        .for_each(|job| {
+            if job.is_ok_and(|job| job.phase() == JobPhase::Queued) {
+                wake.notify_one();
+            }
+            async {}
+        }),
         reflector::reflector(
             tenants_writer,
             watcher(
@@ -86,7 +105,10 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .default_backoff()
         .touched_objects()
-        .for_each(|_| async {}),
+        .for_each(|_| {
+            wake.notify_one();
+            async {}
+        }),
     );
     let dispatcher = Dispatcher {
         ctx,
@@ -95,6 +117,7 @@ pub async fn run(ctx: Arc<Context>) {
         slices,
         client: InferenceClient::default(),
         memory: Mutex::new(Memory::default()),
+        wake: wake.clone(),
     };
     tokio::select! {
         _ = watches => tracing::error!("dispatcher watches ended"),
@@ -109,6 +132,7 @@ struct Dispatcher {
     slices: Store<EndpointSlice>,
     client: InferenceClient,
     memory: Mutex<Memory>,
+    wake: Arc<Notify>,
 }
 
 impl Dispatcher {
@@ -125,15 +149,19 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+            }
             self.tick().await;
+            tokio::time::sleep(MIN_PASS_GAP).await;
         }
     }
 
     async fn tick(&self) {
         // One pass over each store per tick, so that a tick costs O(tenants + jobs + slices).
         let mut jobs_by_tenant: HashMap<String, Vec<Arc<GenerationJob>>> = HashMap::new();
-        for job in self.jobs.state() {
+        for job in self.caught_up(self.jobs.state()).await {
             if let Some(tenant) = tenant_of(&job) {
                 jobs_by_tenant
                     .entry(tenant.to_string())
@@ -162,6 +190,45 @@ impl Dispatcher {
             async move { self.tenant_tick(&tenant, jobs, endpoints).await }
         }))
         .await;
+    }
+
+    /// The jobs whose watched copy shows at least what this process last wrote to them.
+    async fn caught_up(&self, jobs: Vec<Arc<GenerationJob>>) -> Vec<Arc<GenerationJob>> {
+        let mut memory = self.memory.lock().await;
+        if memory.written.is_empty() {
+            return jobs;
+        }
+        let mut present = HashSet::new();
+        let jobs = jobs
+            .into_iter()
+            .filter(|job| {
+                let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                present.insert(uid.to_string());
+                match memory.written.get(uid) {
+                    Some((phase, at))
+                        if *phase != job.phase() && at.elapsed() < CACHE_LAG_LIMIT =>
+                    {
+                        false
+                    }
+                    Some(_) => {
+                        memory.written.remove(uid);
+                        true
+                    }
+                    None => true,
+                }
+            })
+            .collect();
+        memory.written.retain(|uid, _| present.contains(uid));
+        jobs
+    }
+
+    async fn wrote(&self, job: &GenerationJob, phase: JobPhase) {
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        self.memory
+            .lock()
+            .await
+            .written
+            .insert(uid, (phase, Instant::now()));
     }
 
     /// Remote jobs whose GenerationJob was deleted are cancelled, so the GPU is not wasted.
@@ -202,12 +269,18 @@ impl Dispatcher {
             .iter()
             .filter(|j| j.phase() == JobPhase::Running)
             .collect();
-        join_all(
+        let still_running = join_all(
             running
                 .iter()
                 .map(|job| self.follow(tenant, job, &endpoints)),
         )
         .await;
+        // Slots freed in this pass are offered to queued jobs in this pass too.
+        let running: Vec<&Arc<GenerationJob>> = running
+            .into_iter()
+            .zip(still_running)
+            .filter_map(|(job, runs)| runs.then_some(job))
+            .collect();
 
         let queued: Vec<&Arc<GenerationJob>> = jobs
             .iter()
@@ -215,7 +288,9 @@ impl Dispatcher {
             .collect();
         let mut dispatched = 0;
         if !queued.is_empty() && !endpoints.is_empty() {
-            dispatched = self.dispatch(tenant, &jobs, &queued, &endpoints).await;
+            dispatched = self
+                .dispatch(tenant, &jobs, &running, &queued, &endpoints)
+                .await;
         }
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
@@ -259,6 +334,7 @@ impl Dispatcher {
         &self,
         tenant: &Tenant,
         all: &[Arc<GenerationJob>],
+        running: &[&Arc<GenerationJob>],
         queued: &[&Arc<GenerationJob>],
         endpoints: &[Endpoint],
     ) -> usize {
@@ -300,14 +376,13 @@ impl Dispatcher {
             .iter()
             .map(|endpoint| {
                 let address = endpoint.address.to_string();
-                let busy = all
+                let busy = running
                     .iter()
                     .filter(|j| {
-                        j.phase() == JobPhase::Running
-                            && j.status
-                                .as_ref()
-                                .and_then(|s| s.assigned_endpoint.as_deref())
-                                == Some(address.as_str())
+                        j.status
+                            .as_ref()
+                            .and_then(|s| s.assigned_endpoint.as_deref())
+                            == Some(address.as_str())
                     })
                     .count();
                 (endpoint.clone(), concurrency.saturating_sub(busy))
@@ -444,6 +519,7 @@ impl Dispatcher {
         });
         status.queue_position = None;
         write_status(job, &self.ctx, &status).await?;
+        self.wrote(job, JobPhase::Running).await;
         tracing::info!(job = job.name_any(), user = job.spec.user, endpoint = %endpoint.address, attempt = status.attempts, "dispatched");
         let uid = job.metadata.uid.clone().unwrap_or_default();
         self.memory
@@ -495,7 +571,8 @@ impl Dispatcher {
     }
 
     /// Follows one running job: cancel, timeout, progress, completion, or loss of its pod.
-    async fn follow(&self, tenant: &Tenant, job: &GenerationJob, endpoints: &[Endpoint]) {
+    /// Returns whether the job still holds its slot on the pod.
+    async fn follow(&self, tenant: &Tenant, job: &GenerationJob, endpoints: &[Endpoint]) -> bool {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let status = job.status.clone().unwrap_or_default();
         let Some(endpoint) = status
@@ -503,9 +580,9 @@ impl Dispatcher {
             .as_deref()
             .and_then(|e| e.parse::<SocketAddr>().ok())
         else {
-            return self
-                .lost(tenant, job, "the job has no recorded inference pod")
+            self.lost(tenant, job, "the job has no recorded inference pod")
                 .await;
+            return false;
         };
         self.memory
             .lock()
@@ -515,15 +592,15 @@ impl Dispatcher {
         if job.spec.cancel {
             let _ = self.client.cancel(endpoint, &uid).await;
             self.forget(&uid).await;
-            return self
-                .end(
-                    job,
-                    JobPhase::Cancelled,
-                    "Cancelled",
-                    "cancelled while running",
-                    None,
-                )
-                .await;
+            self.end(
+                job,
+                JobPhase::Cancelled,
+                "Cancelled",
+                "cancelled while running",
+                None,
+            )
+            .await;
+            return false;
         }
         let now = self.ctx.clock.now();
         if let Some(start) = &status.start_time {
@@ -532,21 +609,32 @@ impl Dispatcher {
                 let _ = self.client.cancel(endpoint, &uid).await;
                 self.forget(&uid).await;
                 let _ = release_reservation(job, &self.ctx).await;
-                return self
-                    .end(
-                        job,
-                        JobPhase::Failed,
-                        "DeadlineExceeded",
-                        &format!("no result within {}s", limit.as_secs()),
-                        None,
-                    )
-                    .await;
+                self.end(
+                    job,
+                    JobPhase::Failed,
+                    "DeadlineExceeded",
+                    &format!("no result within {}s", limit.as_secs()),
+                    None,
+                )
+                .await;
+                return false;
             }
+        }
+        {
+            let mut memory = self.memory.lock().await;
+            if memory
+                .last_poll
+                .get(&uid)
+                .is_some_and(|at| at.elapsed() < POLL_EVERY)
+            {
+                return true;
+            }
+            memory.last_poll.insert(uid.clone(), Instant::now());
         }
         match self.client.get(endpoint, &uid).await {
             Ok(remote) => {
                 self.memory.lock().await.unreachable_since.remove(&uid);
-                self.observe(tenant, job, remote).await;
+                self.observe(tenant, job, remote).await
             }
             Err(inference_client::Error::NotFound(_)) => {
                 self.lost(
@@ -554,7 +642,8 @@ impl Dispatcher {
                     job,
                     "the inference pod no longer knows the job (restarted)",
                 )
-                .await
+                .await;
+                false
             }
             Err(error) => {
                 let listed = endpoints.iter().any(|e| e.address == endpoint);
@@ -582,12 +671,15 @@ impl Dispatcher {
                         &format!("inference pod {endpoint} lost: {error}"),
                     )
                     .await;
+                    return false;
                 }
+                true
             }
         }
     }
 
-    async fn observe(&self, tenant: &Tenant, job: &GenerationJob, remote: RemoteJob) {
+    /// Mirrors the pod's view of a running job; returns whether it still runs.
+    async fn observe(&self, tenant: &Tenant, job: &GenerationJob, remote: RemoteJob) -> bool {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         match remote.state {
             RemoteState::Queued | RemoteState::Running => {
@@ -597,7 +689,7 @@ impl Dispatcher {
                 };
                 let status = job.status.clone().unwrap_or_default();
                 if status.progress == Some(progress) {
-                    return;
+                    return true;
                 }
                 {
                     let mut memory = self.memory.lock().await;
@@ -606,7 +698,7 @@ impl Dispatcher {
                         .get(&uid)
                         .is_some_and(|at| at.elapsed() < PROGRESS_EVERY)
                     {
-                        return;
+                        return true;
                     }
                     memory
                         .last_progress_write
@@ -617,6 +709,7 @@ impl Dispatcher {
                 if let Err(error) = write_status(job, &self.ctx, &status).await {
                     tracing::debug!(%error, "could not mirror progress");
                 }
+                true
             }
             RemoteState::Succeeded => {
                 self.forget(&uid).await;
@@ -647,6 +740,7 @@ impl Dispatcher {
                     }),
                 )
                 .await;
+                false
             }
             RemoteState::Failed => {
                 self.forget(&uid).await;
@@ -660,6 +754,7 @@ impl Dispatcher {
                 let _ = release_reservation(job, &self.ctx).await;
                 self.end(job, JobPhase::Failed, &reason, &message, None)
                     .await;
+                false
             }
             RemoteState::Cancelled => {
                 self.lost(
@@ -667,7 +762,8 @@ impl Dispatcher {
                     job,
                     "the inference pod cancelled the job (shutting down)",
                 )
-                .await
+                .await;
+                false
             }
         }
     }
@@ -695,6 +791,7 @@ impl Dispatcher {
             tracing::warn!(%error, "could not requeue a lost job");
             return;
         }
+        self.wrote(job, JobPhase::Queued).await;
         tracing::warn!(
             job = job.name_any(),
             why,
@@ -720,6 +817,7 @@ impl Dispatcher {
     ) {
         match finish(job, &self.ctx, phase, reason, message, update).await {
             Ok(status) => {
+                self.wrote(job, phase).await;
                 // The receiver wants the outputs that were just recorded.
                 let finished = GenerationJob {
                     status: Some(status),
@@ -744,6 +842,7 @@ impl Dispatcher {
         memory.last_progress_write.remove(uid);
         memory.unreachable_since.remove(uid);
         memory.last_position_write.remove(uid);
+        memory.last_poll.remove(uid);
     }
 }
 

@@ -2,6 +2,15 @@
 //! carrying the resourceVersion it read, retried on conflict: concurrent writers (this operator,
 //! the API's quota reset) can interleave but never lose or double an update, so 20 concurrent
 //! admissions against a quota of 5 admit exactly 5.
+//!
+//! Within one process, writes to the same tenant take turns: fifty jobs of one tenant admitted
+//! at once would otherwise each read the same resourceVersion, and all but one would conflict
+//! and retry, fifty times over (quadratic in the burst). Conflicts with other processes remain,
+//! and are retried after a short, spread-out pause.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use atelier_crds::{GenerationJobSpec, Tenant, TenantSpec, TenantStatus};
 use jiff::Timestamp;
@@ -9,8 +18,22 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, PostParams};
 
 use crate::core::admission::{self, Decision, TenantView};
+use crate::core::backoff::retry_delay;
 
-const MAX_CONFLICT_RETRIES: usize = 50;
+const MAX_CONFLICT_RETRIES: u32 = 50;
+const FIRST_CONFLICT_PAUSE: Duration = Duration::from_millis(5);
+const MAX_CONFLICT_PAUSE: Duration = Duration::from_millis(500);
+
+/// One turn-taking lock per tenant name (a few bytes each; tenants are few).
+static WRITERS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Mutex::default);
+
+fn writer_lock(tenant_name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let mut writers = WRITERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    writers.entry(tenant_name.to_string()).or_default().clone()
+}
 
 /// Decides admission against the freshest Tenant and, when admitted, reserves the job's images
 /// for `day`. Returns the decision and the day counted, or `None` when the tenant does not exist.
@@ -114,7 +137,9 @@ pub async fn update(
     tenant_name: &str,
     mut change: impl FnMut(&TenantSpec, &mut TenantStatus) -> bool,
 ) -> kube::Result<bool> {
-    for _ in 0..MAX_CONFLICT_RETRIES {
+    let turn = writer_lock(tenant_name);
+    let _turn = turn.lock().await;
+    for attempt in 1..=MAX_CONFLICT_RETRIES {
         let Some(mut tenant) = tenants.get_opt(tenant_name).await? else {
             return Ok(false);
         };
@@ -128,7 +153,15 @@ pub async fn update(
             .await
         {
             Ok(_) => return Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let pause = retry_delay(
+                    tenant_name,
+                    attempt,
+                    FIRST_CONFLICT_PAUSE,
+                    MAX_CONFLICT_PAUSE,
+                );
+                tokio::time::sleep(pause).await;
+            }
             Err(error) => return Err(error),
         }
     }

@@ -1,7 +1,8 @@
 //! The Tenant controller: gives each tenant its namespace, quota, policies, volume, inference and
 //! outputs servers, keeps them as desired, scales inference with the queue, and cleans up.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use atelier_crds::conditions::{self, DEGRADED, PROGRESSING, READY};
@@ -20,7 +21,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
@@ -28,12 +29,16 @@ use kube::{Resource, ResourceExt};
 
 use super::Context;
 use super::apply::{Applied, ensure};
+use crate::core::backoff::retry_delay;
 use crate::core::desired::{SpecError, tenant_objects};
 use crate::core::scaling::{ScalingInput, desired_replicas, scale_down_due_in};
 
 const CONTROLLER: &str = "tenant";
 /// Periodic re-check even without events: catches drift in objects we do not watch.
 const RESYNC: Duration = Duration::from_secs(300);
+const DEBOUNCE: Duration = Duration::from_millis(500);
+const MAX_CONCURRENT_RECONCILES: u16 = 16;
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,18 +50,37 @@ pub enum Error {
     JobsStillRunning(usize),
 }
 
+/// What the tenant controller keeps between reconciles.
+struct State {
+    ctx: Arc<Context>,
+    /// Consecutive failed reconciles per tenant, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let tenants = Api::<Tenant>::all(client.clone());
     let owned = watcher::Config::default().labels(LABEL_TENANT);
+    let state = Arc::new(State {
+        ctx,
+        failures: Mutex::default(),
+    });
     Controller::new(tenants, watcher::Config::default())
+        // Creating a tenant's objects sends a burst of owned-object events; one reconcile
+        // after the burst does the work of all of them. A bounded number of reconciles at once
+        // keeps a cold start of many tenants from swamping the API server.
+        .with_config(
+            controller::Config::default()
+                .debounce(DEBOUNCE)
+                .concurrency(MAX_CONCURRENT_RECONCILES),
+        )
         .owns(Api::<Namespace>::all(client.clone()), owned.clone())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ResourceQuota>::all(client.clone()), owned.clone())
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, state)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "tenant reconcile failed");
@@ -65,25 +89,51 @@ pub async fn run(ctx: Arc<Context>) {
         .await;
 }
 
-async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(tenant: Arc<Tenant>, state: Arc<State>) -> Result<Action, Error> {
+    let ctx = &state.ctx;
+    let name = tenant.name_any();
     let started = Instant::now();
     let api = Api::<Tenant>::all(ctx.client.clone());
     let result = finalizer(&api, TENANT_FINALIZER, tenant, |event| async {
         match event {
-            Finalizer::Apply(tenant) => apply(&tenant, &ctx).await,
-            Finalizer::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
+            Finalizer::Apply(tenant) => apply(&tenant, ctx).await,
+            Finalizer::Cleanup(tenant) => cleanup(&tenant, ctx).await,
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics
         .reconciled(CONTROLLER, result.is_ok(), started.elapsed());
+    if result.is_ok() {
+        lock(&state.failures).remove(&name);
+    }
     result
 }
 
-fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(tenant = tenant.name_any(), %error, "tenant reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+fn error_policy(tenant: Arc<Tenant>, error: &Error, state: Arc<State>) -> Action {
+    let name = tenant.name_any();
+    if let Error::Finalizer(inner) = error
+        && let kube::runtime::finalizer::Error::CleanupFailed(Error::JobsStillRunning(_)) = &**inner
+    {
+        // Waiting, not failing: look again at a steady pace.
+        tracing::info!(tenant = name, %error, "tenant deletion waits");
+        return Action::requeue(Duration::from_secs(5));
+    }
+    let failures = {
+        let mut failures = lock(&state.failures);
+        let count = failures.entry(name.clone()).or_default();
+        *count += 1;
+        *count
+    };
+    let delay = retry_delay(&name, failures, Duration::from_secs(1), MAX_RETRY_DELAY);
+    tracing::warn!(tenant = name, %error, failures, retry_in = ?delay, "tenant reconcile failed");
+    Action::requeue(delay)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {

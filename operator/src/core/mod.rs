@@ -2,6 +2,7 @@
 //! cluster. The controllers around it only read objects, call these, and write the result.
 
 pub mod admission;
+pub mod backoff;
 pub mod desired;
 pub mod queue;
 pub mod scaling;

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use atelier_crds::{Role, Tenant};
+use atelier_crds::Role;
 use axum::Json;
 use axum::extract::State;
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -60,12 +59,9 @@ pub struct Me {
 )]
 pub async fn me(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Me>> {
     let admin_group = state.settings.platform_admin_group.as_deref();
-    let tenants = Api::<Tenant>::all(state.kube.clone())
-        .list(&ListParams::default())
-        .await?;
+    let tenants = state.tenants.all().await?;
     let now = jiff::Timestamp::now();
     let mut memberships: Vec<TenantMembership> = tenants
-        .items
         .iter()
         .filter_map(|tenant| {
             let role = authz::tenant_role(&tenant.spec, &caller.identity, admin_group)?;
