@@ -297,8 +297,8 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     })
     .await
     .unwrap();
-    // Each repair is reported as an Event on the Tenant: the edited quota as repaired, the
-    // deleted Service as created (a second time).
+    // Provisioning is one Event naming every object; each later repair is an Event of its own:
+    // the edited quota as repaired, the deleted Service as created.
     let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
     wait_for("events of the repairs", TIMEOUT, || async {
         // The recorder folds a repeated event into one object with a series count.
@@ -329,7 +329,12 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
             format!("restored the desired state of ResourceQuota {ns}/atelier-quota"),
         );
         let service_created = count("Created", format!("created Service {ns}/outputs"));
-        Ok((quota_repaired >= 1 && service_created >= 2).then_some(()))
+        let provisioned = notes.iter().any(|(reason, note, _)| {
+            reason == "Provisioned"
+                && note.contains("Service outputs")
+                && note.contains("ResourceQuota atelier-quota")
+        });
+        Ok((quota_repaired >= 1 && service_created == 1 && provisioned).then_some(()))
     })
     .await
     .unwrap();

@@ -269,6 +269,25 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         objects.inference_deployment.metadata.name.clone(),
         ensure(&inference_api, &objects.inference_deployment).await?,
     );
+    // Provisioning creates a dozen objects: one Event says so, rather than one per object
+    // (Events are API writes too, and a cold start of many tenants is bound by them).
+    // Objects created or repaired later are drift and get an Event each.
+    if changes.len() > 1 && changes.iter().all(|(_, _, a)| *a == Applied::Created) {
+        let created: Vec<String> = changes
+            .iter()
+            .map(|(kind, object, _)| format!("{kind} {object}"))
+            .collect();
+        publish(
+            ctx,
+            tenant,
+            EventType::Normal,
+            "Provisioned",
+            format!("created in {ns}: {}", created.join(", ")),
+            None,
+        )
+        .await;
+        changes.clear();
+    }
     for (kind, object, applied) in &changes {
         let (reason, verb) = match applied {
             Applied::Created => ("Created", "created"),
