@@ -2,6 +2,7 @@
 //! outputs servers, keeps them as desired, scales inference with the queue, and cleans up.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,14 +25,17 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::utils::PredicateConfig;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::Context;
 use super::apply::{Applied, ensure};
 use crate::core::backoff::retry_delay;
 use crate::core::desired::{SpecError, tenant_objects};
-use crate::core::scaling::{ScalingInput, desired_replicas, scale_down_due_in};
+use crate::core::scaling::{
+    ScalingInput, desired_replicas, replicas_for_demand, scale_down_due_in,
+};
 
 const CONTROLLER: &str = "tenant";
 /// Periodic re-check even without events: catches drift in objects we do not watch.
@@ -65,7 +69,13 @@ pub async fn run(ctx: Arc<Context>) {
         ctx,
         failures: Mutex::default(),
     });
-    Controller::new(tenants, watcher::Config::default())
+    let (reader, writer) = reflector::store::<Tenant>();
+    let triggers = watcher(tenants, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, PredicateConfig::default());
+    Controller::for_stream(triggers, reader)
         // Creating a tenant's objects sends a burst of owned-object events; one reconcile
         // after the burst does the work of all of them. A bounded number of reconciles at once
         // keeps a cold start of many tenants from swamping the API server.
@@ -87,6 +97,31 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// What in a Tenant calls for a reconcile: its spec, finalizers and deletion, and the replicas
+/// its demand asks for. Every admitted job writes the quota counters in the status, and the
+/// demand moves with every job; a reconcile for each of those writes would re-read all of the
+/// tenant's objects to change nothing. (Owned objects still trigger reconciles of their own.)
+fn reconcile_inputs(tenant: &Tenant) -> Option<u64> {
+    let status = tenant.status.as_ref();
+    let demand = status.map_or(0, |s| s.queued + s.running);
+    let inference = &tenant.spec.inference;
+    let wanted = replicas_for_demand(
+        demand,
+        inference.concurrency,
+        inference.min_replicas,
+        tenant.replica_ceiling(),
+    );
+    let mut hasher = DefaultHasher::new();
+    (
+        tenant.metadata.generation,
+        tenant.metadata.deletion_timestamp.as_ref().map(|t| t.0),
+        &tenant.metadata.finalizers,
+        wanted,
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 async fn reconcile(tenant: Arc<Tenant>, state: Arc<State>) -> Result<Action, Error> {
@@ -679,5 +714,80 @@ async fn publish(
     };
     if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
         tracing::warn!(%error, "could not publish an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use atelier_crds::UserUsage;
+    use serde_json::json;
+
+    use super::*;
+
+    fn tenant(min_replicas: u32, queued: u32, running: u32) -> Tenant {
+        let spec = json!({
+            "members": [{ "group": "team-a", "role": "user" }],
+            "gpus": { "max": 4 },
+            "inference": { "model": { "volumeName": "flux-weights" }, "minReplicas": min_replicas, "concurrency": 2 },
+        });
+        let mut tenant = Tenant::new("team-a", serde_json::from_value(spec).unwrap());
+        tenant.metadata.generation = Some(1);
+        tenant.status = Some(TenantStatus {
+            queued,
+            running,
+            ..TenantStatus::default()
+        });
+        tenant
+    }
+
+    #[test]
+    fn quota_counters_and_demand_within_a_replica_do_not_trigger_reconciles() {
+        let idle = reconcile_inputs(&tenant(1, 0, 0));
+        let mut counted = tenant(1, 0, 0);
+        counted.status.as_mut().unwrap().usage = vec![UserUsage {
+            user: "ann".into(),
+            images: 3,
+        }];
+        assert_eq!(reconcile_inputs(&counted), idle);
+        // One replica runs two jobs: one or two jobs ask for the same replicas.
+        assert_eq!(
+            reconcile_inputs(&tenant(1, 1, 0)),
+            reconcile_inputs(&tenant(1, 0, 2))
+        );
+    }
+
+    #[test]
+    fn spec_deletion_and_replica_demand_trigger_reconciles() {
+        let base = tenant(0, 0, 0);
+        let mut respec = base.clone();
+        respec.metadata.generation = Some(2);
+        let mut deleted = base.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        let mut finalized = base.clone();
+        finalized.metadata.finalizers = Some(vec![TENANT_FINALIZER.into()]);
+        for (what, changed) in [
+            ("a spec change", respec),
+            ("a deletion", deleted),
+            ("a finalizer", finalized),
+            (
+                "the first job of a tenant at zero replicas",
+                tenant(0, 1, 0),
+            ),
+        ] {
+            assert_ne!(
+                reconcile_inputs(&changed),
+                reconcile_inputs(&base),
+                "{what}"
+            );
+        }
+        // A third job needs a second replica; the last job leaving starts the idle clock.
+        assert_ne!(
+            reconcile_inputs(&tenant(1, 3, 0)),
+            reconcile_inputs(&tenant(1, 2, 0))
+        );
+        assert_ne!(
+            reconcile_inputs(&tenant(1, 0, 1)),
+            reconcile_inputs(&tenant(1, 0, 0))
+        );
     }
 }

@@ -24,9 +24,13 @@ pub struct ScalingInput {
 /// image every few minutes does not pay a cold start each time.
 pub fn desired_replicas(input: &ScalingInput) -> u32 {
     let floor = input.min_replicas.min(input.ceiling);
-    if input.demand > 0 {
-        let needed = input.demand.div_ceil(input.concurrency.max(1));
-        return needed.clamp(floor, input.ceiling.max(floor));
+    if let Some(needed) = replicas_for_demand(
+        input.demand,
+        input.concurrency,
+        input.min_replicas,
+        input.ceiling,
+    ) {
+        return needed;
     }
     let idle_long_enough = match input.last_active {
         None => true,
@@ -37,6 +41,22 @@ pub fn desired_replicas(input: &ScalingInput) -> u32 {
     } else {
         input.current.clamp(floor, input.ceiling.max(floor))
     }
+}
+
+/// The replicas that `demand` jobs ask for, within `[minReplicas, ceiling]`; `None` without
+/// demand, when idle time decides instead.
+pub fn replicas_for_demand(
+    demand: u32,
+    concurrency: u32,
+    min_replicas: u32,
+    ceiling: u32,
+) -> Option<u32> {
+    let floor = min_replicas.min(ceiling);
+    (demand > 0).then(|| {
+        demand
+            .div_ceil(concurrency.max(1))
+            .clamp(floor, ceiling.max(floor))
+    })
 }
 
 /// When the next scale-down decision is due, so the controller can requeue exactly then.

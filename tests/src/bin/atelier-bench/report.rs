@@ -201,11 +201,11 @@ pub fn render(report: &Report) -> String {
             let besides = &run.writes_besides_progress;
             goals.push(vec![
                 format!(
-                    "job object writes from create to the end ≤ {JOB_WRITES_GOAL:.0} + 1 per progress update ({})",
+                    "job object writes from create to the end ≤ {JOB_WRITES_GOAL:.0} + 1 per progress or queue-position update ({})",
                     run.label
                 ),
                 format!(
-                    "{} of {} jobs; besides progress {:.2} on average, {:.0} at most; progress {:.2}, queue position {:.2} per job",
+                    "{} of {} jobs; besides progress and position {:.2} on average, {:.0} at most; progress {:.2}, queue position {:.2} per job",
                     run.jobs_within_write_goal,
                     run.jobs,
                     besides.mean,
