@@ -29,7 +29,10 @@ pub async fn ready_endpoints(
 }
 
 /// The pure part of [`ready_endpoints`]: ready, non-terminating addresses, deduplicated.
-pub fn ready_in_slices(slices: &[EndpointSlice], port_name: &str) -> Vec<Endpoint> {
+pub fn ready_in_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port_name: &str,
+) -> Vec<Endpoint> {
     let mut found = Vec::new();
     for slice in slices {
         let Some(port) = slice

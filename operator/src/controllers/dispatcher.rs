@@ -48,6 +48,14 @@ const FAIR_SHARE_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_hours
 /// Queue positions are rewritten at most this often per job.
 const POSITION_EVERY: Duration = Duration::from_secs(5);
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The periodic pass.
+    Full,
+    /// Woken by new work or a new endpoint.
+    Woken,
+}
+
 /// What the dispatcher remembers between ticks. Losing it (a restart) only costs re-reading.
 #[derive(Default)]
 struct Memory {
@@ -149,45 +157,52 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.wake.notified() => {}
-            }
-            self.tick().await;
+            let pass = tokio::select! {
+                _ = tick.tick() => Pass::Full,
+                () = self.wake.notified() => Pass::Woken,
+            };
+            self.pass(pass).await;
             tokio::time::sleep(MIN_PASS_GAP).await;
         }
     }
 
-    async fn tick(&self) {
-        // One pass over each store per tick, so that a tick costs O(tenants + jobs + slices).
-        let mut jobs_by_tenant: HashMap<String, Vec<Arc<GenerationJob>>> = HashMap::new();
-        for job in self.caught_up(self.jobs.state()).await {
-            if let Some(tenant) = tenant_of(&job) {
+    /// One pass over each store, O(tenants + jobs + slices). Woken passes, many per second under
+    /// load, only move work; the periodic pass also refreshes metrics and cancels orphans.
+    async fn pass(&self, pass: Pass) {
+        let all = self.jobs.state();
+        if pass == Pass::Full {
+            self.cancel_orphans(&all).await;
+        }
+        let jobs = self.caught_up(all).await;
+        let mut jobs_by_tenant: HashMap<&str, Vec<Arc<GenerationJob>>> = HashMap::new();
+        for job in &jobs {
+            if let Some(tenant) = tenant_of(job) {
                 jobs_by_tenant
-                    .entry(tenant.to_string())
+                    .entry(tenant)
                     .or_default()
-                    .push(job.clone());
+                    .push(Arc::clone(job));
             }
         }
-        let mut slices_by_namespace: HashMap<String, Vec<EndpointSlice>> = HashMap::new();
-        for slice in self.slices.state() {
+        let slices = self.slices.state();
+        let mut slices_by_namespace: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &slices {
             if let Some(namespace) = &slice.metadata.namespace {
                 slices_by_namespace
-                    .entry(namespace.clone())
+                    .entry(namespace.as_str())
                     .or_default()
-                    .push((*slice).clone());
+                    .push(slice);
             }
         }
-        self.cancel_orphans().await;
         join_all(self.tenants.state().into_iter().map(|tenant| {
-            let jobs = jobs_by_tenant
-                .remove(&tenant.name_any())
-                .unwrap_or_default();
-            let slices = slices_by_namespace
-                .remove(&tenant.namespace_name())
-                .unwrap_or_default();
-            let endpoints = ready_in_slices(&slices, HTTP_PORT_NAME);
-            async move { self.tenant_tick(&tenant, jobs, endpoints).await }
+            let name = tenant.name_any();
+            let jobs = jobs_by_tenant.remove(name.as_str()).unwrap_or_default();
+            let endpoints = ready_in_slices(
+                slices_by_namespace
+                    .remove(tenant.namespace_name().as_str())
+                    .unwrap_or_default(),
+                HTTP_PORT_NAME,
+            );
+            async move { self.tenant_tick(&tenant, jobs, endpoints, pass).await }
         }))
         .await;
     }
@@ -195,21 +210,18 @@ impl Dispatcher {
     /// The jobs whose watched copy shows at least what this process last wrote to them.
     async fn caught_up(&self, jobs: Vec<Arc<GenerationJob>>) -> Vec<Arc<GenerationJob>> {
         let mut memory = self.memory.lock().await;
+        // Entries of deleted jobs age out here too.
+        memory
+            .written
+            .retain(|_, (_, at)| at.elapsed() < CACHE_LAG_LIMIT);
         if memory.written.is_empty() {
             return jobs;
         }
-        let mut present = HashSet::new();
-        let jobs = jobs
-            .into_iter()
+        jobs.into_iter()
             .filter(|job| {
                 let uid = job.metadata.uid.as_deref().unwrap_or_default();
-                present.insert(uid.to_string());
                 match memory.written.get(uid) {
-                    Some((phase, at))
-                        if *phase != job.phase() && at.elapsed() < CACHE_LAG_LIMIT =>
-                    {
-                        false
-                    }
+                    Some((phase, _)) if *phase != job.phase() => false,
                     Some(_) => {
                         memory.written.remove(uid);
                         true
@@ -217,9 +229,7 @@ impl Dispatcher {
                     None => true,
                 }
             })
-            .collect();
-        memory.written.retain(|uid, _| present.contains(uid));
-        jobs
+            .collect()
     }
 
     async fn wrote(&self, job: &GenerationJob, phase: JobPhase) {
@@ -232,19 +242,17 @@ impl Dispatcher {
     }
 
     /// Remote jobs whose GenerationJob was deleted are cancelled, so the GPU is not wasted.
-    async fn cancel_orphans(&self) {
-        let live: HashSet<String> = self
-            .jobs
-            .state()
+    async fn cancel_orphans(&self, jobs: &[Arc<GenerationJob>]) {
+        let live: HashSet<&str> = jobs
             .iter()
-            .filter_map(|j| j.metadata.uid.clone())
+            .filter_map(|j| j.metadata.uid.as_deref())
             .collect();
         let orphans: Vec<(String, SocketAddr)> = {
             let mut memory = self.memory.lock().await;
             let orphans = memory
                 .in_flight
                 .iter()
-                .filter(|(uid, _)| !live.contains(*uid))
+                .filter(|(uid, _)| !live.contains(uid.as_str()))
                 .map(|(u, e)| (u.clone(), *e))
                 .collect::<Vec<_>>();
             for (uid, _) in &orphans {
@@ -263,6 +271,7 @@ impl Dispatcher {
         tenant: &Tenant,
         jobs: Vec<Arc<GenerationJob>>,
         endpoints: Vec<Endpoint>,
+        pass: Pass,
     ) {
         let tenant_name = tenant.name_any();
         let running: Vec<&Arc<GenerationJob>> = jobs
@@ -294,23 +303,8 @@ impl Dispatcher {
         }
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
-        self.ctx
-            .metrics
-            .queue_depth
-            .get_or_create(&super::metrics::TenantLabel {
-                tenant: tenant_name.clone(),
-            })
-            .set(i64::from(queued_count));
-        for phase in JobPhase::ALL {
-            let count = jobs.iter().filter(|j| j.phase() == phase).count() as i64;
-            self.ctx
-                .metrics
-                .jobs
-                .get_or_create(&super::metrics::TenantPhaseLabels {
-                    tenant: tenant_name.clone(),
-                    phase: phase.as_str(),
-                })
-                .set(count);
+        if pass == Pass::Full {
+            self.export_metrics(&tenant_name, &jobs, queued_count);
         }
         let status = tenant.status.clone().unwrap_or_default();
         if status.queued != queued_count || status.running != running_count {
@@ -326,6 +320,31 @@ impl Dispatcher {
             {
                 tracing::warn!(tenant = tenant_name, %error, "could not publish demand");
             }
+        }
+    }
+
+    fn export_metrics(&self, tenant: &str, jobs: &[Arc<GenerationJob>], queued: u32) {
+        let metrics = &self.ctx.metrics;
+        metrics
+            .queue_depth
+            .get_or_create(&super::metrics::TenantLabel {
+                tenant: tenant.to_string(),
+            })
+            .set(i64::from(queued));
+        let mut by_phase = [0i64; JobPhase::ALL.len()];
+        for job in jobs {
+            if let Some(index) = JobPhase::ALL.iter().position(|p| *p == job.phase()) {
+                by_phase[index] += 1;
+            }
+        }
+        for (phase, count) in JobPhase::ALL.into_iter().zip(by_phase) {
+            metrics
+                .jobs
+                .get_or_create(&super::metrics::TenantPhaseLabels {
+                    tenant: tenant.to_string(),
+                    phase: phase.as_str(),
+                })
+                .set(count);
         }
     }
 
