@@ -5,12 +5,14 @@
 //! is [`Linear`], which stores weights in the precision's storage dtype. Two deliberate
 //! differences: rotary tables are computed once per generation on the host in f64 (as BFL
 //! does in float64) instead of per step in the compute dtype, and normalisations use candle's
-//! fused kernels.
+//! fused kernels. With f32 activations in host memory, attention and GELU run through the
+//! vectorized kernels of `model/cpu.rs` (same math, about 1e-6 apart from candle's ops).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::model::cpu;
 use crate::model::linear::Linear;
 use crate::pipeline::Error;
 
@@ -218,6 +220,9 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> 
     let q = rope.apply(q)?;
     let k = rope.apply(k)?;
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    if let Some(merged) = cpu::attention(&q, &k, v, scale as f32)? {
+        return Ok(merged);
+    }
     let weights = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
     weights
         .matmul(&v.contiguous()?)?
@@ -316,7 +321,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.lin2.forward(&self.lin1.forward(xs)?.gelu()?)
+        self.lin2.forward(&cpu::gelu_tanh(&self.lin1.forward(xs)?)?)
     }
 }
 
@@ -414,9 +419,7 @@ impl SingleStreamBlock {
         let mlp = x_mod.narrow(D::Minus1, h3, x_mod.dim(D::Minus1)? - h3)?;
         let (q, k) = self.qk_norm.forward(&q, &k)?;
         let attn = attention(&q, &k, &v, rope)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], 2)?)?;
+        let out = self.linear2.forward(&cpu::cat_gelu_tanh(&attn, &mlp)?)?;
         xs + m.gate(&out)?
     }
 }

@@ -4,9 +4,21 @@
 //! be widened to the activations' dtype first. Doing that per call, one layer at a time,
 //! keeps the transformer at one byte per weight in memory (`Precision::Fp8`), as the
 //! majicflus console did with torch's float8 storage.
+//!
+//! With f32 activations in host memory the layer calls gemm itself ([`Linear::forward_on_host`])
+//! rather than going through candle's matmul: the weight is widened a slab at a time into a
+//! reused buffer instead of into a fresh full-size f32 tensor per call, and the bias is written
+//! into the output before the matmul accumulates onto it instead of being added in a second
+//! pass over a second output tensor.
+
+use std::cell::RefCell;
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use crate::model::cpu;
 
 /// f32 value of every float8 e4m3 bit pattern. candle's CPU cast converts each element
 /// through f16 in software (the `float8` crate), which made widening the fp8 transformer cost
@@ -37,20 +49,96 @@ const fn e4m3_to_f32(bits: u8) -> f32 {
     f32::from_bits(magnitude.to_bits() | (((bits >> 7) as u32) << 31))
 }
 
-/// `weight` widened to f32 through [`E4M3_TO_F32`], if it is a contiguous float8 tensor in
-/// host memory; on a GPU candle's cast is a kernel and needs no help.
-fn widen_e4m3_on_host(weight: &Tensor) -> Result<Option<Tensor>> {
-    let (storage, layout) = weight.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F8E4M3(data)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Ok(None);
+/// Weight elements widened per slab: 16 MiB of f32, every weight of the bench model in one
+/// slab, FLUX.1's in slabs of 1365 output features or more. Slabs keep the scratch buffer
+/// bounded whatever the layer; more than about a thousand output features per slab keeps
+/// gemm's repacking of the activations for each slab under a percent of the matmul.
+const SLAB_ELEMENTS: usize = 4 << 20;
+
+thread_local! {
+    /// Reused across calls, so widening writes into memory that is already mapped rather than
+    /// faulting in (and zeroing) fresh pages for every layer of every step.
+    static SLAB: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `matmul(slab, first_row)` for consecutive slabs of whole rows of `weight` (rows of
+/// `in_dim` elements), widened to f32 with `widen`.
+fn by_widened_slabs<T: Copy + Sync>(
+    weight: &[T],
+    in_dim: usize,
+    widen: impl Fn(T) -> f32 + Sync,
+    mut matmul: impl FnMut(&[f32], usize),
+) {
+    // Widening is bound by memory bandwidth, which one core does not saturate; split it so
+    // that the other cores do not sit idle in between two matmuls.
+    const PIECE: usize = 1 << 16;
+    let rows_per_slab = (SLAB_ELEMENTS / in_dim).max(1);
+    SLAB.with_borrow_mut(|slab| {
+        for (i, rows) in weight.chunks(rows_per_slab * in_dim).enumerate() {
+            slab.resize(rows.len(), 0.0);
+            slab.par_chunks_mut(PIECE)
+                .zip(rows.par_chunks(PIECE))
+                .for_each(|(slab, rows)| {
+                    for (s, &w) in slab.iter_mut().zip(rows) {
+                        *s = widen(w);
+                    }
+                });
+            matmul(slab, i * rows_per_slab);
+        }
+    });
+}
+
+/// `ys[:, first..first + n] (+)= x · wᵀ` for `x` `(rows, in_dim)`, `w` `(n, in_dim)` and `ys`
+/// `(rows, out_dim)`, all row-major; `accumulate` adds onto `ys` (holding the bias) instead of
+/// overwriting it.
+fn matmul_transposed(
+    x: &[f32],
+    w: &[f32],
+    ys: &mut [f32],
+    (in_dim, out_dim): (usize, usize),
+    first: usize,
+    accumulate: bool,
+) {
+    let rows = x.len() / in_dim;
+    let n = w.len() / in_dim;
+    assert!(
+        x.len() == rows * in_dim
+            && w.len() == n * in_dim
+            && ys.len() == rows * out_dim
+            && first + n <= out_dim,
+        "matmul_transposed: shapes do not match"
+    );
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = match threads {
+        1 => Parallelism::None,
+        _ => Parallelism::Rayon(threads),
     };
-    let widened: Vec<f32> = data[start..end]
-        .iter()
-        .map(|v| E4M3_TO_F32[usize::from(v.to_bits())])
-        .collect();
-    Tensor::from_vec(widened, layout.shape(), &Device::Cpu).map(Some)
+    // SAFETY: the assert above keeps every access in bounds: x is rows x in_dim (row stride
+    // in_dim), w read as its transpose in_dim x n (column stride in_dim), and the destination
+    // columns first..first + n of rows rows of out_dim elements.
+    unsafe {
+        gemm(
+            rows,
+            n,
+            in_dim,
+            ys.as_mut_ptr().add(first),
+            1,
+            out_dim as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            in_dim as isize,
+            w.as_ptr(),
+            in_dim as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -84,7 +172,10 @@ impl Linear {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = self.widened_weight(xs.dtype())?;
+        if let Some(ys) = self.forward_on_host(xs)? {
+            return Ok(ys);
+        }
+        let weight = self.weight.to_dtype(xs.dtype())?;
         let (out_dim, in_dim) = weight.dims2()?;
         let mut out_shape = xs.dims().to_vec();
         let rows = xs.elem_count() / in_dim;
@@ -100,13 +191,76 @@ impl Linear {
         ys.reshape(out_shape)
     }
 
-    fn widened_weight(&self, dtype: DType) -> Result<Tensor> {
-        if dtype == DType::F32
-            && let Some(weight) = widen_e4m3_on_host(&self.weight)?
-        {
-            return Ok(weight);
+    /// `forward` for f32 activations in host memory, `None` for anything else (a GPU, another
+    /// compute dtype, a non-contiguous weight).
+    fn forward_on_host(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || in_dim == 0 || out_dim == 0 {
+            return Ok(None);
         }
-        self.weight.to_dtype(dtype)
+        let xs = xs.contiguous()?;
+        let rows = xs.elem_count() / in_dim;
+        let mut out_shape = xs.dims().to_vec();
+        if let Some(last) = out_shape.last_mut() {
+            *last = out_dim;
+        }
+        let (x_storage, x_layout) = xs.storage_and_layout();
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(x)), Some((x0, x1)), Some((w0, w1))) = (
+            &*x_storage,
+            x_layout.contiguous_offsets(),
+            w_layout.contiguous_offsets(),
+        ) else {
+            return Ok(None);
+        };
+        let x = &x[x0..x1];
+        let mut ys = match &self.bias {
+            None => vec![0f32; rows * out_dim],
+            Some(bias) => {
+                let (b_storage, b_layout) = bias.storage_and_layout();
+                let (Storage::Cpu(CpuStorage::F32(b)), Some((b0, b1))) =
+                    (&*b_storage, b_layout.contiguous_offsets())
+                else {
+                    return Ok(None);
+                };
+                let bias = &b[b0..b1];
+                if bias.len() != out_dim {
+                    candle_core::bail!("bias of {} for {out_dim} outputs", bias.len());
+                }
+                let fill = |_, row: &mut [std::mem::MaybeUninit<f32>]| {
+                    for (y, &b) in row.iter_mut().zip(bias) {
+                        y.write(b);
+                    }
+                };
+                // SAFETY: every row is out_dim wide, as many elements as the bias copied in.
+                unsafe { cpu::par_rows(rows, out_dim, fill) }
+            }
+        };
+        let accumulate = self.bias.is_some();
+        let dims = (in_dim, out_dim);
+        match &*w_storage {
+            Storage::Cpu(CpuStorage::F32(w)) => {
+                matmul_transposed(x, &w[w0..w1], &mut ys, dims, 0, accumulate)
+            }
+            Storage::Cpu(CpuStorage::BF16(w)) => {
+                // bf16 is the top half of an f32.
+                by_widened_slabs(
+                    &w[w0..w1],
+                    in_dim,
+                    |v| f32::from_bits(u32::from(v.to_bits()) << 16),
+                    |slab, first| matmul_transposed(x, slab, &mut ys, dims, first, accumulate),
+                )
+            }
+            Storage::Cpu(CpuStorage::F8E4M3(w)) => by_widened_slabs(
+                &w[w0..w1],
+                in_dim,
+                |v| E4M3_TO_F32[usize::from(v.to_bits())],
+                |slab, first| matmul_transposed(x, slab, &mut ys, dims, first, accumulate),
+            ),
+            _ => return Ok(None),
+        }
+        drop((x_storage, w_storage));
+        Tensor::from_vec(ys, out_shape, &Device::Cpu).map(Some)
     }
 }
 
@@ -147,15 +301,35 @@ mod tests {
     }
 
     #[test]
-    fn widening_on_the_host_uses_the_table() -> Result<()> {
-        let widened =
-            widen_e4m3_on_host(&every_e4m3_bit_pattern()?)?.expect("a host float8 tensor");
-        let widened = widened.to_vec1::<f32>()?;
-        for (ours, table) in widened.iter().zip(E4M3_TO_F32) {
-            assert!(ours.to_bits() == table.to_bits() || (ours.is_nan() && table.is_nan()));
-        }
-        let bf16 = Tensor::zeros(4, DType::BF16, &Device::Cpu)?;
-        assert!(widen_e4m3_on_host(&bf16)?.is_none());
+    fn bf16_forward_in_several_slabs_matches_candles_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        // 4096 inputs make 1024 output features per slab: 1100 outputs take two slabs.
+        let (rows, in_dim, out_dim) = (3, 4096, 1100);
+        let weight = Tensor::from_vec(
+            standard_normal(4, out_dim * in_dim),
+            (out_dim, in_dim),
+            &dev,
+        )?
+        .to_dtype(DType::BF16)?;
+        let bias = Tensor::from_vec(standard_normal(5, out_dim), out_dim, &dev)?;
+        let xs = Tensor::from_vec(standard_normal(6, rows * in_dim), (rows, in_dim), &dev)?;
+        let tensors = HashMap::from([
+            ("weight".to_string(), weight.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let linear = Linear::load(vb, in_dim, out_dim, true, DType::BF16)?;
+        let ours = linear.forward(&xs)?;
+        let candle = xs
+            .matmul(&weight.to_dtype(DType::F32)?.t()?)?
+            .broadcast_add(&bias)?;
+        let diff = (ours - candle)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        // Sums of 4096 products of about unit size: f32 rounding in a different order.
+        assert!(diff < 1e-3, "max abs diff {diff}");
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Model components and their loading from the real checkpoint layouts.
 
+pub(crate) mod cpu;
 pub mod flux;
 pub mod flux_keys;
 pub mod image;
