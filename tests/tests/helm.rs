@@ -459,7 +459,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
     )?;
     let api = expected(&[
         "atelier.dev generationjobs get list watch create patch",
-        "atelier.dev tenants get list",
+        "atelier.dev tenants get list watch",
         "atelier.dev tenants/status update",
         "discovery.k8s.io endpointslices list",
         "core pods deletecollection",
