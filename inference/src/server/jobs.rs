@@ -15,7 +15,9 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::outputs::OutputFile;
+use std::path::Path;
+
+use crate::outputs::{self, ImageData, JobInfo, OutputFile};
 use crate::pipeline::GenerateRequest;
 
 /// A validated request, with defaults filled in. Two submissions with the same id are the same
@@ -36,6 +38,35 @@ pub struct JobSpec {
 
 impl JobSpec {
     /// What the pipeline is asked to generate for this job.
+    /// Writes the job's images under `outputs_dir` (see [`outputs::write_job_outputs`]) and
+    /// turns the result into the job's outcome; the real worker and the simulated one both end here.
+    pub fn write_outputs(
+        &self,
+        outputs_dir: &Path,
+        model: &str,
+        images: &[ImageData<'_>],
+    ) -> Outcome {
+        let info = JobInfo {
+            job_id: &self.id,
+            user: &self.user,
+            prompt: &self.prompt,
+            steps: self.steps,
+            guidance: self.guidance,
+            model,
+            created_at: Timestamp::now(),
+        };
+        match outputs::write_job_outputs(outputs_dir, &info, self.seed, images) {
+            Ok(files) => Outcome::Succeeded(files),
+            Err(e) => {
+                tracing::error!(job = %self.id, error = %e, "writing outputs failed");
+                Outcome::Failed(JobError {
+                    reason: FailureReason::OutputWriteFailed,
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
     pub fn request(&self) -> GenerateRequest {
         GenerateRequest {
             prompt: self.prompt.clone(),

@@ -23,7 +23,7 @@ use super::jobs::{FailureReason, Job, JobError, Outcome};
 use super::metrics::InferenceMetrics;
 use super::warm::ModelState;
 use super::worker::{Command, ModelView, Spawned};
-use crate::outputs::{self, ImageData, JobInfo};
+use crate::outputs::ImageData;
 
 /// The name `GET /v1/model` reports and metadata files record.
 pub const MODEL_NAME: &str = "simulated";
@@ -128,15 +128,6 @@ fn simulate(
             (seed, flat_png(spec.width, spec.height, seed))
         })
         .collect();
-    let info = JobInfo {
-        job_id: &spec.id,
-        user: &spec.user,
-        prompt: &spec.prompt,
-        steps: spec.steps,
-        guidance: spec.guidance,
-        model: MODEL_NAME,
-        created_at: Timestamp::now(),
-    };
     let images: Vec<ImageData<'_>> = pngs
         .iter()
         .map(|(seed, png)| ImageData {
@@ -146,16 +137,7 @@ fn simulate(
             seed: *seed,
         })
         .collect();
-    match outputs::write_job_outputs(outputs_dir, &info, spec.seed, &images) {
-        Ok(files) => Outcome::Succeeded(files),
-        Err(e) => {
-            tracing::error!(job = %spec.id, error = %e, "writing outputs failed");
-            Outcome::Failed(JobError {
-                reason: FailureReason::OutputWriteFailed,
-                message: e.to_string(),
-            })
-        }
-    }
+    spec.write_outputs(outputs_dir, MODEL_NAME, &images)
 }
 
 /// A cancel or a passed deadline stops the job, as the real worker does between steps.

@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, watch};
 use super::jobs::{FailureReason, Job, JobError, Outcome};
 use super::metrics::InferenceMetrics;
 use super::warm::{self, ModelState, Move, WarmKeeper};
-use crate::outputs::{self, ImageData, JobInfo};
+use crate::outputs::ImageData;
 use crate::pipeline::{self, Pipeline, Placement, Precision};
 
 /// What the HTTP side asks of the worker.
@@ -253,15 +253,6 @@ impl Worker {
             Ok(Err(e)) => return failed(FailureReason::GenerationFailed, e.to_string()),
             Err(_) => return failed(FailureReason::GenerationFailed, "the generator panicked"),
         };
-        let info = JobInfo {
-            job_id: &spec.id,
-            user: &spec.user,
-            prompt: &spec.prompt,
-            steps: spec.steps,
-            guidance: spec.guidance,
-            model: &self.pipeline.info().name,
-            created_at: Timestamp::now(),
-        };
         let data: Vec<ImageData<'_>> = images
             .iter()
             .map(|image| ImageData {
@@ -271,13 +262,7 @@ impl Worker {
                 seed: image.seed,
             })
             .collect();
-        match outputs::write_job_outputs(&self.outputs_dir, &info, spec.seed, &data) {
-            Ok(files) => Outcome::Succeeded(files),
-            Err(e) => {
-                tracing::error!(job = %spec.id, error = %e, "writing outputs failed");
-                failed(FailureReason::OutputWriteFailed, e.to_string())
-            }
-        }
+        spec.write_outputs(&self.outputs_dir, &self.pipeline.info().name, &data)
     }
 }
 
