@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{Mutex, Notify};
 
 use super::inference_client::{self, InferenceClient, RemoteJob, RemoteState, SubmitRequest};
-use super::job::{finish, release_reservation, tenant_of, transition_event, write_status};
+use super::job::{finish, release_reservation, transition_event, write_status};
 use super::{Context, quota, webhook};
 use crate::core::queue::{QueuedJob, dispatch_order};
 use crate::endpoints::{Endpoint, ready_in_slices};
@@ -43,8 +43,6 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How long a running job's pod may be unreachable before the job counts as lost.
 const LOST_AFTER: Duration = Duration::from_secs(10);
-/// Finished jobs count towards a user's fair share for this long.
-const FAIR_SHARE_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_hours(1);
 /// Queue positions are rewritten at most this often per job.
 const POSITION_EVERY: Duration = Duration::from_secs(5);
 
@@ -75,28 +73,12 @@ struct Memory {
 
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let (jobs, jobs_writer) = reflector::store::<GenerationJob>();
     let (tenants, tenants_writer) = reflector::store::<Tenant>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let slice_config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={INFERENCE}"));
     let wake = Arc::new(Notify::new());
-    let watches = futures::future::join3(
-        reflector::reflector(
-            jobs_writer,
-            watcher(
-                Api::<GenerationJob>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .touched_objects()
-        .for_each(|job| {
-            if job.is_ok_and(|job| job.phase() == JobPhase::Queued) {
-                wake.notify_one();
-            }
-            async {}
-        }),
+    let watches = futures::future::join(
         reflector::reflector(
             tenants_writer,
             watcher(
@@ -120,7 +102,6 @@ pub async fn run(ctx: Arc<Context>) {
     );
     let dispatcher = Dispatcher {
         ctx,
-        jobs,
         tenants,
         slices,
         client: InferenceClient::default(),
@@ -135,7 +116,6 @@ pub async fn run(ctx: Arc<Context>) {
 
 struct Dispatcher {
     ctx: Arc<Context>,
-    jobs: Store<GenerationJob>,
     tenants: Store<Tenant>,
     slices: Store<EndpointSlice>,
     client: InferenceClient,
@@ -145,8 +125,8 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn run(&self) {
+        self.ctx.jobs.wait_until_ready().await;
         for store in [
-            self.jobs.wait_until_ready().await.is_ok(),
             self.tenants.wait_until_ready().await.is_ok(),
             self.slices.wait_until_ready().await.is_ok(),
         ] {
@@ -160,29 +140,26 @@ impl Dispatcher {
             let pass = tokio::select! {
                 _ = tick.tick() => Pass::Full,
                 () = self.wake.notified() => Pass::Woken,
+                () = self.ctx.jobs.queued.notified() => Pass::Woken,
             };
             self.pass(pass).await;
             tokio::time::sleep(MIN_PASS_GAP).await;
         }
     }
 
-    /// One pass over each store, O(tenants + jobs + slices). Woken passes, many per second under
-    /// load, only move work; the periodic pass also refreshes metrics and cancels orphans.
+    /// One pass, O(tenants + unfinished jobs + slices) however many finished jobs are kept.
+    /// Woken passes, many per second under load, only move work; the periodic pass also
+    /// refreshes metrics and cancels orphans.
     async fn pass(&self, pass: Pass) {
-        let all = self.jobs.state();
         if pass == Pass::Full {
-            self.cancel_orphans(&all).await;
+            self.cancel_orphans().await;
         }
-        let jobs = self.caught_up(all).await;
-        let mut jobs_by_tenant: HashMap<&str, Vec<Arc<GenerationJob>>> = HashMap::new();
-        for job in &jobs {
-            if let Some(tenant) = tenant_of(job) {
-                jobs_by_tenant
-                    .entry(tenant)
-                    .or_default()
-                    .push(Arc::clone(job));
-            }
-        }
+        self.memory
+            .lock()
+            .await
+            .written
+            // Entries of finished and deleted jobs age out here.
+            .retain(|_, (_, at)| at.elapsed() < CACHE_LAG_LIMIT);
         let slices = self.slices.state();
         let mut slices_by_namespace: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
         for slice in &slices {
@@ -194,15 +171,21 @@ impl Dispatcher {
             }
         }
         join_all(self.tenants.state().into_iter().map(|tenant| {
-            let name = tenant.name_any();
-            let jobs = jobs_by_tenant.remove(name.as_str()).unwrap_or_default();
+            let namespace = tenant.namespace_name();
+            let jobs = self
+                .ctx
+                .jobs
+                .with_index(|index| index.unfinished(&namespace));
             let endpoints = ready_in_slices(
                 slices_by_namespace
-                    .remove(tenant.namespace_name().as_str())
+                    .remove(namespace.as_str())
                     .unwrap_or_default(),
                 HTTP_PORT_NAME,
             );
-            async move { self.tenant_tick(&tenant, jobs, endpoints, pass).await }
+            async move {
+                let jobs = self.caught_up(jobs).await;
+                self.tenant_tick(&tenant, jobs, endpoints, pass).await
+            }
         }))
         .await;
     }
@@ -210,10 +193,6 @@ impl Dispatcher {
     /// The jobs whose watched copy shows at least what this process last wrote to them.
     async fn caught_up(&self, jobs: Vec<Arc<GenerationJob>>) -> Vec<Arc<GenerationJob>> {
         let mut memory = self.memory.lock().await;
-        // Entries of deleted jobs age out here too.
-        memory
-            .written
-            .retain(|_, (_, at)| at.elapsed() < CACHE_LAG_LIMIT);
         if memory.written.is_empty() {
             return jobs;
         }
@@ -242,19 +221,17 @@ impl Dispatcher {
     }
 
     /// Remote jobs whose GenerationJob was deleted are cancelled, so the GPU is not wasted.
-    async fn cancel_orphans(&self, jobs: &[Arc<GenerationJob>]) {
-        let live: HashSet<&str> = jobs
-            .iter()
-            .filter_map(|j| j.metadata.uid.as_deref())
-            .collect();
+    async fn cancel_orphans(&self) {
         let orphans: Vec<(String, SocketAddr)> = {
             let mut memory = self.memory.lock().await;
-            let orphans = memory
-                .in_flight
-                .iter()
-                .filter(|(uid, _)| !live.contains(uid.as_str()))
-                .map(|(u, e)| (u.clone(), *e))
-                .collect::<Vec<_>>();
+            let orphans = self.ctx.jobs.with_index(|index| {
+                memory
+                    .in_flight
+                    .iter()
+                    .filter(|(uid, _)| !index.contains(uid))
+                    .map(|(u, e)| (u.clone(), *e))
+                    .collect::<Vec<_>>()
+            });
             for (uid, _) in &orphans {
                 memory.in_flight.remove(uid);
             }
@@ -297,14 +274,12 @@ impl Dispatcher {
             .collect();
         let mut dispatched = 0;
         if !queued.is_empty() && !endpoints.is_empty() {
-            dispatched = self
-                .dispatch(tenant, &jobs, &running, &queued, &endpoints)
-                .await;
+            dispatched = self.dispatch(tenant, &running, &queued, &endpoints).await;
         }
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
         if pass == Pass::Full {
-            self.export_metrics(&tenant_name, &jobs, queued_count);
+            self.export_metrics(tenant, queued_count);
         }
         let status = tenant.status.clone().unwrap_or_default();
         if status.queued != queued_count || status.running != running_count {
@@ -323,7 +298,12 @@ impl Dispatcher {
         }
     }
 
-    fn export_metrics(&self, tenant: &str, jobs: &[Arc<GenerationJob>], queued: u32) {
+    fn export_metrics(&self, tenant: &Tenant, queued: u32) {
+        let by_phase = self
+            .ctx
+            .jobs
+            .with_index(|index| index.phase_counts(&tenant.namespace_name()));
+        let tenant = tenant.name_any();
         let metrics = &self.ctx.metrics;
         metrics
             .queue_depth
@@ -331,12 +311,6 @@ impl Dispatcher {
                 tenant: tenant.to_string(),
             })
             .set(i64::from(queued));
-        let mut by_phase = [0i64; JobPhase::ALL.len()];
-        for job in jobs {
-            if let Some(index) = JobPhase::ALL.iter().position(|p| *p == job.phase()) {
-                by_phase[index] += 1;
-            }
-        }
         for (phase, count) in JobPhase::ALL.into_iter().zip(by_phase) {
             metrics
                 .jobs
@@ -352,28 +326,16 @@ impl Dispatcher {
     async fn dispatch(
         &self,
         tenant: &Tenant,
-        all: &[Arc<GenerationJob>],
         running: &[&Arc<GenerationJob>],
         queued: &[&Arc<GenerationJob>],
         endpoints: &[Endpoint],
     ) -> usize {
         self.adopt(queued, endpoints).await;
         let now = self.ctx.clock.now();
-        let mut recent: HashMap<&str, u32> = HashMap::new();
-        for job in all {
-            let counts = match job.phase() {
-                JobPhase::Running => true,
-                JobPhase::Succeeded => job
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.completion_time.as_ref())
-                    .is_some_and(|t| now.duration_since(t.0) < FAIR_SHARE_WINDOW),
-                _ => false,
-            };
-            if counts {
-                *recent.entry(job.spec.user.as_str()).or_default() += job.spec.num_images;
-            }
-        }
+        let recent = self
+            .ctx
+            .jobs
+            .with_index(|index| index.recent_images(&tenant.namespace_name(), now));
         let candidates: Vec<QueuedJob<'_>> = queued
             .iter()
             .map(|job| QueuedJob {
@@ -473,10 +435,11 @@ impl Dispatcher {
                     if let Err(error) = self.mark_running(job, endpoint).await {
                         tracing::warn!(%error, "could not record an adopted job");
                     }
-                } else if !self.jobs.state().iter().any(|j| {
-                    j.metadata.uid.as_deref() == Some(remote_job.id.as_str())
-                        && !j.phase().is_finished()
-                }) {
+                } else if !self
+                    .ctx
+                    .jobs
+                    .with_index(|index| index.is_unfinished(&remote_job.id))
+                {
                     tracing::info!(
                         uid = remote_job.id,
                         "cancelling a generation whose job no longer waits for it"

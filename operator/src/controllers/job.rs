@@ -34,18 +34,9 @@ pub fn tenant_of(job: &GenerationJob) -> Option<&str> {
 
 pub async fn run(ctx: Arc<Context>) {
     let jobs = Api::<GenerationJob>::all(ctx.client.clone());
-    let controller = Controller::new(jobs, watcher::Config::default());
-    let store = controller.store();
-    controller
+    Controller::new(jobs, watcher::Config::default())
         .shutdown_on_signal()
-        .run(
-            move |job, ctx| {
-                let store = store.clone();
-                async move { reconcile(job, ctx, &store).await }
-            },
-            error_policy,
-            ctx,
-        )
+        .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "job reconcile failed");
@@ -59,14 +50,10 @@ fn error_policy(job: Arc<GenerationJob>, error: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(2))
 }
 
-async fn reconcile(
-    job: Arc<GenerationJob>,
-    ctx: Arc<Context>,
-    store: &kube::runtime::reflector::Store<GenerationJob>,
-) -> Result<Action, Error> {
+async fn reconcile(job: Arc<GenerationJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = match job.phase() {
-        JobPhase::Pending => admit(&job, &ctx, store).await,
+        JobPhase::Pending => admit(&job, &ctx).await,
         JobPhase::Queued if job.spec.cancel => cancel_queued(&job, &ctx).await,
         phase if phase.is_finished() => expire(&job, &ctx).await,
         _ => Ok(Action::await_change()),
@@ -76,11 +63,7 @@ async fn reconcile(
     result
 }
 
-async fn admit(
-    job: &GenerationJob,
-    ctx: &Context,
-    store: &kube::runtime::reflector::Store<GenerationJob>,
-) -> Result<Action, Error> {
+async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
     if job.spec.cancel {
         finish(
@@ -106,14 +89,13 @@ async fn admit(
         .await?;
         return Ok(Action::await_change());
     };
-    let queued_by_user = store
-        .state()
-        .iter()
-        .filter(|other| {
-            other.metadata.namespace == job.metadata.namespace && other.spec.user == job.spec.user
-        })
-        .filter(|other| other.phase() == JobPhase::Queued)
-        .count() as u32;
+    ctx.jobs.wait_until_ready().await;
+    let queued_by_user = ctx.jobs.with_index(|index| {
+        index.queued_by_user(
+            job.metadata.namespace.as_deref().unwrap_or_default(),
+            &job.spec.user,
+        )
+    });
     let tenants = Api::<Tenant>::all(ctx.client.clone());
     let Some((decision, day)) =
         quota::admit(&tenants, tenant_name, &job.spec, queued_by_user, now).await?

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod metrics;
 pub mod quota;
 pub mod tenant;
+pub mod watched_jobs;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -79,6 +80,8 @@ pub struct Context {
     pub metrics: Arc<metrics::Metrics>,
     pub recorder: Recorder,
     pub clock: Clock,
+    /// Every GenerationJob, indexed for admission and the dispatcher.
+    pub jobs: watched_jobs::WatchedJobs,
 }
 
 /// Wall clock, or the time written in a test file.
@@ -142,12 +145,14 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         clock: Clock {
             file: args.test_clock_file.clone(),
         },
+        jobs: watched_jobs::WatchedJobs::default(),
     });
 
     tokio::select! {
         () = tenant::run(ctx.clone()) => anyhow::bail!("the tenant controller stopped"),
         () = job::run(ctx.clone()) => anyhow::bail!("the job controller stopped"),
         () = dispatcher::run(ctx.clone()) => anyhow::bail!("the dispatcher stopped"),
+        () = ctx.jobs.follow(ctx.client.clone()) => anyhow::bail!("the GenerationJob watch stopped"),
         result = metrics_server => result?.context("metrics server"),
         _ = tokio::signal::ctrl_c() => Ok(()),
         () = shutdown_signal() => Ok(()),

@@ -4,5 +4,6 @@
 pub mod admission;
 pub mod backoff;
 pub mod desired;
+pub mod job_index;
 pub mod queue;
 pub mod scaling;
