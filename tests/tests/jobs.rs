@@ -194,6 +194,51 @@ async fn a_quota_reset_admits_again() {
 }
 
 #[tokio::test]
+async fn a_user_at_the_queued_limit_is_refused_until_a_job_leaves_the_queue() {
+    let (cluster, _) = platform().await;
+    // No inference replicas: admitted jobs stay queued.
+    let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 100, "maxQueuedPerUser": 2 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
+    let ns = tenant.namespace_name();
+    let admitted_phase = |user: &'static str| {
+        let ns = ns.clone();
+        async move {
+            let job = create_job(cluster, &ns, user, json!({})).await.unwrap();
+            let job = wait_job(cluster, &ns, &job.name_any(), TIMEOUT, |j| {
+                j.phase() != JobPhase::Pending
+            })
+            .await
+            .unwrap();
+            let reason = job.status.as_ref().unwrap().reason.clone();
+            (job.name_any(), job.phase(), reason)
+        }
+    };
+    let (first, phase, _) = admitted_phase("eve@example.com").await;
+    assert_eq!(phase, JobPhase::Queued);
+    assert_eq!(admitted_phase("eve@example.com").await.1, JobPhase::Queued);
+    let (_, phase, reason) = admitted_phase("eve@example.com").await;
+    assert_eq!(
+        (phase, reason.as_deref()),
+        (JobPhase::Rejected, Some("TooManyQueued"))
+    );
+    // The limit is per user.
+    assert_eq!(admitted_phase("fay@example.com").await.1, JobPhase::Queued);
+
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    jobs.patch(
+        &first,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "cancel": true } })),
+    )
+    .await
+    .unwrap();
+    let cancelled = wait_job_finished(cluster, &ns, &first, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.phase(), JobPhase::Cancelled);
+    assert_eq!(admitted_phase("eve@example.com").await.1, JobPhase::Queued);
+}
+
+#[tokio::test]
 async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named() {
     let (cluster, _) = platform().await;
     let tenant = create_tenant(cluster, json!({ "limits": { "maxSteps": 10 } }))
