@@ -103,16 +103,22 @@ pub async fn run(ctx: Arc<Context>) {
 /// its demand asks for. Every admitted job writes the quota counters in the status, and the
 /// demand moves with every job; a reconcile for each of those writes would re-read all of the
 /// tenant's objects to change nothing. (Owned objects still trigger reconciles of their own.)
+///
+/// Without demand the tenant heads for its floor (`minReplicas`) once idle, so "no demand" and
+/// "demand that the floor serves" ask for the same thing: the first job of a tenant kept warm
+/// at its floor, and the last one leaving it, change nothing either.
 fn reconcile_inputs(tenant: &Tenant) -> Option<u64> {
     let status = tenant.status.as_ref();
     let demand = status.map_or(0, |s| s.queued + s.running);
     let inference = &tenant.spec.inference;
+    let ceiling = tenant.replica_ceiling();
     let wanted = replicas_for_demand(
         demand,
         inference.concurrency,
         inference.min_replicas,
-        tenant.replica_ceiling(),
-    );
+        ceiling,
+    )
+    .unwrap_or(inference.min_replicas.min(ceiling));
     let mut hasher = DefaultHasher::new();
     (
         tenant.metadata.generation,
@@ -754,6 +760,8 @@ mod tests {
             reconcile_inputs(&tenant(1, 1, 0)),
             reconcile_inputs(&tenant(1, 0, 2))
         );
+        // The replica kept warm serves the first job and stays when the last one leaves.
+        assert_eq!(reconcile_inputs(&tenant(1, 0, 1)), idle);
     }
 
     #[test]
@@ -780,13 +788,14 @@ mod tests {
                 "{what}"
             );
         }
-        // A third job needs a second replica; the last job leaving starts the idle clock.
+        // A third job needs a second replica; when the jobs leave a tenant above its floor,
+        // the idle clock starts.
         assert_ne!(
             reconcile_inputs(&tenant(1, 3, 0)),
             reconcile_inputs(&tenant(1, 2, 0))
         );
         assert_ne!(
-            reconcile_inputs(&tenant(1, 0, 1)),
+            reconcile_inputs(&tenant(1, 0, 3)),
             reconcile_inputs(&tenant(1, 0, 0))
         );
     }
