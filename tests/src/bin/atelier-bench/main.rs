@@ -104,7 +104,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     scale_tenants: Vec<usize>,
     /// Longest wait for the tenants of one scale size to be reconciled, seconds.
-    #[arg(long, default_value_t = 360)]
+    #[arg(long, default_value_t = 480)]
     scale_timeout: u64,
     /// Working directory (logs, image wrappers, the empty model directory).
     #[arg(long)]

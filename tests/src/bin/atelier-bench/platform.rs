@@ -33,6 +33,7 @@ const CREATE_PARALLELISM: usize = 16;
 /// How a tenant runs.
 #[derive(Clone, Debug)]
 pub struct TenantShape {
+    /// Inference replicas kept without demand (`minReplicas`; at least one at most).
     pub replicas: u32,
     pub concurrency: u32,
     pub image: Option<&'static str>,
@@ -369,7 +370,7 @@ pub fn tenant_manifest(
         "cpu": "10m",
         "memory": "64Mi",
         "minReplicas": shape.replicas,
-        "maxReplicas": shape.replicas,
+        "maxReplicas": shape.replicas.max(1),
         "concurrency": shape.concurrency,
         "idleOffloadAfter": "1h",
         "scaleDownAfter": "1h",

@@ -486,6 +486,7 @@ pub fn render(report: &Report) -> String {
     if !report.scale.is_empty() {
         out.push_str(
             "Without a kubelet (a fresh control plane per size, no node: pods stay Pending, so the 253 pod addresses do not cap the count). \
+             Tenants are scaled to zero (`minReplicas: 0`, the default), so each has its outputs pod but no inference pod. \
              *Reconciled*: every object applied and the tenant's status written for its generation. \
              The operator starts after all Tenant objects exist.\n\n",
         );
