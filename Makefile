@@ -39,9 +39,9 @@ parity:
 bench-inference:
 	inference/bench/bench.sh
 
-## Control-plane, API and fault benchmarks against the test control plane (16-20 min on 2
-## cores): rewrites the generated part of docs/benchmarks.md and docs/benchmarks.json.
-## More or fewer jobs: make bench BENCH_ARGS='--closed-jobs 3000,3000,3200' (see atelier-bench --help).
+## Control-plane, API and fault benchmarks against the test control plane (about 25 min on 2
+## cores, 10 000 jobs): rewrites the generated part of docs/benchmarks.md and docs/benchmarks.json.
+## Fewer jobs: make bench BENCH_ARGS='--closed-jobs 300,400,800 --paced-jobs 150,200,300' (see atelier-bench --help).
 bench: cluster build
 	[ -d tests/oidc/node_modules ] || npm ci --prefix tests/oidc
 	$(CARGO_TARGET_DIR)/debug/atelier-bench $(BENCH_ARGS)
