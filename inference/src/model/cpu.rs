@@ -418,6 +418,7 @@ fn lanes_sum(xs: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
     use crate::model::noise::standard_normal;
 
     #[test]
@@ -490,11 +491,7 @@ mod tests {
             .flatten_from(2)?
             .contiguous()?;
         assert_eq!(ours.dims(), &[batch, tokens, heads * head_dim]);
-        let diff = (ours - candle)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &candle)?;
         assert!(diff < 1e-5, "max abs diff {diff}");
         let bf16 = q.to_dtype(DType::BF16)?;
         assert!(attention(&bf16, &bf16, &bf16, scale)?.is_none());

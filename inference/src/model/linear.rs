@@ -269,6 +269,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::model::max_abs_diff;
     use crate::model::noise::standard_normal;
 
     fn every_e4m3_bit_pattern() -> Result<Tensor> {
@@ -300,34 +301,46 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn bf16_forward_in_several_slabs_matches_candles_matmul() -> Result<()> {
+    /// A Linear loaded from random `dtype` weights and f32 bias (seeds `seed` and `seed + 1`),
+    /// with the weight and bias it was loaded from.
+    fn random_linear(
+        seed: u64,
+        in_dim: usize,
+        out_dim: usize,
+        dtype: DType,
+    ) -> Result<(Linear, Tensor, Tensor)> {
         let dev = Device::Cpu;
-        // 4096 inputs make 1024 output features per slab: 1100 outputs take two slabs.
-        let (rows, in_dim, out_dim) = (3, 4096, 1100);
         let weight = Tensor::from_vec(
-            standard_normal(4, out_dim * in_dim),
+            standard_normal(seed, out_dim * in_dim),
             (out_dim, in_dim),
             &dev,
         )?
-        .to_dtype(DType::BF16)?;
-        let bias = Tensor::from_vec(standard_normal(5, out_dim), out_dim, &dev)?;
-        let xs = Tensor::from_vec(standard_normal(6, rows * in_dim), (rows, in_dim), &dev)?;
+        .to_dtype(dtype)?;
+        let bias = Tensor::from_vec(standard_normal(seed + 1, out_dim), out_dim, &dev)?;
         let tensors = HashMap::from([
             ("weight".to_string(), weight.clone()),
             ("bias".to_string(), bias.clone()),
         ]);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
-        let linear = Linear::load(vb, in_dim, out_dim, true, DType::BF16)?;
+        let linear = Linear::load(vb, in_dim, out_dim, true, dtype)?;
+        Ok((linear, weight, bias))
+    }
+
+    #[test]
+    fn bf16_forward_in_several_slabs_matches_candles_matmul() -> Result<()> {
+        // 4096 inputs make 1024 output features per slab: 1100 outputs take two slabs.
+        let (rows, in_dim, out_dim) = (3, 4096, 1100);
+        let (linear, weight, bias) = random_linear(4, in_dim, out_dim, DType::BF16)?;
+        let xs = Tensor::from_vec(
+            standard_normal(6, rows * in_dim),
+            (rows, in_dim),
+            &Device::Cpu,
+        )?;
         let ours = linear.forward(&xs)?;
         let candle = xs
             .matmul(&weight.to_dtype(DType::F32)?.t()?)?
             .broadcast_add(&bias)?;
-        let diff = (ours - candle)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &candle)?;
         // Sums of 4096 products of about unit size: f32 rounding in a different order.
         assert!(diff < 1e-3, "max abs diff {diff}");
         Ok(())
@@ -335,26 +348,13 @@ mod tests {
 
     #[test]
     fn float8_forward_equals_widening_with_candle_then_matmul() -> Result<()> {
-        let dev = Device::Cpu;
         let (rows, in_dim, out_dim) = (10, 48, 24);
-        let weight = Tensor::from_vec(
-            standard_normal(1, out_dim * in_dim),
-            (out_dim, in_dim),
-            &dev,
-        )?
-        .to_dtype(DType::F8E4M3)?;
-        let bias = Tensor::from_vec(standard_normal(2, out_dim), out_dim, &dev)?;
+        let (linear, weight, bias) = random_linear(1, in_dim, out_dim, DType::F8E4M3)?;
         let xs = Tensor::from_vec(
             standard_normal(3, rows * in_dim),
             (2, rows / 2, in_dim),
-            &dev,
+            &Device::Cpu,
         )?;
-        let tensors = HashMap::from([
-            ("weight".to_string(), weight.clone()),
-            ("bias".to_string(), bias.clone()),
-        ]);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
-        let linear = Linear::load(vb, in_dim, out_dim, true, DType::F8E4M3)?;
         let ours = linear.forward(&xs)?;
         // The forward pass before the table: candle's cast, then the same 2-D matmul.
         let before = xs

@@ -11,3 +11,13 @@ pub mod schedule;
 pub mod text;
 pub mod vae;
 pub mod weights;
+
+/// The largest absolute difference between two tensors of one shape, for tests against
+/// candle's own ops.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}

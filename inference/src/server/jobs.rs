@@ -7,6 +7,7 @@
 //! makes "cancel a queued job" and "start that job" race-free without another mutex.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,8 +15,6 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
-
-use std::path::Path;
 
 use crate::outputs::{self, ImageData, JobInfo, OutputFile};
 use crate::pipeline::GenerateRequest;
@@ -37,7 +36,6 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// What the pipeline is asked to generate for this job.
     /// Writes the job's images under `outputs_dir` (see [`outputs::write_job_outputs`]) and
     /// turns the result into the job's outcome; the real worker and the simulated one both end here.
     pub fn write_outputs(
@@ -67,6 +65,7 @@ impl JobSpec {
         }
     }
 
+    /// What the pipeline is asked to generate for this job.
     pub fn request(&self) -> GenerateRequest {
         GenerateRequest {
             prompt: self.prompt.clone(),

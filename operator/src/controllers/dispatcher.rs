@@ -279,7 +279,7 @@ impl Dispatcher {
         let queued_count = queued.len().saturating_sub(dispatched) as u32;
         let running_count = running.len() as u32 + dispatched as u32;
         if pass == Pass::Full {
-            self.export_metrics(tenant, queued_count);
+            self.export_metrics(tenant, &tenant_name, queued_count);
         }
         let status = tenant.status.clone().unwrap_or_default();
         if status.queued != queued_count || status.running != running_count {
@@ -298,24 +298,23 @@ impl Dispatcher {
         }
     }
 
-    fn export_metrics(&self, tenant: &Tenant, queued: u32) {
+    fn export_metrics(&self, tenant: &Tenant, tenant_name: &str, queued: u32) {
         let by_phase = self
             .ctx
             .jobs
             .with_index(|index| index.phase_counts(&tenant.namespace_name()));
-        let tenant = tenant.name_any();
         let metrics = &self.ctx.metrics;
         metrics
             .queue_depth
             .get_or_create(&super::metrics::TenantLabel {
-                tenant: tenant.to_string(),
+                tenant: tenant_name.to_string(),
             })
             .set(i64::from(queued));
         for (phase, count) in JobPhase::ALL.into_iter().zip(by_phase) {
             metrics
                 .jobs
                 .get_or_create(&super::metrics::TenantPhaseLabels {
-                    tenant: tenant.to_string(),
+                    tenant: tenant_name.to_string(),
                     phase: phase.as_str(),
                 })
                 .set(count);

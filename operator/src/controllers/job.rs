@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use atelier_crds::conditions::{self, ADMITTED, COMPLETE};
 use atelier_crds::{GenerationJob, GenerationJobStatus, JobPhase, Tenant};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::{Context, quota};
@@ -34,7 +34,15 @@ pub fn tenant_of(job: &GenerationJob) -> Option<&str> {
 
 pub async fn run(ctx: Arc<Context>) {
     let jobs = Api::<GenerationJob>::all(ctx.client.clone());
-    Controller::new(jobs, watcher::Config::default())
+    let (reader, writer) = reflector::store::<GenerationJob>();
+    let index = ctx.clone();
+    // The job index (admission counts, the dispatcher) follows this watch too.
+    let triggers = watcher(jobs, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(move |event| index.jobs.observe(event))
+        .applied_objects();
+    Controller::for_stream(triggers, reader)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

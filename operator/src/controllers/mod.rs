@@ -152,7 +152,6 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         () = tenant::run(ctx.clone()) => anyhow::bail!("the tenant controller stopped"),
         () = job::run(ctx.clone()) => anyhow::bail!("the job controller stopped"),
         () = dispatcher::run(ctx.clone()) => anyhow::bail!("the dispatcher stopped"),
-        () = ctx.jobs.follow(ctx.client.clone()) => anyhow::bail!("the GenerationJob watch stopped"),
         result = metrics_server => result?.context("metrics server"),
         _ = tokio::signal::ctrl_c() => Ok(()),
         () = shutdown_signal() => Ok(()),

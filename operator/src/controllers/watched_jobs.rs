@@ -1,20 +1,24 @@
-//! One watch of every GenerationJob, feeding the `JobIndex` that admission and the dispatcher
-//! read. A relist (after a watch gap) builds a fresh index and swaps it in whole, so jobs deleted
-//! during the gap do not linger.
+//! The `JobIndex` that admission and the dispatcher read, fed by the events of the job
+//! controller's own GenerationJob watch (one watch for both). A relist (after a watch gap)
+//! builds a fresh index and swaps it in whole, so jobs deleted during the gap do not linger.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use atelier_crds::{GenerationJob, JobPhase};
-use futures::StreamExt;
-use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event, watcher};
+use kube::runtime::watcher::Event;
 use tokio::sync::{Notify, watch};
 
 use crate::core::job_index::JobIndex;
 
+#[derive(Default)]
+struct Indexes {
+    current: JobIndex,
+    /// Built from a relist in progress, swapped in when it is complete.
+    relisted: Option<JobIndex>,
+}
+
 pub struct WatchedJobs {
-    index: Mutex<JobIndex>,
+    indexes: Mutex<Indexes>,
     /// Woken whenever a job is seen in the queue.
     pub queued: Notify,
     ready: watch::Sender<bool>,
@@ -23,7 +27,7 @@ pub struct WatchedJobs {
 impl Default for WatchedJobs {
     fn default() -> Self {
         Self {
-            index: Mutex::default(),
+            indexes: Mutex::default(),
             queued: Notify::new(),
             ready: watch::Sender::new(false),
         }
@@ -31,9 +35,9 @@ impl Default for WatchedJobs {
 }
 
 impl WatchedJobs {
-    /// Runs `read` on the index; never held across an await.
+    /// Runs `use_index` on the current index; never held across an await.
     pub fn with_index<T>(&self, use_index: impl FnOnce(&mut JobIndex) -> T) -> T {
-        use_index(&mut self.index.lock().expect("no reader panics"))
+        use_index(&mut self.lock().current)
     }
 
     /// Returns once the first complete list of jobs is in the index.
@@ -43,50 +47,38 @@ impl WatchedJobs {
         let _ = ready.wait_for(|ready| *ready).await;
     }
 
-    /// Follows the watch for as long as the process runs.
-    pub async fn follow(&self, client: kube::Client) {
-        let mut relisted: Option<JobIndex> = None;
-        let mut events = watcher(
-            Api::<GenerationJob>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .boxed();
-        while let Some(event) = events.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(error) => {
-                    tracing::warn!(%error, "GenerationJob watch failed; retrying");
-                    continue;
+    /// Takes in one event of a watch of every GenerationJob.
+    pub fn observe(&self, event: &Event<GenerationJob>) {
+        let mut indexes = self.lock();
+        match event {
+            Event::Init => indexes.relisted = Some(JobIndex::default()),
+            Event::InitApply(job) => {
+                if let Some(index) = indexes.relisted.as_mut() {
+                    index.apply(job);
                 }
-            };
-            match event {
-                Event::Init => relisted = Some(JobIndex::default()),
-                Event::InitApply(job) => {
-                    if let Some(index) = relisted.as_mut() {
-                        index.apply(Arc::new(job));
-                    }
+            }
+            Event::InitDone => {
+                if let Some(index) = indexes.relisted.take() {
+                    indexes.current = index;
                 }
-                Event::InitDone => {
-                    if let Some(index) = relisted.take() {
-                        *self.index.lock().expect("no reader panics") = index;
-                    }
-                    self.ready.send_replace(true);
+                self.ready.send_replace(true);
+                self.queued.notify_one();
+            }
+            Event::Apply(job) => {
+                indexes.current.apply(job);
+                if job.phase() == JobPhase::Queued {
                     self.queued.notify_one();
                 }
-                Event::Apply(job) => {
-                    let queued = job.phase() == JobPhase::Queued;
-                    self.with_index(|index| index.apply(Arc::new(job)));
-                    if queued {
-                        self.queued.notify_one();
-                    }
-                }
-                Event::Delete(job) => {
-                    if let Some(uid) = job.metadata.uid.as_deref() {
-                        self.with_index(|index| index.forget(uid));
-                    }
+            }
+            Event::Delete(job) => {
+                if let Some(uid) = job.metadata.uid.as_deref() {
+                    indexes.current.forget(uid);
                 }
             }
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Indexes> {
+        self.indexes.lock().expect("no user of the index panics")
     }
 }

@@ -29,7 +29,6 @@ struct NamespaceJobs {
     /// Pending, Queued and Running jobs by uid.
     unfinished: HashMap<String, Arc<GenerationJob>>,
     phases: [i64; JobPhase::ALL.len()],
-    queued_by_user: HashMap<String, u32>,
     /// Succeeded jobs by completion time, oldest first, until they leave the window.
     succeeded: BTreeSet<(Timestamp, String)>,
     succeeded_images_by_user: HashMap<String, u32>,
@@ -42,8 +41,9 @@ pub struct JobIndex {
 }
 
 impl JobIndex {
-    /// Records a job's current state (it was created or changed).
-    pub fn apply(&mut self, job: Arc<GenerationJob>) {
+    /// Records a job's current state (it was created or changed). Only unfinished jobs are kept
+    /// whole; of the others the index keeps what it counted.
+    pub fn apply(&mut self, job: &GenerationJob) {
         let (Some(uid), Some(namespace)) =
             (job.metadata.uid.clone(), job.metadata.namespace.clone())
         else {
@@ -63,9 +63,6 @@ impl JobIndex {
         };
         let jobs = self.namespaces.entry(namespace).or_default();
         jobs.phases[phase_index(phase)] += 1;
-        if phase == JobPhase::Queued {
-            *jobs.queued_by_user.entry(counted.user.clone()).or_default() += 1;
-        }
         if let Some(at) = succeeded_at {
             jobs.succeeded.insert((at, uid.clone()));
             *jobs
@@ -74,7 +71,7 @@ impl JobIndex {
                 .or_default() += counted.images;
         }
         if !phase.is_finished() {
-            jobs.unfinished.insert(uid.clone(), job);
+            jobs.unfinished.insert(uid.clone(), Arc::new(job.clone()));
         }
         self.counted.insert(uid, counted);
     }
@@ -90,9 +87,6 @@ impl JobIndex {
         };
         jobs.phases[phase_index(counted.phase)] -= 1;
         jobs.unfinished.remove(uid);
-        if counted.phase == JobPhase::Queued {
-            decrement(&mut jobs.queued_by_user, &counted.user, 1);
-        }
         if let Some(at) = counted.succeeded_at
             && jobs.succeeded.remove(&(at, uid.to_string()))
         {
@@ -136,10 +130,12 @@ impl JobIndex {
     }
 
     pub fn queued_by_user(&self, namespace: &str, user: &str) -> u32 {
-        self.namespaces
-            .get(namespace)
-            .and_then(|jobs| jobs.queued_by_user.get(user).copied())
-            .unwrap_or(0)
+        self.namespaces.get(namespace).map_or(0, |jobs| {
+            jobs.unfinished
+                .values()
+                .filter(|job| job.phase() == JobPhase::Queued && job.spec.user == user)
+                .count() as u32
+        })
     }
 
     /// Per user, the images running now or succeeded within `FAIR_SHARE_WINDOW` before `now`:
@@ -231,13 +227,13 @@ mod tests {
     #[test]
     fn a_job_leaves_the_unfinished_set_when_it_finishes() {
         let mut index = JobIndex::default();
-        index.apply(Arc::new(job("a", "ann", 1, JobPhase::Queued)));
-        index.apply(Arc::new(job("b", "ann", 1, JobPhase::Running)));
+        index.apply(&job("a", "ann", 1, JobPhase::Queued));
+        index.apply(&job("b", "ann", 1, JobPhase::Running));
         assert_eq!(sorted_uids(index.unfinished("atelier-acme")), ["a", "b"]);
         assert_eq!(index.queued_by_user("atelier-acme", "ann"), 1);
 
-        index.apply(Arc::new(job("a", "ann", 1, JobPhase::Running)));
-        index.apply(Arc::new(succeeded("b", "ann", 1, 0)));
+        index.apply(&job("a", "ann", 1, JobPhase::Running));
+        index.apply(&succeeded("b", "ann", 1, 0));
         assert_eq!(sorted_uids(index.unfinished("atelier-acme")), ["a"]);
         assert_eq!(index.queued_by_user("atelier-acme", "ann"), 0);
         assert!(index.contains("b") && !index.is_unfinished("b"));
@@ -251,8 +247,8 @@ mod tests {
     #[test]
     fn deleting_every_job_leaves_nothing_behind() {
         let mut index = JobIndex::default();
-        index.apply(Arc::new(job("a", "ann", 1, JobPhase::Queued)));
-        index.apply(Arc::new(succeeded("b", "bob", 2, 0)));
+        index.apply(&job("a", "ann", 1, JobPhase::Queued));
+        index.apply(&succeeded("b", "bob", 2, 0));
         index.forget("a");
         index.forget("b");
         index.forget("never-seen");
@@ -264,11 +260,11 @@ mod tests {
     #[test]
     fn fair_share_counts_running_and_recent_images_only() {
         let mut index = JobIndex::default();
-        index.apply(Arc::new(job("r", "ann", 2, JobPhase::Running)));
-        index.apply(Arc::new(job("q", "ann", 5, JobPhase::Queued)));
-        index.apply(Arc::new(succeeded("old", "bob", 3, 0)));
-        index.apply(Arc::new(succeeded("new", "bob", 1, 50)));
-        index.apply(Arc::new(job("f", "cid", 4, JobPhase::Failed)));
+        index.apply(&job("r", "ann", 2, JobPhase::Running));
+        index.apply(&job("q", "ann", 5, JobPhase::Queued));
+        index.apply(&succeeded("old", "bob", 3, 0));
+        index.apply(&succeeded("new", "bob", 1, 50));
+        index.apply(&job("f", "cid", 4, JobPhase::Failed));
 
         let recent = index.recent_images("atelier-acme", at(59));
         assert_eq!(
@@ -293,10 +289,10 @@ mod tests {
     #[test]
     fn namespaces_are_counted_apart() {
         let mut index = JobIndex::default();
-        index.apply(Arc::new(job("a", "ann", 1, JobPhase::Queued)));
+        index.apply(&job("a", "ann", 1, JobPhase::Queued));
         let mut other = job("b", "ann", 1, JobPhase::Queued);
         other.metadata.namespace = Some("atelier-globex".into());
-        index.apply(Arc::new(other));
+        index.apply(&other);
         assert_eq!(index.queued_by_user("atelier-acme", "ann"), 1);
         assert_eq!(index.queued_by_user("atelier-globex", "ann"), 1);
         assert_eq!(sorted_uids(index.unfinished("atelier-globex")), ["b"]);

@@ -58,26 +58,28 @@ fn within_user<'a>(job: &QueuedJob<'a>) -> (Reverse<i32>, Timestamp, &'a str) {
     (Reverse(job.priority), job.created, job.name)
 }
 
-/// A user's next job, ranked against the other users' next jobs.
+/// A user's next job, ranked against the other users' next jobs by priority, then the user's
+/// share, then age and name.
 struct Head<'a> {
-    key: (Reverse<i32>, u32, Timestamp, &'a str),
     job: QueuedJob<'a>,
+    share: u32,
     line: usize,
 }
 
 impl<'a> Head<'a> {
     fn new(job: QueuedJob<'a>, share: u32, line: usize) -> Self {
-        Self {
-            key: (Reverse(job.priority), share, job.created, job.name),
-            job,
-            line,
-        }
+        Self { job, share, line }
+    }
+
+    fn key(&self) -> (Reverse<i32>, u32, Timestamp, &'a str) {
+        let (priority, created, name) = within_user(&self.job);
+        (priority, self.share, created, name)
     }
 }
 
 impl PartialEq for Head<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
+        self.key() == other.key()
     }
 }
 
@@ -91,7 +93,7 @@ impl PartialOrd for Head<'_> {
 
 impl Ord for Head<'_> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key.cmp(&other.key)
+        self.key().cmp(&other.key())
     }
 }
 
