@@ -5,7 +5,7 @@ export ATELIER_CACHE ?= $(HOME)/.cache/atelier
 export CARGO_TARGET_DIR ?= $(ATELIER_CACHE)/target
 export PATH := $(ATELIER_CACHE)/bin:$(PATH)
 
-.PHONY: all build test lint unit e2e crds check-crds cluster demo parity bench bench-inference clean
+.PHONY: all build test test-prerequisites lint unit e2e crds check-crds cluster demo parity bench bench-inference clean
 
 all: build
 
@@ -13,9 +13,13 @@ build:
 	cargo build --workspace --locked --bins
 
 ## Every test: formatting, lints, unit tests and the end-to-end tests against the real control plane.
-test: lint cluster build
+## Installs what the tests need first (tests/prerequisites.sh); cleans up the machine after.
+test: test-prerequisites lint cluster build
 	# End-to-end binaries share one control plane each; a few tests at a time keep timeouts honest on 2 cores.
-	cargo test --workspace --locked --no-fail-fast -- --test-threads=3
+	tests/with-cleanup.sh cargo test --workspace --locked --no-fail-fast -- --test-threads=3
+
+test-prerequisites:
+	tests/prerequisites.sh
 
 lint:
 	cargo fmt --all --check

@@ -32,7 +32,8 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=(atelier-testcluster kubectl helm)
 
 export CGO_ENABLED=0          # static binaries, no C toolchain needed
-export GOFLAGS="${GOFLAGS:-} -mod=mod -buildvcs=false"
+# readonly: a go.sum that lacks a hash fails the build instead of being rewritten.
+export GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false"
 export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
 
 sha() { sha256sum | cut -d' ' -f1; }
