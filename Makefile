@@ -25,7 +25,7 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-## The test control plane, kubectl and helm, built from the Kubernetes Go modules into $(ATELIER_CACHE)/bin.
+## The test control plane, kubectl, helm and kube-router (the tests' NetworkPolicy engine), built from Go modules into $(ATELIER_CACHE)/bin.
 cluster:
 	tests/cluster/build.sh
 

@@ -2,8 +2,9 @@
 # Runs the whole Atelier platform on this machine, with nothing but the repository's own parts:
 #
 #   1. the test control plane (atelier-testcluster: etcd, kube-apiserver, controller-manager,
-#      scheduler) and the local kubelet + volume provisioner (atelier-kubelet), which runs pod
-#      containers as local processes, each pod on its own local address;
+#      scheduler), the local kubelet + volume provisioner (atelier-kubelet), which runs pod
+#      containers as local processes, each pod in a network namespace of its own, and
+#      kube-router's network-policy controller, which enforces the chart's NetworkPolicies;
 #   2. a tiny random-weight Flux model (atelier-inference make-tiny-model) on a PersistentVolume;
 #   3. the test OpenID provider (tests/oidc) with a demo user;
 #   4. the Helm chart (operator with leader election, API + web page) with examples/values-local.yaml;
@@ -49,7 +50,7 @@ if [ -t 2 ]; then say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }; else say(
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- What must be there -------------------------------------------------------------------------
-for t in atelier-testcluster kubectl helm; do
+for t in atelier-testcluster kubectl helm kube-router; do
   [ -x "$tools/$t" ] || die "$tools/$t is missing: run \`make cluster\` (tests/cluster/build.sh)"
 done
 for b in atelier-operator atelier-inference atelier-kubelet; do
@@ -62,7 +63,7 @@ if [ ! -d "$root/tests/oidc/node_modules" ]; then
 fi
 
 # The state directory (cluster data, node, volumes, logs) goes under ATELIER_DEMO_TMP (default
-# $TMPDIR). TMPDIR itself must stay the machine's: kubelets reserve pod IPs under it.
+# $TMPDIR).
 state="$(mktemp -d "${ATELIER_DEMO_TMP:-${TMPDIR:-/tmp}}/atelier-demo.XXXXXX")"
 logs="$state/logs"
 mkdir -p "$logs"
@@ -88,6 +89,8 @@ stop() {
     kill -KILL -- "-$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+  # kube-router's iptables chains and ipsets are the machine's.
+  [ -x "$tools/kube-router" ] && "$tools/kube-router" --cleanup-config >/dev/null 2>&1 || true
   if [ "$keep" = 1 ]; then
     echo "kept $state (logs in $logs)" >&2
   else
@@ -131,6 +134,11 @@ wait_until "the control plane" 180 test -f "$state/cluster/ready"
 say "starting the local kubelet and volume provisioner"
 start kubelet "$target/atelier-kubelet" --kubeconfig "$KUBECONFIG" --root "$state/node" --bin-dir "$target" --gpus 4
 wait_until "node local-1 Ready" 60 kubectl wait --for=condition=Ready node/local-1 --timeout=1s
+say "starting the NetworkPolicy engine (kube-router --run-firewall)"
+start kube-router "$tools/kube-router" --kubeconfig="$KUBECONFIG" --hostname-override=local-1 \
+  --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
+  --service-cluster-ip-range=10.96.0.0/16 --health-port=0 --metrics-port=0
+wait_until "kube-router's rules" 60 sh -c 'iptables -S FORWARD | grep -q KUBE-ROUTER-FORWARD'
 
 # --- 2. The model --------------------------------------------------------------------------------
 say "writing the tiny random-weight model"

@@ -4,8 +4,12 @@
 #
 #   - that TMPDIR: cluster directories, kept temp dirs of the API and browser tests, the tiny
 #     model, screenshots;
-#   - the kubelet's route of the pod range 198.18.0.0/24, unless another kubelet on the machine still
-#     holds pod addresses (each lease is an abstract unix socket `@atelier-pod-ip-ADDRESS`).
+#   - the kubelet's routes of the pod range 198.18.1.0/24 (the host's address 198.18.1.1 and
+#     the unreachable rest), unless another kubelet on the machine still holds pod addresses
+#     (each lease is an abstract unix socket `@atelier-pod-ip-ADDRESS`);
+#   - kube-router's iptables chains and ipsets (`kube-router --cleanup-config`), unless a
+#     kube-router still runs: a test binary's shared cluster is never dropped, so its engine
+#     dies with the process without cleaning up.
 #
 # Pod network namespaces, veth pairs and their routes need no cleanup: they live as long as
 # the kubelet's file descriptors (see tests/src/kubelet/network.rs).
@@ -22,9 +26,13 @@ cleanup() {
     rm -rf "$run_tmp"
   fi
   if ! grep -q '@atelier-pod-ip-' /proc/net/unix 2>/dev/null; then
-    for table in local main; do
-      ip route del 198.18.0.0/24 table "$table" 2>/dev/null || true
-    done
+    ip route del local 198.18.1.1/32 dev lo table local 2>/dev/null || true
+    ip route del unreachable 198.18.1.0/24 2>/dev/null || true
+  fi
+  local kube_router="${ATELIER_CACHE:-$HOME/.cache/atelier}/bin/kube-router"
+  if [ -x "$kube_router" ] && ! pgrep -x kube-router >/dev/null &&
+    iptables -S 2>/dev/null | grep -q KUBE-ROUTER; then
+    "$kube_router" --cleanup-config >/dev/null 2>&1 || echo "with-cleanup.sh: kube-router --cleanup-config failed" >&2
   fi
 }
 trap cleanup EXIT

@@ -4,6 +4,8 @@
 #   atelier-testcluster  etcd + kube-apiserver + kube-controller-manager + kube-scheduler, one process
 #   kubectl              k8s.io/kubernetes/cmd/kubectl, same Kubernetes version
 #   helm                 helm.sh/helm/v3/cmd/helm
+#   kube-router          github.com/cloudnativelabs/kube-router/v2/cmd/kube-router, the
+#                        NetworkPolicy engine of the tests (--run-firewall only; tests only)
 #
 # into ${ATELIER_CACHE:-$HOME/.cache/atelier}/bin. A binary is rebuilt only when
 # its key changes: sha256 over the module's go.mod, go.sum and .go sources, this
@@ -12,7 +14,7 @@
 # Works from a fresh clone with an empty Go cache (modules come from the Go
 # proxy). Cold builds of the Kubernetes parts take a long time on few cores.
 #
-# Usage: tests/cluster/build.sh [--force] [atelier-testcluster|kubectl|helm ...]
+# Usage: tests/cluster/build.sh [--force] [atelier-testcluster|kubectl|helm|kube-router ...]
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,11 +27,11 @@ for a in "$@"; do
   case "$a" in
     --force) force=1 ;;
     -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    atelier-testcluster|kubectl|helm) targets+=("$a") ;;
+    atelier-testcluster|kubectl|helm|kube-router) targets+=("$a") ;;
     *) echo "build.sh: unknown argument: $a" >&2; exit 2 ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(atelier-testcluster kubectl helm)
+[ ${#targets[@]} -gt 0 ] || targets=(atelier-testcluster kubectl helm kube-router)
 
 export CGO_ENABLED=0          # static binaries, no C toolchain needed
 # readonly: a go.sum that lacks a hash fails the build instead of being rewritten.
@@ -107,6 +109,12 @@ for t in "${targets[@]}"; do
         hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kminor"
       done
       build helm "$hdir" helm.sh/helm/v3/cmd/helm "$hflags"
+      ;;
+    kube-router)
+      kdir="$here/tools/kube-router"
+      kv="$(modversion "$kdir" github.com/cloudnativelabs/kube-router/v2)"
+      build kube-router "$kdir" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router \
+        "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$kv"
       ;;
   esac
 done

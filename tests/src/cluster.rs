@@ -19,6 +19,7 @@ use tokio::sync::{OnceCell, oneshot};
 
 use crate::control_plane::ControlPlane;
 use crate::kubelet::{self, KubeletConfig, KubeletHandle, NodeConfig};
+use crate::policy_engine::PolicyEngine;
 use crate::proxy::{self, ProxySwitch};
 use crate::wait::{DEFAULT_TIMEOUT, wait_for};
 use crate::{child, crds, paths, provisioner};
@@ -30,6 +31,9 @@ pub struct ClusterOptions {
     pub nodes: Vec<NodeConfig>,
     /// Where container images are looked up as binaries.
     pub bin_dir: PathBuf,
+    /// Enforce NetworkPolicies with kube-router ([`crate::policy_engine`]); one such cluster
+    /// at a time on a machine.
+    pub network_policies: bool,
 }
 
 impl Default for ClusterOptions {
@@ -39,6 +43,7 @@ impl Default for ClusterOptions {
         Self {
             nodes: vec![NodeConfig::new("local-1").with_resource("nvidia.com/gpu", "8")],
             bin_dir: paths::default_bin_dir(),
+            network_policies: false,
         }
     }
 }
@@ -68,6 +73,7 @@ struct Services {
     control_plane: ControlPlane,
     kubelet: Arc<KubeletHandle>,
     provisioner: tokio::task::JoinHandle<()>,
+    policy_engine: Option<PolicyEngine>,
     dir: tempfile::TempDir,
 }
 
@@ -254,6 +260,12 @@ async fn start_services(options: ClusterOptions) -> anyhow::Result<(TestCluster,
         options.nodes.clone(),
     );
     let kubelet = Arc::new(kubelet::start(client, kubelet_config).await?);
+    let policy_engine = match options.nodes.first() {
+        Some(node) if options.network_policies => Some(
+            PolicyEngine::start(&dir.path().join("kubeconfig"), &node.name, dir.path()).await?,
+        ),
+        _ => None,
+    };
     let cluster = TestCluster {
         dir: dir.path().to_path_buf(),
         kubeconfig,
@@ -269,6 +281,7 @@ async fn start_services(options: ClusterOptions) -> anyhow::Result<(TestCluster,
         control_plane,
         kubelet,
         provisioner,
+        policy_engine,
         dir,
     };
     Ok((cluster, services))
@@ -276,6 +289,9 @@ async fn start_services(options: ClusterOptions) -> anyhow::Result<(TestCluster,
 
 impl Services {
     async fn stop(self) {
+        if let Some(engine) = self.policy_engine {
+            engine.stop().await;
+        }
         self.kubelet.shutdown().await;
         self.provisioner.abort();
         self.control_plane.stop().await;

@@ -3,9 +3,11 @@
 //! - [`TestCluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler in one `atelier-testcluster` process) with Atelier's CRDs installed, a local
 //!   kubelet and a local volume provisioner, torn down with the test process.
-//! - [`kubelet`]: runs pod containers as local processes, each pod on its own address 198.18.0.N
-//!   on the loopback interface.
+//! - [`kubelet`]: runs pod containers as local processes, each pod in a network namespace of
+//!   its own on an address 198.18.1.N routed from the host.
 //! - [`provisioner`]: the `local` StorageClass, backed by directories.
+//! - `policy_engine`: kube-router's network-policy controller, for clusters that ask for it
+//!   ([`ClusterOptions::network_policies`]).
 //! - fault injection on [`TestCluster`]: kill a pod's process, make a node NotReady, pause the
 //!   API server.
 //!
@@ -37,6 +39,7 @@ pub mod kubelet;
 pub mod names;
 pub mod oidc;
 pub mod paths;
+mod policy_engine;
 pub mod provisioner;
 mod proxy;
 pub mod wait;

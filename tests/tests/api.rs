@@ -133,11 +133,11 @@ async fn create_tenant(
     Ok(())
 }
 
-const OUTPUTS_ADDRESS: &str = "198.18.0.1";
+const OUTPUTS_ADDRESS: &str = "198.18.1.1";
 
 /// Seeded histories of alice and bob, served by the real outputs server, published the way the
-/// API finds it: an EndpointSlice of the `outputs` Service. The server listens on 198.18.0.1,
-/// which the local kubelet's address range makes local but never gives to a pod (the API server
+/// API finds it: an EndpointSlice of the `outputs` Service. The server listens on 198.18.1.1,
+/// the host's address in the local kubelet's pod range, never given to a pod (the API server
 /// refuses loopback addresses in EndpointSlices).
 async fn start_outputs_server(
     client: &Client,

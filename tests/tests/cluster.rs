@@ -179,6 +179,68 @@ async fn deploy_web(
     Ok(namespace)
 }
 
+/// Each pod has a network namespace of its own: another pod reaches it at its address with
+/// that pod's address as the source (routed by the host, not translated), the pod's loopback is
+/// its own, the API server (on the host's 127.0.0.1) is reachable, and the address stops
+/// answering when the pod goes.
+#[tokio::test]
+async fn pods_have_network_namespaces_of_their_own_routed_through_the_host() -> anyhow::Result<()> {
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let namespace = cluster.create_namespace("netns").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    // Pod "inner": one server on the pod's loopback only, one on its address to relay to it.
+    let mut loopback = test_server_container();
+    loopback["name"] = json!("loopback");
+    loopback["args"] = json!(["--listen", "127.0.0.1:8080"]);
+    loopback["ports"] = json!([]);
+    loopback["readinessProbe"] = Value::Null;
+    let mut relay = test_server_container();
+    relay["name"] = json!("relay");
+    relay["args"] = json!(["--listen", "$(POD_IP):8081"]);
+    relay["ports"] = json!([{"name": "http", "containerPort": 8081}]);
+    for (name, containers) in [
+        ("a", json!([test_server_container()])),
+        ("b", json!([test_server_container()])),
+        ("inner", json!([loopback, relay])),
+    ] {
+        create_test_server_pod(&client, &namespace, name, json!({"containers": containers}))
+            .await?;
+    }
+    let a = pod_ip(&wait_for_pod(cluster, &pods, "a", "ready", is_ready).await?);
+    let b = pod_ip(&wait_for_pod(cluster, &pods, "b", "ready", is_ready).await?);
+    let inner = pod_ip(&wait_for_pod(cluster, &pods, "inner", "ready", is_ready).await?);
+    assert_ne!(a, b);
+
+    let (status, body) = get_text(&format!("http://{a}:8080/relay/{b}:8080/peer")).await?;
+    assert_eq!((status, body.trim()), (200, a.as_str()), "a reaches b from its own address");
+    let (status, body) = get_text(&format!("http://{a}:8080/peer")).await?;
+    assert_eq!((status, body.trim()), (200, "198.18.1.1"), "the host comes from its pod-range address");
+    let (status, body) = get_text(&format!("http://{a}:8080/whoami")).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("system:serviceaccount:{namespace}:default").as_str()),
+        "the pod reaches the API server on the host's loopback"
+    );
+    // The loopback server of "inner" serves its own pod, and nobody at the pod's address.
+    let (status, body) = get_text(&format!("http://{inner}:8081/relay/127.0.0.1:8080/")).await?;
+    assert_eq!((status, body.trim()), (200, "hello from inner"));
+    let (status, body) = get_text(&format!("http://{a}:8080/relay/{inner}:8080/")).await?;
+    assert_eq!(status, 502, "{body}");
+
+    Api::<Pod>::namespaced(client.clone(), &namespace)
+        .delete("b", &DeleteParams::default())
+        .await?;
+    wait_for("pod b to be gone", DEFAULT_TIMEOUT, || async {
+        Ok(pods.get_opt("b").await?.is_none().then_some(()))
+    })
+    .await?;
+    let (status, body) = get_text(&format!("http://{a}:8080/relay/{b}:8080/peer")).await?;
+    assert_eq!(status, 502, "b's address is gone with it: {body}");
+    assert!(get_text(&format!("http://{b}:8080/")).await.is_err());
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> anyhow::Result<()> {
     let cluster = TestCluster::shared().await;
@@ -189,8 +251,8 @@ async fn a_deployment_pod_serves_on_its_own_address_restarts_and_goes_away() -> 
     let pod = ready_pod(&pods, "app=web").await?;
     let ip = pod_ip(&pod);
     let last_octet: u8 = ip
-        .strip_prefix("198.18.0.")
-        .context("a pod IP of 198.18.0.0/24")?
+        .strip_prefix("198.18.1.")
+        .context("a pod IP of 198.18.1.0/24")?
         .parse()?;
     assert!(last_octet >= 2, "pod IP {ip}");
     assert_eq!(

@@ -126,7 +126,7 @@ async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
     .await
     .unwrap();
     let ip = ready_inference.status.unwrap().pod_ip.unwrap();
-    assert!(ip.starts_with("198.18.0."), "pod IP {ip}");
+    assert!(ip.starts_with("198.18.1."), "pod IP {ip}");
     let model: serde_json::Value = reqwest::get(format!("http://{ip}:8080/v1/model"))
         .await
         .unwrap()

@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
-    about = "Runs pods bound to local nodes as local processes on 198.18.0.N (on the loopback interface), and provisions `local` volumes"
+    about = "Runs pods bound to local nodes as local processes, each pod in a network namespace of its own on 198.18.1.N, and provisions `local` volumes"
 )]
 struct Args {
     /// Admin kubeconfig of the cluster.

@@ -1,13 +1,15 @@
 //! `test-http-server`: a small server that stands in for a container image in tests. It shows
 //! what its process sees: `GET /` greets, `/readyz` answers ok, `/env` lists the environment,
 //! `GET|PUT /files/<path>` reads or writes a file (as mounted for this process), `/whoami`
-//! asks the API server who the process's KUBECONFIG identifies.
+//! asks the API server who the process's KUBECONFIG identifies, `/peer` is the address the
+//! request came from, and `/relay/<host:port/path>` GETs `http://<host:port/path>` from this
+//! process's network (502 with the error when that fails), to probe what a pod can reach.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::Path;
+use axum::extract::{ConnectInfo, Path};
 use axum::http::StatusCode;
 use axum::routing::get;
 use clap::Parser;
@@ -65,6 +67,25 @@ async fn whoami() -> Reply {
     Ok(user.unwrap_or_default())
 }
 
+async fn peer(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
+    format!("{}\n", peer.ip())
+}
+
+async fn relay(Path(target): Path<String>) -> Reply {
+    let unreachable = |error: reqwest::Error| (StatusCode::BAD_GATEWAY, format!("{error:#}\n"));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(failed)?;
+    let response = client
+        .get(format!("http://{target}"))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    response.text().await.map_err(unreachable)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -73,11 +94,16 @@ async fn main() -> anyhow::Result<()> {
         .route("/readyz", get(|| async { "ok\n" }))
         .route("/env", get(environment))
         .route("/files/{*path}", get(read_file).put(write_file))
-        .route("/whoami", get(whoami));
+        .route("/whoami", get(whoami))
+        .route("/peer", get(peer))
+        .route("/relay/{*target}", get(relay));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", args.listen);
     let mut terminate = signal(SignalKind::terminate())?;
-    axum::serve(listener, app)
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
         .with_graceful_shutdown(async move {
             terminate.recv().await;
         })

@@ -1,8 +1,8 @@
 //! A local kubelet that runs pod containers as local processes.
 //!
 //! It registers Nodes and keeps them Ready ([`node`]), and for every pod bound to one of them
-//! ([`pods`], [`worker`]): gives it an address 198.18.0.N routed to the loopback interface
-//! ([`ips`]), prepares its volumes ([`volumes`]), environment ([`env`]) and ServiceAccount
+//! ([`pods`], [`worker`]): gives it an address 198.18.1.N ([`ips`]) in a network namespace of
+//! its own ([`network`]), prepares its volumes ([`volumes`]), environment ([`env`]) and ServiceAccount
 //! identity ([`identity`]), runs each container's binary (the image's name looked up in the bin dir) in its own mount namespace
 //! ([`process`]) with restarts and probes ([`container`], [`probes`]), reports the pod status
 //! ([`status`]) and finishes deletions.
@@ -11,6 +11,7 @@ mod container;
 mod env;
 mod identity;
 mod ips;
+mod network;
 mod node;
 mod pods;
 mod probes;
@@ -154,7 +155,7 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
         config,
         ips: Mutex::new(
             ips::IpPool::machine_wide()
-                .context("routing the pod IP range to the loopback interface")?,
+                .context("routing the pod IP range")?,
         ),
         processes: processes.clone(),
         node_ready: node_ready_receivers,

@@ -1,16 +1,20 @@
-//! Container processes: the binary that stands in for an image, run in its own mount
-//! namespace with the pod's volumes bind-mounted at their `mountPath`s.
+//! Container processes: the binary that stands in for an image, run in the pod's network
+//! namespace and in a mount namespace of its own with the pod's volumes bind-mounted at their
+//! `mountPath`s.
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use anyhow::bail;
 use tokio::process::{Child, Command};
 
+use super::network;
 use crate::child;
 
 /// Everything needed to start one container process.
@@ -21,6 +25,8 @@ pub(crate) struct Launch {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) mounts: Vec<Mount>,
     pub(crate) working_dir: Option<PathBuf>,
+    /// The pod's network namespace; none for `hostNetwork` pods.
+    pub(crate) network: Option<Arc<OwnedFd>>,
     /// stdout and stderr, appended across restarts.
     pub(crate) log_path: PathBuf,
 }
@@ -106,9 +112,16 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
         })
         .collect::<io::Result<Vec<_>>>()?;
     let working_dir = launch.working_dir.as_deref().map(c_path).transpose()?;
+    // The closure owns a reference, so the descriptor stays open until the exec.
+    let pod_network = launch.network.clone();
     // SAFETY: the closure only makes system calls on memory prepared before the fork.
     unsafe {
-        command.pre_exec(move || enter_container_view(&mounts, working_dir.as_ref()));
+        command.pre_exec(move || {
+            if let Some(namespace) = &pod_network {
+                network::join(namespace.as_raw_fd())?;
+            }
+            enter_container_view(&mounts, working_dir.as_ref())
+        });
     }
     command.spawn()
 }

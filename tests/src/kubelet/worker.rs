@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::container::ContainerRun;
+use super::network::PodNetwork;
 use super::env::{EnvVars, References, container_env};
 use super::process::{Launch, image_binary_name, resolve_program};
 use super::status::{
@@ -59,6 +60,8 @@ struct PodWorker {
     uid: String,
     pod_dir: PathBuf,
     pod_ip: Option<String>,
+    /// Set while the pod holds an address (none for `hostNetwork` pods).
+    network: Option<PodNetwork>,
     start_time: Option<Time>,
     records: Arc<Mutex<Vec<ContainerRecord>>>,
     changed: Arc<Notify>,
@@ -113,6 +116,7 @@ impl PodWorker {
             shared,
             pod,
             pod_ip: None,
+            network: None,
             start_time: None,
             records: Arc::new(Mutex::new(records)),
             changed: Arc::new(Notify::new()),
@@ -230,7 +234,17 @@ impl PodWorker {
         let pod_ip = match &self.pod_ip {
             Some(ip) => ip.clone(),
             None if host_network => HOST_IP.to_string(),
-            None => self.lock_ips().allocate(&self.uid)?.to_string(),
+            None => {
+                let address = self.lock_ips().allocate(&self.uid)?;
+                match PodNetwork::create(address) {
+                    Ok(network) => self.network = Some(network),
+                    Err(error) => {
+                        self.release_ip();
+                        return Err(error.context(format!("the network of pod IP {address}")));
+                    }
+                }
+                address.to_string()
+            }
         };
         self.pod_ip = Some(pod_ip.clone());
         self.start_time.get_or_insert_with(|| Time(now()));
@@ -380,6 +394,7 @@ impl PodWorker {
             env: env.into_vec(),
             mounts,
             working_dir: container.working_dir.as_ref().map(PathBuf::from),
+            network: self.network.as_ref().map(PodNetwork::namespace),
             log_path: container_log_path(
                 &self.shared.config.root,
                 &self.namespace,
@@ -461,11 +476,13 @@ impl PodWorker {
         }
     }
 
-    fn release_ip(&self) {
+    /// Removes the pod's network (its containers have ended) and frees its address.
+    fn release_ip(&mut self) {
+        self.network = None;
         self.lock_ips().release(&self.uid);
     }
 
-    fn clean_up(&self) {
+    fn clean_up(&mut self) {
         self.release_ip();
         if let Err(error) = std::fs::remove_dir_all(&self.pod_dir)
             && error.kind() != std::io::ErrorKind::NotFound

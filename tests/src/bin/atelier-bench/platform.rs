@@ -136,6 +136,7 @@ impl Platform {
         let cluster = TestCluster::start_with(ClusterOptions {
             nodes,
             bin_dir: images,
+            network_policies: false,
         })
         .await?;
         let client = cluster.client().await;

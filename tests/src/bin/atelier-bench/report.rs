@@ -159,7 +159,7 @@ pub fn render(report: &Report) -> String {
     out.push_str(&format!(
         "## Control plane and API (`make bench`)\n\nMeasured {} by `{}` in {:.1} min of wall time.\n\n\
          - Machine: {} × {}, {:.1} GiB memory, Linux {}; load average at the start {}.\n\
-         - Kubernetes {} (`atelier-testcluster`: apiserver, etcd, controller-manager and scheduler in one process), the local kubelet (pods are processes on 198.18.0.N), \
+         - Kubernetes {} (`atelier-testcluster`: apiserver, etcd, controller-manager and scheduler in one process), the local kubelet (pods are processes in network namespaces of their own on 198.18.1.N), \
          every API call of the operator, the kubelet and the benchmark through the test cluster's pausable TCP proxy.\n\
          - Atelier's binaries as `make build` makes them (dev profile: Atelier's crates unoptimized, dependencies at opt-level 2). \
          The operator logs at `info`.\n\
