@@ -90,7 +90,7 @@ stop() {
     wait "$pid" 2>/dev/null || true
   done
   # kube-router's iptables chains and ipsets are the machine's.
-  [ -x "$tools/kube-router" ] && "$tools/kube-router" --cleanup-config >/dev/null 2>&1 || true
+  "$root/tests/cluster/kube-router-cleanup.sh" || echo "could not remove kube-router's rules" >&2
   if [ "$keep" = 1 ]; then
     echo "kept $state (logs in $logs)" >&2
   else

@@ -7,8 +7,8 @@
 #   - the kubelet's routes of the pod range 198.18.1.0/24 (the host's address 198.18.1.1 and
 #     the unreachable rest), unless another kubelet on the machine still holds pod addresses
 #     (each lease is an abstract unix socket `@atelier-pod-ip-ADDRESS`);
-#   - kube-router's iptables chains and ipsets (`kube-router --cleanup-config`), unless a
-#     kube-router still runs: a test binary's shared cluster is never dropped, so its engine
+#   - kube-router's iptables chains and ipsets (tests/cluster/kube-router-cleanup.sh), unless
+#     a kube-router still runs: a test binary's shared cluster is never dropped, so its engine
 #     dies with the process without cleaning up.
 #
 # Pod network namespaces, veth pairs and their routes need no cleanup: they live as long as
@@ -29,10 +29,9 @@ cleanup() {
     ip route del local 198.18.1.1/32 dev lo table local 2>/dev/null || true
     ip route del unreachable 198.18.1.0/24 2>/dev/null || true
   fi
-  local kube_router="${ATELIER_CACHE:-$HOME/.cache/atelier}/bin/kube-router"
-  if [ -x "$kube_router" ] && ! pgrep -x kube-router >/dev/null &&
-    iptables -S 2>/dev/null | grep -q KUBE-ROUTER; then
-    "$kube_router" --cleanup-config >/dev/null 2>&1 || echo "with-cleanup.sh: kube-router --cleanup-config failed" >&2
+  if command -v iptables >/dev/null && ! pgrep -x kube-router >/dev/null; then
+    "$(dirname "${BASH_SOURCE[0]}")/cluster/kube-router-cleanup.sh" ||
+      echo "with-cleanup.sh: removing kube-router's rules failed" >&2
   fi
 }
 trap cleanup EXIT

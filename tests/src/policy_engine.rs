@@ -92,7 +92,7 @@ impl PolicyEngine {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then removes its iptables chains and ipsets (`--cleanup-config`).
+    /// SIGTERM, then removes its iptables chains and ipsets (`tests/cluster/kube-router-cleanup.sh`).
     pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.process.id() {
             let _ = child::signal_process(pid, libc::SIGTERM);
@@ -103,14 +103,15 @@ impl PolicyEngine {
         {
             let _ = self.process.kill().await;
         }
-        let cleanup = Command::new(paths::tool("kube-router"))
-            .arg("--cleanup-config")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        if !cleanup.is_ok_and(|status| status.success()) {
-            tracing::warn!("kube-router --cleanup-config failed");
+        let script = paths::workspace_root().join("tests/cluster/kube-router-cleanup.sh");
+        match Command::new(&script).output().await {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => tracing::warn!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(error) => tracing::warn!("running {}: {error}", script.display()),
         }
     }
 }
