@@ -261,9 +261,9 @@ async fn start_services(options: ClusterOptions) -> anyhow::Result<(TestCluster,
     );
     let kubelet = Arc::new(kubelet::start(client, kubelet_config).await?);
     let policy_engine = match options.nodes.first() {
-        Some(node) if options.network_policies => Some(
-            PolicyEngine::start(&dir.path().join("kubeconfig"), &node.name, dir.path()).await?,
-        ),
+        Some(node) if options.network_policies => {
+            Some(PolicyEngine::start(&dir.path().join("kubeconfig"), &node.name, dir.path()).await?)
+        }
         _ => None,
     };
     let cluster = TestCluster {

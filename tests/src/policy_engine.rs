@@ -68,7 +68,10 @@ impl PolicyEngine {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.process.try_wait()? {
-                bail!("kube-router exited ({status}); its log:\n{}", self.log_text());
+                bail!(
+                    "kube-router exited ({status}); its log:\n{}",
+                    self.log_text()
+                );
             }
             let rules = Command::new("iptables")
                 .args(["-S", "FORWARD"])

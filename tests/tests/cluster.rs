@@ -213,13 +213,24 @@ async fn pods_have_network_namespaces_of_their_own_routed_through_the_host() -> 
     assert_ne!(a, b);
 
     let (status, body) = get_text(&format!("http://{a}:8080/relay/{b}:8080/peer")).await?;
-    assert_eq!((status, body.trim()), (200, a.as_str()), "a reaches b from its own address");
+    assert_eq!(
+        (status, body.trim()),
+        (200, a.as_str()),
+        "a reaches b from its own address"
+    );
     let (status, body) = get_text(&format!("http://{a}:8080/peer")).await?;
-    assert_eq!((status, body.trim()), (200, "198.18.1.1"), "the host comes from its pod-range address");
+    assert_eq!(
+        (status, body.trim()),
+        (200, "198.18.1.1"),
+        "the host comes from its pod-range address"
+    );
     let (status, body) = get_text(&format!("http://{a}:8080/whoami")).await?;
     assert_eq!(
         (status, body.as_str()),
-        (200, format!("system:serviceaccount:{namespace}:default").as_str()),
+        (
+            200,
+            format!("system:serviceaccount:{namespace}:default").as_str()
+        ),
         "the pod reaches the API server on the host's loopback"
     );
     // The loopback server of "inner" serves its own pod, and nobody at the pod's address.

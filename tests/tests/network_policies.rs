@@ -142,12 +142,18 @@ async fn only_the_platform_reaches_a_tenants_pods_and_tenant_egress_is_open() {
     create_namespace(&client, PLATFORM_NAMESPACE).await.unwrap();
     let other = cluster.create_namespace("random").await.unwrap();
     let platform_probe = probe_pod(&client, PLATFORM_NAMESPACE).await.unwrap();
-    let b_probe = probe_pod(&client, &tenant_b.namespace_name()).await.unwrap();
+    let b_probe = probe_pod(&client, &tenant_b.namespace_name())
+        .await
+        .unwrap();
     let other_probe = probe_pod(&client, &other).await.unwrap();
 
     // The operator's and the API's namespace reaches the tenant's inference and outputs.
     for target in &tenant_ports {
-        assert_eq!(from_pod(&platform_probe, target).await.unwrap(), 200, "{target}");
+        assert_eq!(
+            from_pod(&platform_probe, target).await.unwrap(),
+            200,
+            "{target}"
+        );
     }
     // Tenant B and a random namespace do not, though their probes reach other pods: tenant
     // pods have no egress policy (the chart's tenant policies are ingress only).
@@ -158,9 +164,14 @@ async fn only_the_platform_reaches_a_tenants_pods_and_tenant_egress_is_open() {
     }
     for (probe, target) in [(&b_probe, &other_probe), (&other_probe, &platform_probe)] {
         let target = format!("{target}:8080");
-        assert_eq!(from_pod(probe, &target).await.unwrap(), 200, "{probe} -> {target}");
+        assert_eq!(
+            from_pod(probe, &target).await.unwrap(),
+            200,
+            "{probe} -> {target}"
+        );
     }
 
+    // The fake GPUs and addresses are shared: leave nothing running.
     let tenants = Api::<atelier_crds::Tenant>::all(client.clone());
     for tenant in [&tenant_a, &tenant_b] {
         tenants
@@ -168,4 +179,12 @@ async fn only_the_platform_reaches_a_tenants_pods_and_tenant_egress_is_open() {
             .await
             .unwrap();
     }
+    Api::<Namespace>::all(client.clone())
+        .delete(&other, &DeleteParams::default())
+        .await
+        .unwrap();
+    Api::<Pod>::namespaced(client, PLATFORM_NAMESPACE)
+        .delete("probe", &DeleteParams::default())
+        .await
+        .unwrap();
 }

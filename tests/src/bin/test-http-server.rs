@@ -104,9 +104,9 @@ async fn main() -> anyhow::Result<()> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-        .with_graceful_shutdown(async move {
-            terminate.recv().await;
-        })
-        .await?;
+    .with_graceful_shutdown(async move {
+        terminate.recv().await;
+    })
+    .await?;
     Ok(())
 }

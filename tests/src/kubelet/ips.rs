@@ -37,7 +37,14 @@ impl IpPool {
     /// The pool of this machine's kubelets, with the range's routes in place.
     pub(crate) fn machine_wide() -> io::Result<Self> {
         let range = format!("{}/24", Ipv4Addr::from(NETWORK));
-        ip(&["route", "replace", "local", &GATEWAY.to_string(), "dev", "lo"])?;
+        ip(&[
+            "route",
+            "replace",
+            "local",
+            &GATEWAY.to_string(),
+            "dev",
+            "lo",
+        ])?;
         ip(&["route", "replace", "unreachable", &range])?;
         Ok(Self::new("atelier-pod-ip-"))
     }

@@ -153,10 +153,7 @@ pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Kube
         api_access: identity::ApiAccess::from_kubeconfig(&config.kubeconfig)?,
         client,
         config,
-        ips: Mutex::new(
-            ips::IpPool::machine_wide()
-                .context("routing the pod IP range")?,
-        ),
+        ips: Mutex::new(ips::IpPool::machine_wide().context("routing the pod IP range")?),
         processes: processes.clone(),
         node_ready: node_ready_receivers,
         // Probes go straight to the pod, never through a proxy from the environment.

@@ -212,7 +212,11 @@ mod tests {
         let (pod_server, _own_loopback) = pod_server;
 
         let (_, peer) = host_server.accept().unwrap();
-        assert_eq!(peer.ip(), address, "the pod's connection came over its veth");
+        assert_eq!(
+            peer.ip(),
+            address,
+            "the pod's connection came over its veth"
+        );
         TcpStream::connect((address, 8080)).expect("the host reaches the pod's address");
         let (_, peer) = pod_server.accept().unwrap();
         assert_eq!(peer.ip(), GATEWAY);

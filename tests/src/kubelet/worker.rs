@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::container::ContainerRun;
-use super::network::PodNetwork;
 use super::env::{EnvVars, References, container_env};
+use super::network::PodNetwork;
 use super::process::{Launch, image_binary_name, resolve_program};
 use super::status::{
     ContainerRecord, HOST_IP, PodView, now, phase, pod_status, waiting, written_part,
