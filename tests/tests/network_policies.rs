@@ -127,7 +127,10 @@ async fn create_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
 async fn only_the_platform_reaches_a_tenants_pods_and_tenant_egress_is_open() {
     let (cluster, _operator) = platform().await;
     let client = cluster.client().await;
-    let tenant_a = create_ready_tenant(cluster, json!({})).await.unwrap();
+    // One inference pod from the start: a tenant without jobs otherwise runs none.
+    let tenant_a = create_ready_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        .await
+        .unwrap();
     let tenant_b = create_tenant(cluster, json!({})).await.unwrap();
     let a = tenant_a.namespace_name();
     let a_pods: Api<Pod> = Api::namespaced(client.clone(), &a);
