@@ -14,6 +14,7 @@ if grep -qE "$chains" <<<"$filter"; then
   # replaces the table with it.
   grep -vE "$chains" <<<"$filter" | iptables-restore
 fi
-ipset list -n | grep -E '^KUBE-(SRC|DST)-[A-Z0-9]+$' | while read -r set; do
+# No sets left is fine: grep's status 1 must not become the script's.
+{ ipset list -n | grep -E '^KUBE-(SRC|DST)-[A-Z0-9]+$' || true; } | while read -r set; do
   ipset destroy "$set"
 done
