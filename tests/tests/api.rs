@@ -684,7 +684,7 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
     let issuer = &env.provider.issuer;
     let good = as_user(env, "alice").await?;
     assert_eq!(good.get("/api/v1/me").await?.0, StatusCode::OK);
-    let alice = json!({"sub": "alice", "email": "alice@example.com", "groups": ["team-x"]});
+    let alice = json!({"sub": "alice", "email": "alice@example.com", "email_verified": true, "groups": ["team-x"]});
     let with = |change: Value| {
         let mut claims = alice.clone();
         for (k, v) in change.as_object().unwrap() {
@@ -738,6 +738,42 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
             None,
             StatusCode::UNAUTHORIZED,
             "missing_claim",
+        ),
+        (
+            "sign",
+            with(json!({"email_verified": false})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unverified_email",
+        ),
+        (
+            "sign",
+            with(json!({"email_verified": null})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unverified_email",
+        ),
+        (
+            "sign",
+            with(json!({"email": "al\tice@example.com"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "bad_user_claim",
+        ),
+        (
+            "sign",
+            with(json!({"email": ".\t."})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "bad_user_claim",
+        ),
+        // Shaped like an ID token (the nonce of a login), for the API's audience.
+        (
+            "sign",
+            with(json!({"nonce": "n-0S6_WzA2Mj"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "id_token_as_bearer",
         ),
         (
             "none",
@@ -1510,5 +1546,130 @@ async fn a_provider_outage_is_reported_clearly() -> anyhow::Result<()> {
         (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable"),
         "{body}"
     );
+    Ok(())
+}
+
+/// Issue 16, items 1 and 2: what the demo let through. A token for alice's address that the
+/// provider never verified, and one whose e-mail is `al<TAB>ice@...` (which the URL parser
+/// made alice's folder), both reach nothing; the same token with alice's verified address
+/// reads her history (so the refusals are about the identity, not the route).
+#[tokio::test]
+async fn unverified_or_unprintable_identities_reach_no_ones_images() -> anyhow::Result<()> {
+    let env = env().await;
+    let images = format!("/api/v1/tenants/{}/images", env.x);
+    let as_claims = |claims: Value| async move {
+        let token = oidc::mint(&env.provider.issuer, "sign", &claims, None).await?;
+        Bearer::new(&env.api.url, &token).get(&images).await
+    };
+    let alice = |email: &str, verified: Value| json!({"sub": "mallory", "email": email, "email_verified": verified, "groups": ["team-x"]});
+    let (status, page) = as_claims(alice("alice@example.com", json!(true))).await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page["images"][0]["metadata"]["prompt"], "alice's secret fox",
+        "{page}"
+    );
+    for (claims, expected) in [
+        (alice("alice@example.com", json!(false)), "unverified_email"),
+        (alice("alice@example.com", Value::Null), "unverified_email"),
+        (alice("al\tice@example.com", json!(true)), "bad_user_claim"),
+        (alice("alice@example.com\n", json!(true)), "bad_user_claim"),
+        (alice(".\t.", json!(true)), "bad_user_claim"),
+    ] {
+        let (status, body) = as_claims(claims.clone()).await?;
+        assert_eq!(
+            (status, reason(&body)),
+            (StatusCode::UNAUTHORIZED, expected),
+            "{claims}: {body}"
+        );
+        assert!(!body.to_string().contains("secret fox"));
+    }
+    // An admin cannot name such a user either.
+    let carol = as_user(env, "carol").await?;
+    let (status, body) = carol
+        .get(&format!(
+            "{images}?user={}",
+            query_value("al\tice@example.com")
+        ))
+        .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    Ok(())
+}
+
+fn query_value(value: &str) -> String {
+    reqwest::Url::parse_with_params("http://x/", &[("v", value)])
+        .unwrap()
+        .query()
+        .unwrap()
+        .trim_start_matches("v=")
+        .to_string()
+}
+
+/// Issue 16, item 1 at the browser login: the provider says the address is unverified.
+#[tokio::test]
+async fn an_unverified_email_cannot_log_in() -> anyhow::Result<()> {
+    let env = env().await;
+    let mut browser = Browser::new();
+    let (form_url, _) = browser
+        .navigate(&format!("{}/auth/login", env.api.url), None)
+        .await?;
+    let (landed, _) = browser
+        .sign_in(&form_url, "mallory@example.com", "mallory-pw", None)
+        .await?;
+    assert!(landed.ends_with("/?error=unverified_email"), "{landed}");
+    env.api
+        .expect_audit(
+            json!({"action": "login", "outcome": "failure", "reason": "unverified_email"}),
+        )
+        .await?;
+    let session: Value = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{}/auth/session", env.api.url),
+            None,
+            HeaderMap::new(),
+        )
+        .await?
+        .json()
+        .await?;
+    assert_eq!(session["authenticated"], false, "{session}");
+    Ok(())
+}
+
+/// Issue 16, items 4 and 7: a token with critical header extensions is refused (RFC 7515),
+/// and so is a token for the API's audience that carries ID-token claims.
+#[tokio::test]
+async fn critical_headers_and_id_tokens_are_refused() -> anyhow::Result<()> {
+    let env = env().await;
+    let claims = json!({"sub": "alice", "email": "alice@example.com", "email_verified": true, "groups": ["team-x"]});
+    let issuer = &env.provider.issuer;
+    let plain = oidc::mint_with_header(issuer, &claims, &json!({})).await?;
+    let (status, body) = Bearer::new(&env.api.url, &plain).get("/api/v1/me").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let critical =
+        oidc::mint_with_header(issuer, &claims, &json!({"crit": ["exp"], "exp": 0})).await?;
+    let (status, body) = Bearer::new(&env.api.url, &critical)
+        .get("/api/v1/me")
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::UNAUTHORIZED, "critical_header"),
+        "{body}"
+    );
+    let mut id_token = claims.clone();
+    id_token["at_hash"] = json!("77QmUPtjPfzWtF2AnpK9RQ");
+    let id_token = oidc::mint(issuer, "sign", &id_token, None).await?;
+    let (status, body) = Bearer::new(&env.api.url, &id_token)
+        .get("/api/v1/me")
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::UNAUTHORIZED, "id_token_as_bearer"),
+        "{body}"
+    );
+    env.api
+        .expect_audit(
+            json!({"action": "authenticate", "outcome": "denied", "reason": "id_token_as_bearer"}),
+        )
+        .await?;
     Ok(())
 }

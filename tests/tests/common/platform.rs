@@ -33,6 +33,12 @@ pub fn users() -> Value {
         user("frank", None),
         user("gina", Some(&["team-q"])),
         user("hank", Some(&["team-x"])),
+        // An address the provider never verified: no identity with the default user claim.
+        {
+            let mut mallory = user("mallory", Some(&["team-x"]));
+            mallory["email_verified"] = json!(false);
+            mallory
+        },
     ])
 }
 

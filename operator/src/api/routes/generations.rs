@@ -28,6 +28,10 @@ use crate::api::auth::Caller;
 use crate::api::authz;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
 
+/// How often an event stream opened with a browser session checks that the session still
+/// exists (a stream outlives no logout by more than this).
+const SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(15);
+
 /// What a caller may ask for. The user is not a field: it comes from the token.
 #[derive(Deserialize, ToSchema, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -441,6 +445,7 @@ pub async fn cancel(
     responses(
         (status = 200, description = "text/event-stream of JobView", content_type = "text/event-stream", body = JobView),
         (status = 404, description = "No such job, or not the caller's", body = ErrorBody),
+        (status = 409, description = "The caller holds the most event streams one user may", body = ErrorBody),
     ),
     security(("bearer" = []), ("session" = []))
 )]
@@ -451,19 +456,27 @@ pub async fn events(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let access = tenant_access(&state, &caller, &tenant, "read").await?;
     let job = visible_job(&state, &caller, &access, &name, "read").await?;
+    let slot = state
+        .streams
+        .acquire(caller.user())
+        .map_err(|too_many| ApiError::Conflict(too_many.to_string()))?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<SseEvent>(16);
     let api = jobs(&state, &access.namespace);
+    let session_ended = session_ended(state.clone(), caller.session.clone());
     tokio::spawn(async move {
+        let _slot = slot;
         let first = JobView::new(&job, &tenant);
         if sender.send(job_event(&first)).await.is_err() || job.phase().is_finished() {
             return;
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut changes = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut session_ended = std::pin::pin!(session_ended);
         let mut last = first;
         loop {
             let change = tokio::select! {
                 () = sender.closed() => return,
+                () = &mut session_ended => return,
                 change = changes.next() => change,
             };
             let job = match change {
@@ -495,6 +508,21 @@ pub async fn events(
         receiver.recv().await.map(|event| (Ok(event), receiver))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Resolves when the browser session a stream was opened with ends (logout, expiry), checked
+/// every [`SESSION_CHECK_INTERVAL`]; never for a stream opened with a bearer token.
+async fn session_ended(state: Arc<AppState>, session: Option<String>) {
+    let Some(id) = session else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(SESSION_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        if state.sessions.get(&id).is_none() {
+            return;
+        }
+    }
 }
 
 fn job_event(view: &JobView) -> SseEvent {
