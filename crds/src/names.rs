@@ -26,12 +26,13 @@ pub const TENANT_FINALIZER: &str = "atelier.dev/tenant-cleanup";
 /// Longest user id accepted (OIDC allows `sub` up to 255 ASCII characters).
 pub const MAX_USER_LEN: usize = 256;
 
-/// CEL rule on `spec.user` and `members[].user`, the same rule as [`user_name_problem`]:
-/// `\p{C}` is Go's (RE2's) "other" category: control, format, private-use and surrogate
-/// characters.
-pub const USER_NAME_RULE: &str =
-    r"self.matches('^[^\\p{C}\\p{Z}\\s/\\\\]+$') && self != '.' && self != '..'";
-pub const USER_NAME_RULE_MESSAGE: &str = "a user id must be printable text without spaces, control or format characters, '/' or '\\', and not '.' or '..'";
+/// OpenAPI pattern of `spec.user` and `members[].user`, the same rule as [`user_name_problem`]
+/// for the API server (Go regular expressions: `\p{C}` is control, format, private-use and
+/// surrogate characters, `\p{Z}` separators). A pattern rather than a CEL rule: it has no cost
+/// budget, so it also fits the unbounded member list. The two alternatives say "not `.` or
+/// `..`": some character other than a dot, or three characters at least.
+pub const USER_NAME_PATTERN: &str =
+    r"^(?:[^\p{C}\p{Z}\s/\\]*[^\p{C}\p{Z}\s/\\.][^\p{C}\p{Z}\s/\\]*|[^\p{C}\p{Z}\s/\\]{3,})$";
 
 /// Why `user` cannot be a user id, or `None` when it can. A user id names a folder of the
 /// outputs volume and a path segment of the outputs URL, and is compared with `members[].user`:
