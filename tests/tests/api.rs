@@ -1557,9 +1557,12 @@ async fn a_provider_outage_is_reported_clearly() -> anyhow::Result<()> {
 async fn unverified_or_unprintable_identities_reach_no_ones_images() -> anyhow::Result<()> {
     let env = env().await;
     let images = format!("/api/v1/tenants/{}/images", env.x);
-    let as_claims = |claims: Value| async move {
-        let token = oidc::mint(&env.provider.issuer, "sign", &claims, None).await?;
-        Bearer::new(&env.api.url, &token).get(&images).await
+    let as_claims = |claims: Value| {
+        let images = images.clone();
+        async move {
+            let token = oidc::mint(&env.provider.issuer, "sign", &claims, None).await?;
+            Bearer::new(&env.api.url, &token).get(&images).await
+        }
     };
     let alice = |email: &str, verified: Value| json!({"sub": "mallory", "email": email, "email_verified": verified, "groups": ["team-x"]});
     let (status, page) = as_claims(alice("alice@example.com", json!(true))).await?;
