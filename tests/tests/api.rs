@@ -1676,3 +1676,120 @@ async fn critical_headers_and_id_tokens_are_refused() -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// Issue 16, item 6: with `--trusted-proxy-header`, the header counts only on connections from
+/// `--trusted-proxy-cidrs`; from a trusted proxy, a missing or garbage header is no address.
+/// Two API processes of their own: one whose proxies are elsewhere (so this test's connection
+/// from 127.0.0.1 is a pod talking to the API directly), one that trusts 127.0.0.0/8.
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() -> anyhow::Result<()> {
+    let env = env().await;
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let (office, loopback) = (unique_name("api-office"), unique_name("api-loop"));
+    for (name, cidrs) in [
+        (&office, json!(["192.0.2.0/24"])),
+        (&loopback, json!(["127.0.0.0/8"])),
+    ] {
+        let tenant: Tenant = serde_json::from_value(json!({
+            "apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name},
+            "spec": {"members": [{"group": "team-x", "role": "user"}], "allowedSourceCidrs": cidrs},
+        }))?;
+        Api::<Tenant>::all(client.clone())
+            .create(&PostParams::default(), &tenant)
+            .await?;
+    }
+    let token = access_token(env, "alice").await?;
+    let (office_name, loopback_name) = (office.as_str(), loopback.as_str());
+    let me = |api: &str, forwarded: Option<&str>| {
+        let request = reqwest::Client::new()
+            .get(format!("{api}/api/v1/me"))
+            .bearer_auth(&token);
+        let request = match forwarded {
+            Some(value) => request.header("x-forwarded-for", value),
+            None => request,
+        };
+        async move {
+            let me: Value = request.send().await?.error_for_status()?.json().await?;
+            let allowed = |tenant: &str| {
+                me["tenants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t["name"] == tenant)
+                    .map(|t| t["sourceAllowed"].clone())
+            };
+            anyhow::Ok((allowed(office_name), allowed(loopback_name)))
+        }
+    };
+    let trust_elsewhere = ApiProcess::start(
+        cluster,
+        &env.dir,
+        free_port(),
+        &env.provider.issuer,
+        &[
+            "--trusted-proxy-header",
+            "X-Forwarded-For",
+            "--trusted-proxy-cidrs",
+            "10.99.0.0/16",
+        ],
+    )
+    .await?;
+    wait_for(
+        "the API to see the new tenants",
+        DEFAULT_TIMEOUT,
+        || async {
+            let seen = me(&trust_elsewhere.url, None).await?;
+            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        me(&trust_elsewhere.url, Some("192.0.2.7")).await?,
+        (Some(json!(false)), Some(json!(true))),
+        "a forged header from a peer that is no proxy changes nothing"
+    );
+    let trust_loopback = ApiProcess::start(
+        cluster,
+        &env.dir,
+        free_port(),
+        &env.provider.issuer,
+        &[
+            "--trusted-proxy-header",
+            "X-Forwarded-For",
+            "--trusted-proxy-cidrs",
+            "127.0.0.0/8",
+        ],
+    )
+    .await?;
+    wait_for(
+        "the API to see the new tenants",
+        DEFAULT_TIMEOUT,
+        || async {
+            let seen = me(&trust_loopback.url, None).await?;
+            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        me(&trust_loopback.url, Some("6.6.6.6, 192.0.2.7")).await?,
+        (Some(json!(true)), Some(json!(false))),
+        "the proxy's entry counts"
+    );
+    for missing in [None, Some("garbage")] {
+        assert_eq!(
+            me(&trust_loopback.url, missing).await?,
+            (Some(json!(false)), Some(json!(false))),
+            "{missing:?} from the proxy: no address, so no restricted tenant (not the proxy's own address)"
+        );
+    }
+    let (status, body) = Bearer::new(&trust_loopback.url, &token)
+        .get(&format!("/api/v1/tenants/{loopback}/images"))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "SourceNotAllowed"),
+        "{body}"
+    );
+    Ok(())
+}
