@@ -346,3 +346,40 @@ async fn shutdown() {
     }
     tracing::info!("shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ApiArgs;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ApiArgs, clap::Error> {
+        let required = [
+            "api",
+            "--issuer-url=https://idp.example.com",
+            "--client-id=atelier",
+            "--audience=https://atelier.example.com/api",
+            "--public-url=https://atelier.example.com",
+        ];
+        Command::try_parse_from(required.iter().chain(extra)).map(|command| command.api)
+    }
+
+    #[test]
+    fn a_proxy_header_needs_the_proxies_addresses() {
+        assert!(parse(&["--trusted-proxy-header=X-Forwarded-For"]).is_err());
+        assert!(parse(&["--trusted-proxy-cidrs=10.0.0.0/8"]).is_err());
+        let args = parse(&[
+            "--trusted-proxy-header=X-Forwarded-For",
+            "--trusted-proxy-cidrs=10.0.0.0/8,192.0.2.1/32",
+        ])
+        .unwrap();
+        assert_eq!(args.trusted_proxy_cidrs.len(), 2);
+        assert!(parse(&[]).unwrap().trusted_proxy_cidrs.is_empty());
+    }
+}
