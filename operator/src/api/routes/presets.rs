@@ -188,8 +188,7 @@ pub fn apply(
                 return Err(format!("at most {MAX_PER_SCOPE} presets"));
             }
             let previous = named.insert(name.to_string(), params.into());
-            let over_share = scope == Scope::Mine
-                && serde_json::to_string(&*named).map_or(true, |json| json.len() > MAX_USER_BYTES);
+            let over_share = scope == Scope::Mine && serialized_len(named) > MAX_USER_BYTES;
             if over_share {
                 match previous {
                     Some(previous) => named.insert(name.to_string(), previous),
@@ -208,6 +207,11 @@ pub fn apply(
     }
     store.users.retain(|_, named| !named.is_empty());
     Ok(())
+}
+
+/// Bytes of `named` as stored (these types always serialize).
+fn serialized_len(named: &Named) -> usize {
+    serde_json::to_string(named).map_or(usize::MAX, |json| json.len())
 }
 
 fn valid_name(name: &str) -> bool {
