@@ -1,10 +1,18 @@
 //! How many event streams (`GET .../generations/{name}/events`) one user holds open.
 //!
 //! Each stream is a watch on the Kubernetes API for as long as its job runs, so an unbounded
-//! number per user would let one member load the API server and this process at will.
+//! number per user would let one member load the API server and this process at will, and a
+//! stream must not outlive the login it was opened with.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::AppState;
+
+/// How often an event stream opened with a browser session checks that the session still
+/// exists (a stream outlives no logout by more than this).
+const SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Event streams one user may hold open at once (a few browser tabs, a script or two).
 pub const MAX_STREAMS_PER_USER: usize = 8;
@@ -47,6 +55,21 @@ impl Drop for StreamSlot {
             if *count == 0 {
                 open.remove(&self.user);
             }
+        }
+    }
+}
+
+/// Resolves when the browser session a stream was opened with ends (logout, expiry), checked
+/// every [`SESSION_CHECK_INTERVAL`]; never for a stream opened with a bearer token.
+pub async fn session_ended(state: Arc<AppState>, session: Option<String>) {
+    let Some(id) = session else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(SESSION_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        if state.sessions.get(&id).is_none() {
+            return;
         }
     }
 }

@@ -27,10 +27,7 @@ use crate::api::audit::{Event, Outcome};
 use crate::api::auth::Caller;
 use crate::api::authz;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
-
-/// How often an event stream opened with a browser session checks that the session still
-/// exists (a stream outlives no logout by more than this).
-const SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(15);
+use crate::api::streams;
 
 /// What a caller may ask for. The user is not a field: it comes from the token.
 #[derive(Deserialize, ToSchema, Debug, Clone, Default)]
@@ -462,7 +459,7 @@ pub async fn events(
         .map_err(|too_many| ApiError::Conflict(too_many.to_string()))?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<SseEvent>(16);
     let api = jobs(&state, &access.namespace);
-    let session_ended = session_ended(state.clone(), caller.session.clone());
+    let session_ended = streams::session_ended(state.clone(), caller.session.clone());
     tokio::spawn(async move {
         let _slot = slot;
         let first = JobView::new(&job, &tenant);
@@ -508,21 +505,6 @@ pub async fn events(
         receiver.recv().await.map(|event| (Ok(event), receiver))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// Resolves when the browser session a stream was opened with ends (logout, expiry), checked
-/// every [`SESSION_CHECK_INTERVAL`]; never for a stream opened with a bearer token.
-async fn session_ended(state: Arc<AppState>, session: Option<String>) {
-    let Some(id) = session else {
-        return std::future::pending().await;
-    };
-    let mut tick = tokio::time::interval(SESSION_CHECK_INTERVAL);
-    loop {
-        tick.tick().await;
-        if state.sessions.get(&id).is_none() {
-            return;
-        }
-    }
 }
 
 fn job_event(view: &JobView) -> SseEvent {
