@@ -70,6 +70,7 @@ pub struct GenerationJobSpec {
     /// checked against the requester by the admission policy for `kubectl`.
     #[schemars(length(min = 1, max = 256))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.user is immutable"))]
+    #[schemars(pattern(crate::names::USER_NAME_PATTERN))]
     pub user: String,
     /// Higher runs first.
     #[serde(default)]

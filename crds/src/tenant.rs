@@ -64,6 +64,7 @@ pub struct Member {
     pub group: Option<String>,
     /// An OIDC user id (value of the user id claim, e.g. the email).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), pattern(crate::names::USER_NAME_PATTERN))]
     pub user: Option<String>,
     pub role: Role,
 }

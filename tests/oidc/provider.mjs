@@ -3,25 +3,27 @@
 //   node provider.mjs --config config.json [--port 0] [--host 127.0.0.1]
 //
 // config.json: {"audience": "<API audience>", "clients": [<oidc-provider client metadata>],
-//               "users": [{"id", "email", "password", "groups": [...], "name"?}]}
+//               "users": [{"id", "email", "password", "groups": [...], "name"?,
+//                          "email_verified"? (default true)}]}
 //
 // - Logins go through our own interaction pages, which check the password (the library's
 //   development login accepts anything). Consent is granted without asking: every client here
 //   is first-party.
 // - Access tokens for the API are JWTs (resourceIndicators): audience = config.audience, with
-//   the user's `email` and `groups` claims. A client that asks for no resource gets an opaque
+//   the user's `email`, `email_verified` and `groups` claims. A client that asks for no resource gets an opaque
 //   token for userinfo, as the API's browser login does.
 // - Signing keys are generated at start. Test-only endpoints (this is a test provider):
 //     POST /__test/rotate  new signing key first, old keys still published
 //     POST /__test/retire  publish only the current key
-//     POST /__test/mint    {"claims": {...}, "mode": "sign"|"none"|"hmac"|"foreign", "kid"?}
+//     POST /__test/mint    {"claims": {...}, "mode": "sign"|"none"|"hmac"|"foreign", "kid"?,
+//                           "header"?: {...} extra JOSE header fields such as crit}
 //                          a token as an attacker or a broken issuer would make it
 //     GET  /__test/keys    the published key ids
 // Prints `READY <issuer>` once listening.
 
 import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
-import { createHmac, randomBytes } from 'node:crypto';
+import { KeyObject, createHmac, randomBytes, sign as cryptoSign } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import * as jose from 'jose';
 import Provider, { errors } from 'oidc-provider';
@@ -55,6 +57,8 @@ async function newKey() {
   return { kid, jwk, privateKey, spki };
 }
 
+const verified = (user) => user.email_verified ?? true;
+
 function build() {
   const next = new Provider(issuer, {
     clients: config.clients,
@@ -69,14 +73,15 @@ function build() {
       if (!user) return undefined;
       return {
         accountId: id,
-        claims: async () => ({ sub: id, email: user.email, email_verified: true, name: user.name || id, groups: user.groups }),
+        claims: async () => ({ sub: id, email: user.email, email_verified: verified(user), name: user.name || id, groups: user.groups }),
       };
     },
     extraTokenClaims: async (_ctx, token) => {
       const user = token.accountId && users.get(token.accountId);
       if (token.kind !== 'AccessToken' || !user) return undefined;
       // A user without groups gets no groups claim at all (the "missing groups" case).
-      return user.groups ? { email: user.email, groups: user.groups } : { email: user.email };
+      const email = { email: user.email, email_verified: verified(user) };
+      return user.groups ? { ...email, groups: user.groups } : email;
     },
     features: {
       devInteractions: { enabled: false },
@@ -166,7 +171,7 @@ async function interaction(req, res, uid, action) {
 
 const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
 
-async function mint({ claims = {}, mode = 'sign', kid }) {
+async function mint({ claims = {}, mode = 'sign', kid, header = {} }) {
   const now = Math.floor(Date.now() / 1000);
   const payload = { iss: issuer, aud: config.audience, iat: now, exp: now + 300, ...claims };
   for (const [key, value] of Object.entries(payload)) if (value === null) delete payload[key];
@@ -179,7 +184,12 @@ async function mint({ claims = {}, mode = 'sign', kid }) {
     return `${signingInput}.${signature}`;
   }
   const key = mode === 'foreign' ? await newKey() : current;
-  return new jose.SignJWT(payload).setProtectedHeader({ alg: 'RS256', typ: 'JWT', kid: kid ?? key.kid }).sign(key.privateKey);
+  const protectedHeader = { alg: 'RS256', typ: 'JWT', kid: kid ?? key.kid, ...header };
+  // jose refuses to sign a `crit` it does not know; sign by hand then, as an attacker would.
+  if (!protectedHeader.crit) return new jose.SignJWT(payload).setProtectedHeader(protectedHeader).sign(key.privateKey);
+  const signingInput = `${b64(protectedHeader)}.${b64(payload)}`;
+  const signature = cryptoSign('sha256', Buffer.from(signingInput), KeyObject.from(key.privateKey)).toString('base64url');
+  return `${signingInput}.${signature}`;
 }
 
 async function test(req, res, path) {

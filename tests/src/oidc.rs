@@ -77,9 +77,31 @@ pub async fn mint(
     claims: &Value,
     kid: Option<&str>,
 ) -> anyhow::Result<String> {
+    mint_request(
+        issuer,
+        &serde_json::json!({ "mode": mode, "claims": claims, "kid": kid }),
+    )
+    .await
+}
+
+/// A token signed with the provider's current key whose JOSE header has `header`'s fields
+/// added (such as `crit`).
+pub async fn mint_with_header(
+    issuer: &str,
+    claims: &Value,
+    header: &Value,
+) -> anyhow::Result<String> {
+    mint_request(
+        issuer,
+        &serde_json::json!({ "mode": "sign", "claims": claims, "header": header }),
+    )
+    .await
+}
+
+async fn mint_request(issuer: &str, request: &Value) -> anyhow::Result<String> {
     let body: Value = reqwest::Client::new()
         .post(format!("{issuer}/__test/mint"))
-        .json(&serde_json::json!({ "mode": mode, "claims": claims, "kid": kid }))
+        .json(request)
         .send()
         .await?
         .error_for_status()?

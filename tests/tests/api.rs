@@ -684,7 +684,7 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
     let issuer = &env.provider.issuer;
     let good = as_user(env, "alice").await?;
     assert_eq!(good.get("/api/v1/me").await?.0, StatusCode::OK);
-    let alice = json!({"sub": "alice", "email": "alice@example.com", "groups": ["team-x"]});
+    let alice = json!({"sub": "alice", "email": "alice@example.com", "email_verified": true, "groups": ["team-x"]});
     let with = |change: Value| {
         let mut claims = alice.clone();
         for (k, v) in change.as_object().unwrap() {
@@ -738,6 +738,42 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
             None,
             StatusCode::UNAUTHORIZED,
             "missing_claim",
+        ),
+        (
+            "sign",
+            with(json!({"email_verified": false})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unverified_email",
+        ),
+        (
+            "sign",
+            with(json!({"email_verified": null})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unverified_email",
+        ),
+        (
+            "sign",
+            with(json!({"email": "al\tice@example.com"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "bad_user_claim",
+        ),
+        (
+            "sign",
+            with(json!({"email": ".\t."})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "bad_user_claim",
+        ),
+        // Shaped like an ID token (the nonce of a login), for the API's audience.
+        (
+            "sign",
+            with(json!({"nonce": "n-0S6_WzA2Mj"})),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "id_token_as_bearer",
         ),
         (
             "none",
@@ -1508,6 +1544,251 @@ async fn a_provider_outage_is_reported_clearly() -> anyhow::Result<()> {
     assert_eq!(
         (status, reason(&body)),
         (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable"),
+        "{body}"
+    );
+    Ok(())
+}
+
+/// Issue 16, items 1 and 2: what the demo let through. A token for alice's address that the
+/// provider never verified, and one whose e-mail is `al<TAB>ice@...` (which the URL parser
+/// made alice's folder), both reach nothing; the same token with alice's verified address
+/// reads her history (so the refusals are about the identity, not the route).
+#[tokio::test]
+async fn unverified_or_unprintable_identities_reach_no_ones_images() -> anyhow::Result<()> {
+    let env = env().await;
+    let images = format!("/api/v1/tenants/{}/images", env.x);
+    let as_claims = |claims: Value| {
+        let images = images.clone();
+        async move {
+            let token = oidc::mint(&env.provider.issuer, "sign", &claims, None).await?;
+            Bearer::new(&env.api.url, &token).get(&images).await
+        }
+    };
+    let alice = |email: &str, verified: Value| json!({"sub": "mallory", "email": email, "email_verified": verified, "groups": ["team-x"]});
+    let (status, page) = as_claims(alice("alice@example.com", json!(true))).await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page["images"][0]["metadata"]["prompt"], "alice's secret fox",
+        "{page}"
+    );
+    for (claims, expected) in [
+        (alice("alice@example.com", json!(false)), "unverified_email"),
+        (alice("alice@example.com", Value::Null), "unverified_email"),
+        (alice("al\tice@example.com", json!(true)), "bad_user_claim"),
+        (alice("alice@example.com\n", json!(true)), "bad_user_claim"),
+        (alice(".\t.", json!(true)), "bad_user_claim"),
+    ] {
+        let (status, body) = as_claims(claims.clone()).await?;
+        assert_eq!(
+            (status, reason(&body)),
+            (StatusCode::UNAUTHORIZED, expected),
+            "{claims}: {body}"
+        );
+        assert!(!body.to_string().contains("secret fox"));
+    }
+    // An admin cannot name such a user either.
+    let carol = as_user(env, "carol").await?;
+    let (status, body) = carol
+        .get(&format!(
+            "{images}?user={}",
+            query_value("al\tice@example.com")
+        ))
+        .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    Ok(())
+}
+
+fn query_value(value: &str) -> String {
+    reqwest::Url::parse_with_params("http://x/", &[("v", value)])
+        .unwrap()
+        .query()
+        .unwrap()
+        .trim_start_matches("v=")
+        .to_string()
+}
+
+/// Issue 16, item 1 at the browser login: the provider says the address is unverified.
+#[tokio::test]
+async fn an_unverified_email_cannot_log_in() -> anyhow::Result<()> {
+    let env = env().await;
+    let mut browser = Browser::new();
+    let (form_url, _) = browser
+        .navigate(&format!("{}/auth/login", env.api.url), None)
+        .await?;
+    let (landed, _) = browser
+        .sign_in(&form_url, "mallory@example.com", "mallory-pw", None)
+        .await?;
+    assert!(landed.ends_with("/?error=unverified_email"), "{landed}");
+    env.api
+        .expect_audit(
+            json!({"action": "login", "outcome": "failure", "reason": "unverified_email"}),
+        )
+        .await?;
+    let session: Value = browser
+        .send(
+            reqwest::Method::GET,
+            &format!("{}/auth/session", env.api.url),
+            None,
+            HeaderMap::new(),
+        )
+        .await?
+        .json()
+        .await?;
+    assert_eq!(session["authenticated"], false, "{session}");
+    Ok(())
+}
+
+/// Issue 16, items 4 and 7: a token with critical header extensions is refused (RFC 7515),
+/// and so is a token for the API's audience that carries ID-token claims.
+#[tokio::test]
+async fn critical_headers_and_id_tokens_are_refused() -> anyhow::Result<()> {
+    let env = env().await;
+    let claims = json!({"sub": "alice", "email": "alice@example.com", "email_verified": true, "groups": ["team-x"]});
+    let issuer = &env.provider.issuer;
+    let plain = oidc::mint_with_header(issuer, &claims, &json!({})).await?;
+    let (status, body) = Bearer::new(&env.api.url, &plain).get("/api/v1/me").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let critical =
+        oidc::mint_with_header(issuer, &claims, &json!({"crit": ["exp"], "exp": 0})).await?;
+    let (status, body) = Bearer::new(&env.api.url, &critical)
+        .get("/api/v1/me")
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::UNAUTHORIZED, "critical_header"),
+        "{body}"
+    );
+    let mut id_token = claims.clone();
+    id_token["at_hash"] = json!("77QmUPtjPfzWtF2AnpK9RQ");
+    let id_token = oidc::mint(issuer, "sign", &id_token, None).await?;
+    let (status, body) = Bearer::new(&env.api.url, &id_token)
+        .get("/api/v1/me")
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::UNAUTHORIZED, "id_token_as_bearer"),
+        "{body}"
+    );
+    env.api
+        .expect_audit(
+            json!({"action": "authenticate", "outcome": "denied", "reason": "id_token_as_bearer"}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Issue 16, item 6: with `--trusted-proxy-header`, the header counts only on connections from
+/// `--trusted-proxy-cidrs`; from a trusted proxy, a missing or garbage header is no address.
+/// Two API processes of their own: one whose proxies are elsewhere (so this test's connection
+/// from 127.0.0.1 is a pod talking to the API directly), one that trusts 127.0.0.0/8.
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() -> anyhow::Result<()> {
+    let env = env().await;
+    let cluster = TestCluster::shared().await;
+    let client = cluster.client().await;
+    let (office, loopback) = (unique_name("api-office"), unique_name("api-loop"));
+    for (name, cidrs) in [
+        (&office, json!(["192.0.2.0/24"])),
+        (&loopback, json!(["127.0.0.0/8"])),
+    ] {
+        let tenant: Tenant = serde_json::from_value(json!({
+            "apiVersion": "atelier.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": name},
+            "spec": {"members": [{"group": "team-x", "role": "user"}], "allowedSourceCidrs": cidrs},
+        }))?;
+        Api::<Tenant>::all(client.clone())
+            .create(&PostParams::default(), &tenant)
+            .await?;
+    }
+    let token = access_token(env, "alice").await?;
+    let (office_name, loopback_name) = (office.as_str(), loopback.as_str());
+    let me = |api: &str, forwarded: Option<&str>| {
+        let request = reqwest::Client::new()
+            .get(format!("{api}/api/v1/me"))
+            .bearer_auth(&token);
+        let request = match forwarded {
+            Some(value) => request.header("x-forwarded-for", value),
+            None => request,
+        };
+        async move {
+            let me: Value = request.send().await?.error_for_status()?.json().await?;
+            let allowed = |tenant: &str| {
+                me["tenants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t["name"] == tenant)
+                    .map(|t| t["sourceAllowed"].clone())
+            };
+            anyhow::Ok((allowed(office_name), allowed(loopback_name)))
+        }
+    };
+    let trust_elsewhere = ApiProcess::start(
+        cluster,
+        &env.dir,
+        free_port(),
+        &env.provider.issuer,
+        &[
+            "--trusted-proxy-header",
+            "X-Forwarded-For",
+            "--trusted-proxy-cidrs",
+            "10.99.0.0/16",
+        ],
+    )
+    .await?;
+    wait_for(
+        "the API to see the new tenants",
+        DEFAULT_TIMEOUT,
+        || async {
+            let seen = me(&trust_elsewhere.url, None).await?;
+            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        me(&trust_elsewhere.url, Some("192.0.2.7")).await?,
+        (Some(json!(false)), Some(json!(true))),
+        "a forged header from a peer that is no proxy changes nothing"
+    );
+    let trust_loopback = ApiProcess::start(
+        cluster,
+        &env.dir,
+        free_port(),
+        &env.provider.issuer,
+        &[
+            "--trusted-proxy-header",
+            "X-Forwarded-For",
+            "--trusted-proxy-cidrs",
+            "127.0.0.0/8",
+        ],
+    )
+    .await?;
+    wait_for(
+        "the API to see the new tenants",
+        DEFAULT_TIMEOUT,
+        || async {
+            let seen = me(&trust_loopback.url, None).await?;
+            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        me(&trust_loopback.url, Some("6.6.6.6, 192.0.2.7")).await?,
+        (Some(json!(true)), Some(json!(false))),
+        "the proxy's entry counts"
+    );
+    for missing in [None, Some("garbage")] {
+        assert_eq!(
+            me(&trust_loopback.url, missing).await?,
+            (Some(json!(false)), Some(json!(false))),
+            "{missing:?} from the proxy: no address, so no restricted tenant (not the proxy's own address)"
+        );
+    }
+    let (status, body) = Bearer::new(&trust_loopback.url, &token)
+        .get(&format!("/api/v1/tenants/{loopback}/images"))
+        .await?;
+    assert_eq!(
+        (status, reason(&body)),
+        (StatusCode::FORBIDDEN, "SourceNotAllowed"),
         "{body}"
     );
     Ok(())

@@ -333,6 +333,50 @@ async fn the_schema_refuses_typos_and_missing_required_values() -> anyhow::Resul
         unsafe_replicas.is_err(),
         "two replicas without leader election are refused"
     );
+    // Issue 16, item 4: ID tokens carry the client id as audience.
+    let id_token_audience = template(
+        "atelier",
+        "atelier-system",
+        &default,
+        &["--set", "api.oidc.audience=atelier"],
+    )
+    .await;
+    let message = format!(
+        "{:#}",
+        id_token_audience.expect_err("the client id as API audience is refused")
+    );
+    ensure!(
+        message.contains("api.oidc.audience must differ from api.oidc.clientId"),
+        "{message}"
+    );
+    let no_audience = template(
+        "atelier",
+        "atelier-system",
+        &default,
+        &["--set", "api.oidc.audience="],
+    )
+    .await;
+    let message = format!("{:#}", no_audience.expect_err("the audience is required"));
+    ensure!(
+        message.contains("api.oidc.audience is required"),
+        "{message}"
+    );
+    // Issue 16, item 6: a proxy header believed from anyone would let any pod pick its address.
+    let header_from_anyone = template(
+        "atelier",
+        "atelier-system",
+        &default,
+        &["--set", "api.trustedProxyHeader=X-Forwarded-For"],
+    )
+    .await;
+    let message = format!(
+        "{:#}",
+        header_from_anyone.expect_err("the header needs the proxies' CIDRs")
+    );
+    ensure!(
+        message.contains("api.trustedProxyCidrs is required"),
+        "{message}"
+    );
     Ok(())
 }
 

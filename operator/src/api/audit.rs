@@ -61,8 +61,9 @@ impl<'a> Event<'a> {
         self
     }
 
-    pub fn client(mut self, client: IpAddr) -> Self {
-        self.client = Some(client);
+    /// The client's address; `None` when a trusted proxy did not say (logged as absent).
+    pub fn client(mut self, client: Option<IpAddr>) -> Self {
+        self.client = client;
         self
     }
 

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use atelier_crds::{Role, Tenant, TenantSpec};
 use ipnet::IpNet;
 
+use crate::api::auth::client::unmapped;
+
 /// A caller, as established from a validated token or a login session. Never from a header
 /// or a form field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,14 +53,13 @@ pub fn tenant_role(
 
 /// Whether `client` may use a tenant restricted to `cidrs` (an empty list allows everyone).
 /// Malformed entries match nothing, so a typo closes access rather than opening it.
-pub fn source_allowed(cidrs: &[String], client: IpAddr) -> bool {
+pub fn source_allowed(cidrs: &[String], client: Option<IpAddr>) -> bool {
     if cidrs.is_empty() {
         return true;
     }
-    // An IPv4 client reaching a dual-stack socket shows up as ::ffff:a.b.c.d.
-    let client = match client {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
-        v4 => v4,
+    // An unknown address (a trusted proxy that did not say) is admitted by no restriction.
+    let Some(client) = client.map(unmapped) else {
+        return false;
     };
     cidrs.iter().any(|cidr| {
         cidr.parse::<IpNet>()
@@ -238,8 +239,13 @@ mod tests {
 
     #[test]
     fn source_networks() {
-        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let v4: Option<IpAddr> = "10.1.2.3".parse().ok();
         assert!(source_allowed(&[], v4));
+        assert!(source_allowed(&[], None));
+        assert!(
+            !source_allowed(&["0.0.0.0/0".into()], None),
+            "an unknown address passes no restriction"
+        );
         assert!(source_allowed(&["10.0.0.0/8".into()], v4));
         assert!(!source_allowed(&["192.168.0.0/16".into()], v4));
         assert!(source_allowed(
@@ -250,11 +256,11 @@ mod tests {
             !source_allowed(&["not a cidr".into()], v4),
             "malformed entries match nothing"
         );
-        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        let mapped: Option<IpAddr> = "::ffff:10.1.2.3".parse().ok();
         assert!(source_allowed(&["10.0.0.0/8".into()], mapped));
         assert!(source_allowed(
             &["2001:db8::/32".into()],
-            "2001:db8::1".parse().unwrap()
+            "2001:db8::1".parse().ok()
         ));
     }
 

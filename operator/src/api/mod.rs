@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod streams;
 pub mod tenants;
 pub mod web;
 
@@ -29,6 +30,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ipnet::IpNet;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
@@ -36,8 +38,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use self::auth::claims::ClaimNames;
-use self::auth::jwt::{JwtValidator, TokenRules};
+use self::auth::client::ProxyTrust;
+use self::auth::jwt::{JwtValidator, TokenRules, check_audience};
 use self::auth::oidc::{DiscoveredJwks, Oidc, OidcSettings};
+use self::auth::pending::PendingLogins;
 use self::auth::session::SessionStore;
 use self::error::ApiError;
 use self::metrics::Metrics;
@@ -63,7 +67,8 @@ pub struct ApiArgs {
     /// OAuth client secret (confidential client); prefer the environment variable.
     #[arg(long, env = "ATELIER_OIDC_CLIENT_SECRET", hide_env_values = true)]
     pub client_secret: Option<String>,
-    /// Expected `aud` of bearer access tokens.
+    /// Expected `aud` of bearer access tokens: the API's own audience (resource) at the
+    /// provider, never the login client's id (ID tokens carry that).
     #[arg(long, env = "ATELIER_API_AUDIENCE")]
     pub audience: String,
     /// External base URL of the API (for redirect URIs), e.g. `https://atelier.example.com`.
@@ -80,8 +85,21 @@ pub struct ApiArgs {
     pub platform_admin_group: Option<String>,
     /// Header carrying the client address set by a trusted reverse proxy (e.g.
     /// `X-Forwarded-For`); without it the peer address is used.
-    #[arg(long, env = "ATELIER_TRUSTED_PROXY_HEADER")]
+    #[arg(
+        long,
+        env = "ATELIER_TRUSTED_PROXY_HEADER",
+        requires = "trusted_proxy_cidrs"
+    )]
     pub trusted_proxy_header: Option<HeaderName>,
+    /// Addresses of the reverse proxies (comma-separated CIDRs): only their connections'
+    /// `--trusted-proxy-header` is believed.
+    #[arg(
+        long,
+        env = "ATELIER_TRUSTED_PROXY_CIDRS",
+        value_delimiter = ',',
+        requires = "trusted_proxy_header"
+    )]
+    pub trusted_proxy_cidrs: Vec<IpNet>,
     /// Session cookies without `Secure` (plain-http local development only).
     #[arg(long, env = "ATELIER_INSECURE_COOKIES")]
     pub insecure_cookies: bool,
@@ -106,7 +124,9 @@ pub struct ApiArgs {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub secure_cookies: bool,
-    pub trusted_proxy_header: Option<HeaderName>,
+    /// Where the page is served; login return targets must stay on its origin.
+    pub public_url: reqwest::Url,
+    pub proxy: ProxyTrust,
     pub platform_admin_group: Option<String>,
 }
 
@@ -118,6 +138,8 @@ pub struct AppState {
     pub oidc: Arc<Oidc>,
     pub tokens: JwtValidator<DiscoveredJwks>,
     pub sessions: SessionStore,
+    pub pending_logins: PendingLogins,
+    pub streams: streams::StreamSlots,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
     /// Client for the tenants' outputs and inference pods.
@@ -128,6 +150,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(args: &ApiArgs, kube: kube::Client) -> anyhow::Result<Self> {
+        check_audience(&args.audience, &args.client_id).map_err(anyhow::Error::msg)?;
         let public_url = args.public_url.trim_end_matches('/').to_string();
         let claims = ClaimNames {
             user: args.user_claim.clone(),
@@ -160,12 +183,18 @@ impl AppState {
             kube,
             settings: Settings {
                 secure_cookies: !args.insecure_cookies,
-                trusted_proxy_header: args.trusted_proxy_header.clone(),
+                public_url: reqwest::Url::parse(&format!("{public_url}/"))?,
+                proxy: ProxyTrust {
+                    header: args.trusted_proxy_header.clone(),
+                    proxies: args.trusted_proxy_cidrs.clone(),
+                },
                 platform_admin_group: args.platform_admin_group.clone(),
             },
             tokens: JwtValidator::new(rules, DiscoveredJwks(oidc.clone())),
             oidc,
             sessions: SessionStore::default(),
+            pending_logins: PendingLogins::default(),
+            streams: streams::StreamSlots::default(),
             limiter: RateLimiter::per_minute(args.rate_limit_per_minute),
             metrics: Metrics::default(),
             http: reqwest::Client::builder()
@@ -316,4 +345,41 @@ async fn shutdown() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ApiArgs;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ApiArgs, clap::Error> {
+        let required = [
+            "api",
+            "--issuer-url=https://idp.example.com",
+            "--client-id=atelier",
+            "--audience=https://atelier.example.com/api",
+            "--public-url=https://atelier.example.com",
+        ];
+        Command::try_parse_from(required.iter().chain(extra)).map(|command| command.api)
+    }
+
+    #[test]
+    fn a_proxy_header_needs_the_proxies_addresses() {
+        assert!(parse(&["--trusted-proxy-header=X-Forwarded-For"]).is_err());
+        assert!(parse(&["--trusted-proxy-cidrs=10.0.0.0/8"]).is_err());
+        let args = parse(&[
+            "--trusted-proxy-header=X-Forwarded-For",
+            "--trusted-proxy-cidrs=10.0.0.0/8,192.0.2.1/32",
+        ])
+        .unwrap();
+        assert_eq!(args.trusted_proxy_cidrs.len(), 2);
+        assert!(parse(&[]).unwrap().trusted_proxy_cidrs.is_empty());
+    }
 }

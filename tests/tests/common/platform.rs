@@ -24,6 +24,9 @@ pub fn users() -> Value {
         }
         user
     };
+    // An address the provider never verified: no identity with the default user claim.
+    let mut mallory = user("mallory", Some(&["team-x"]));
+    mallory["email_verified"] = json!(false);
     json!([
         user("alice", Some(&["team-x"])),
         user("bob", Some(&["team-x"])),
@@ -33,6 +36,7 @@ pub fn users() -> Value {
         user("frank", None),
         user("gina", Some(&["team-q"])),
         user("hank", Some(&["team-x"])),
+        mallory,
     ])
 }
 

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use super::claims::{ClaimNames, identity_from_claims};
+use super::claims::{ClaimError, ClaimNames, identity_from_claims};
 use crate::api::authz::Identity;
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -48,6 +48,16 @@ pub enum TokenError {
     WrongAudience,
     #[error("the token lacks the required claim {0:?}")]
     MissingClaim(String),
+    /// The claims name no acceptable user.
+    #[error("{0}")]
+    BadIdentity(ClaimError),
+    /// An ID token (it proves a login to the client it was issued to, and travels through
+    /// browsers and logout URLs) is no credential for the API.
+    #[error("the token is an ID token; send an access token issued for the API")]
+    IdToken,
+    /// RFC 7515 §4.1.11: a token that needs header extensions this API does not implement.
+    #[error("the token's header lists critical extensions this API does not understand: {0:?}")]
+    CriticalHeader(Vec<String>),
     /// The JWKS could not be fetched: a provider outage, not the caller's fault.
     #[error("the identity provider's keys cannot be fetched: {0}")]
     KeysUnavailable(String),
@@ -65,6 +75,9 @@ impl TokenError {
             TokenError::WrongIssuer => "wrong_issuer",
             TokenError::WrongAudience => "wrong_audience",
             TokenError::MissingClaim(_) => "missing_claim",
+            TokenError::BadIdentity(error) => error.reason(),
+            TokenError::IdToken => "id_token_as_bearer",
+            TokenError::CriticalHeader(_) => "critical_header",
             TokenError::KeysUnavailable(_) => "keys_unavailable",
         }
     }
@@ -112,6 +125,12 @@ struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+    /// Present at all (even empty, which RFC 7515 forbids) means refused: no extension is
+    /// understood here.
+    #[serde(default)]
+    crit: Option<Vec<String>>,
 }
 
 impl<S: JwksSource> JwtValidator<S> {
@@ -131,6 +150,9 @@ impl<S: JwksSource> JwtValidator<S> {
     /// Validates `token` and returns the caller it names.
     pub async fn validate(&self, token: &str) -> Result<Identity, TokenError> {
         let header = raw_header(token)?;
+        if let Some(crit) = header.crit {
+            return Err(TokenError::CriticalHeader(crit));
+        }
         // Refused outright: `none` has no signature and HMAC would use a public key as secret.
         if header.alg == "none" || header.alg.starts_with("HS") {
             return Err(TokenError::UnsupportedAlgorithm(header.alg));
@@ -144,8 +166,11 @@ impl<S: JwksSource> JwtValidator<S> {
             }
             match self.check(token, &key) {
                 Ok(claims) => {
+                    if is_id_token(header.typ.as_deref(), &claims) {
+                        return Err(TokenError::IdToken);
+                    }
                     return identity_from_claims(&claims, &self.rules.claims)
-                        .map_err(TokenError::MissingClaim);
+                        .map_err(TokenError::BadIdentity);
                 }
                 Err(error) => last_error = error,
             }
@@ -256,6 +281,40 @@ impl<S: JwksSource> JwtValidator<S> {
             }
         }
     }
+}
+
+/// Whether a validly signed token for our audience is an ID token rather than an access token.
+/// An RFC 9068 access token (`typ: at+jwt`) is not. Otherwise the claims that only ID tokens
+/// carry give it away: `nonce`, `at_hash`, `c_hash` (OpenID Connect Core §2, §3.3.2.11), and
+/// Keycloak's `typ: "ID"`. The API audience differing from the login client's id
+/// ([`check_audience`]) keeps the API's own ID tokens out already; this also refuses an ID
+/// token of a client registered under the API's audience.
+pub fn is_id_token(header_typ: Option<&str>, claims: &Map<String, Value>) -> bool {
+    let access_token_typ = header_typ.is_some_and(|typ| {
+        typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt")
+    });
+    if access_token_typ {
+        return false;
+    }
+    ["nonce", "at_hash", "c_hash"]
+        .iter()
+        .any(|claim| claims.contains_key(*claim))
+        || claims.get("typ").and_then(Value::as_str) == Some("ID")
+}
+
+/// The API audience must not be the login client's id: the provider puts the client id in the
+/// `aud` of every ID token it issues for the page, so such an audience would accept them.
+pub fn check_audience(audience: &str, client_id: &str) -> Result<(), String> {
+    if audience.trim().is_empty() {
+        return Err("--audience (ATELIER_API_AUDIENCE) is empty".into());
+    }
+    if audience == client_id {
+        return Err(format!(
+            "--audience {audience:?} equals --client-id: ID tokens would pass as API access tokens; \
+             register a dedicated API audience (resource) at the provider"
+        ));
+    }
+    Ok(())
 }
 
 /// The JOSE name of an algorithm (the variant names are exactly those).

@@ -7,23 +7,26 @@
 //! Failures are answered 401 (403 for a CSRF failure), counted by reason and audited.
 
 pub mod claims;
+pub mod client;
 pub mod jwt;
 pub mod oidc;
+pub mod pending;
 pub mod session;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use self::jwt::TokenError;
-use self::session::{PENDING_TTL, SESSION_TTL, Session};
+use self::pending::PENDING_TTL;
+use self::session::{SESSION_TTL, Session};
 use super::AppState;
 use super::audit::{Event, Outcome};
 use super::authz::Identity;
@@ -36,8 +39,11 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub identity: Identity,
-    /// The client's address: the peer, or the trusted proxy header's when configured.
-    pub client: IpAddr,
+    /// The client's address (see [`client::ProxyTrust`]); `None` when a trusted proxy did not
+    /// say.
+    pub client: Option<IpAddr>,
+    /// The browser session the request came with; `None` for bearer tokens.
+    pub session: Option<String>,
 }
 
 impl Caller {
@@ -53,16 +59,20 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let client = client_address(parts, state.settings.trusted_proxy_header.as_ref());
+        let client = state.settings.proxy.client_of(parts);
         match authenticate(parts, state).await {
-            Ok(identity) => {
+            Ok((identity, session)) => {
                 if let Err(retry_after_seconds) = state.limiter.check(&identity.user) {
                     state.metrics.rate_limited.inc();
                     return Err(ApiError::RateLimited {
                         retry_after_seconds,
                     });
                 }
-                Ok(Caller { identity, client })
+                Ok(Caller {
+                    identity,
+                    client,
+                    session,
+                })
             }
             Err(error) => {
                 state.metrics.auth_failure(error.reason());
@@ -77,7 +87,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, ApiError> {
+/// The caller's identity, and the session id when it came with a cookie.
+async fn authenticate(
+    parts: &Parts,
+    state: &AppState,
+) -> Result<(Identity, Option<String>), ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         let token = value
             .to_str()
@@ -94,7 +108,8 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, ApiEr
                     "expected `Authorization: Bearer <token>`",
                 )
             })?;
-        return state.tokens.validate(token).await.map_err(token_error);
+        let identity = state.tokens.validate(token).await.map_err(token_error)?;
+        return Ok((identity, None));
     }
     let Some(id) = session::cookie_value(&parts.headers, state.settings.secure_cookies) else {
         return Err(ApiError::unauthenticated(
@@ -121,7 +136,7 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, ApiEr
             ));
         }
     }
-    Ok(session.identity)
+    Ok((session.identity, Some(id)))
 }
 
 fn token_error(error: TokenError) -> ApiError {
@@ -134,49 +149,32 @@ fn token_error(error: TokenError) -> ApiError {
     }
 }
 
-/// The client's address. A proxy header is believed only when `--trusted-proxy-header` names
-/// it, and then its right-most entry: the one our own proxy appended (entries to its left come
-/// from the client and may be forged).
-pub fn client_address(parts: &Parts, trusted_header: Option<&HeaderName>) -> IpAddr {
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
-    trusted_header
-        .and_then(|name| forwarded_client(&parts.headers, name))
-        .unwrap_or(peer)
-}
-
-fn forwarded_client(headers: &HeaderMap, name: &HeaderName) -> Option<IpAddr> {
-    let last = headers.get_all(name).iter().next_back()?.to_str().ok()?;
-    let entry = last.rsplit(',').next()?.trim();
-    entry
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| entry.parse::<SocketAddr>().ok().map(|address| address.ip()))
-        .or_else(|| {
-            entry
-                .trim_start_matches('[')
-                .split(']')
-                .next()?
-                .parse()
-                .ok()
-        })
-}
-
 #[derive(Deserialize)]
 pub struct LoginQuery {
     #[serde(rename = "returnTo")]
     return_to: Option<String>,
 }
 
-/// Only local paths: an open redirect would let a phishing link bounce through our login.
-fn local_path(path: Option<String>) -> String {
-    match path {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
-            path
-        }
-        _ => "/".to_string(),
+/// Where to send the browser after login: `requested` resolved against the public URL, when
+/// it stays on the public URL's origin; else the page. An open redirect would let a phishing
+/// link bounce through our login. The result is absolute: a path alone such as `//evil` (what
+/// `/.//evil` resolves to) would leave the origin. White space and control characters are
+/// refused before parsing, since browsers drop them (`/\t/evil.example.com` is `//evil...`).
+fn return_target(public_url: &reqwest::Url, requested: Option<&str>) -> String {
+    let home = public_url.as_str().to_string();
+    let Some(requested) = requested else {
+        return home;
+    };
+    if requested
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+        || requested.contains('\\')
+    {
+        return home;
+    }
+    match public_url.join(requested) {
+        Ok(target) if target.origin() == public_url.origin() => target.to_string(),
+        _ => home,
     }
 }
 
@@ -193,17 +191,25 @@ fn with_cookie(mut response: Response, cookie: String) -> Response {
 /// `GET /auth/login`: starts the authorization-code flow.
 pub async fn login(State(state): State<Arc<AppState>>, parts: Parts) -> Response {
     let query: Option<Query<LoginQuery>> = Query::try_from_uri(&parts.uri).ok();
-    let return_to = local_path(query.and_then(|Query(q)| q.return_to));
-    let client = client_address(&parts, state.settings.trusted_proxy_header.as_ref());
+    let requested = query.and_then(|Query(q)| q.return_to);
+    let return_to = return_target(&state.settings.public_url, requested.as_deref());
+    let client = state.settings.proxy.client_of(&parts);
     match state.oidc.begin(return_to).await {
-        Ok((url, pending)) => match state.sessions.start_login(pending) {
+        Ok((url, pending)) => match state.pending_logins.start(client, pending) {
             Ok(id) => {
                 let cookie =
                     session::set_cookie(state.settings.secure_cookies, Some(&id), PENDING_TTL);
                 with_cookie(Redirect::to(&url).into_response(), cookie)
             }
-            Err(full) => {
-                ApiError::unavailable("too_many_sessions", full.to_string()).into_response()
+            Err(pending::TooManyFromClient) => {
+                Event::new("login", Outcome::Denied)
+                    .client(client)
+                    .reason("too_many_logins")
+                    .emit();
+                ApiError::RateLimited {
+                    retry_after_seconds: PENDING_TTL.as_secs(),
+                }
+                .into_response()
             }
         },
         Err(error) => {
@@ -228,7 +234,7 @@ pub struct CallbackQuery {
 
 /// `GET /auth/callback`: the provider sends the browser back here with a code.
 pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Response {
-    let client = client_address(&parts, state.settings.trusted_proxy_header.as_ref());
+    let client = state.settings.proxy.client_of(&parts);
     let secure = state.settings.secure_cookies;
     let fail = |reason: &str, detail: &str| {
         tracing::info!(reason, detail, "login failed");
@@ -244,7 +250,7 @@ pub async fn callback(State(state): State<Arc<AppState>>, parts: Parts) -> Respo
         return fail("malformed_callback", "unparsable query");
     };
     let pending =
-        session::cookie_value(&parts.headers, secure).and_then(|id| state.sessions.take_login(&id));
+        session::cookie_value(&parts.headers, secure).and_then(|id| state.pending_logins.take(&id));
     let Some(pending) = pending else {
         return fail("no_login_in_progress", "no pending login for this browser");
     };
@@ -339,7 +345,7 @@ pub async fn logout(
     parts: Parts,
     body: axum::body::Bytes,
 ) -> Response {
-    let client = client_address(&parts, state.settings.trusted_proxy_header.as_ref());
+    let client = state.settings.proxy.client_of(&parts);
     let secure = state.settings.secure_cookies;
     let Some(id) = session::cookie_value(&parts.headers, secure) else {
         return Redirect::to("/").into_response();
@@ -393,49 +399,36 @@ fn parse_logout_form(body: &[u8]) -> LogoutForm {
 mod tests {
     use super::*;
 
-    fn parts(headers: &[(&str, &str)]) -> Parts {
-        let mut request = axum::http::Request::builder().uri("/api/v1/me");
-        for (name, value) in headers {
-            request = request.header(*name, *value);
+    #[test]
+    fn return_targets_stay_on_the_public_origin() {
+        let public: reqwest::Url = "https://atelier.example.com/".parse().unwrap();
+        let home = "https://atelier.example.com/";
+        let target = |requested: &str| return_target(&public, Some(requested));
+        assert_eq!(
+            target("/?tenant=x"),
+            "https://atelier.example.com/?tenant=x"
+        );
+        assert_eq!(target("/a/b#c"), "https://atelier.example.com/a/b#c");
+        assert_eq!(return_target(&public, None), home);
+        for hostile in [
+            "//evil.example.com",
+            "https://evil.example.com",
+            "/\\evil.example.com",
+            "/\t/evil.example.com",
+            "/\n/evil.example.com",
+            " //evil.example.com",
+            "\u{0}//evil.example.com",
+            "http://atelier.example.com/",
+            "https://atelier.example.com:444/",
+            "javascript:alert(1)",
+        ] {
+            assert_eq!(target(hostile), home, "{hostile:?}");
         }
-        let (mut parts, ()) = request.body(()).unwrap().into_parts();
-        parts
-            .extensions
-            .insert(ConnectInfo("10.0.0.9:4000".parse::<SocketAddr>().unwrap()));
-        parts
-    }
-
-    #[test]
-    fn proxy_headers_count_only_when_trusted() {
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let forged = parts(&[("x-forwarded-for", "6.6.6.6, 192.0.2.7")]);
+        // Resolves to the path `//evil.example.com`: only safe as an absolute URL.
         assert_eq!(
-            client_address(&forged, None),
-            "10.0.0.9".parse::<IpAddr>().unwrap()
+            target("/.//evil.example.com"),
+            "https://atelier.example.com//evil.example.com"
         );
-        assert_eq!(
-            client_address(&forged, Some(&xff)),
-            "192.0.2.7".parse::<IpAddr>().unwrap()
-        );
-        let with_port = parts(&[("x-forwarded-for", "[2001:db8::1]:443")]);
-        assert_eq!(
-            client_address(&with_port, Some(&xff)),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
-        );
-        let garbage = parts(&[("x-forwarded-for", "nonsense")]);
-        assert_eq!(
-            client_address(&garbage, Some(&xff)),
-            "10.0.0.9".parse::<IpAddr>().unwrap()
-        );
-    }
-
-    #[test]
-    fn return_paths_stay_local() {
-        assert_eq!(local_path(Some("/?tenant=x".into())), "/?tenant=x");
-        assert_eq!(local_path(Some("//evil.example.com".into())), "/");
-        assert_eq!(local_path(Some("https://evil.example.com".into())), "/");
-        assert_eq!(local_path(Some("/\\evil.example.com".into())), "/");
-        assert_eq!(local_path(None), "/");
     }
 
     #[test]

@@ -28,9 +28,9 @@ use serde_json::{Map, Value};
 use tokio::sync::RwLock;
 use tokio::time::Instant;
 
-use super::claims::{ClaimNames, identity_from_claims};
+use super::claims::{ClaimError, ClaimNames, identity_from_claims};
 use super::jwt::JwksSource;
-use super::session::PendingLogin;
+use super::pending::PendingLogin;
 use crate::api::authz::Identity;
 
 /// Metadata (and the JWKS fetched with it for ID tokens) is re-discovered after this long.
@@ -92,8 +92,8 @@ pub enum LoginError {
     StateMismatch,
     #[error("the ID token is invalid: {0}")]
     InvalidIdToken(String),
-    #[error("the identity provider did not provide the claim {0:?}")]
-    MissingClaim(String),
+    #[error("{0}")]
+    BadIdentity(ClaimError),
 }
 
 impl LoginError {
@@ -103,7 +103,7 @@ impl LoginError {
             LoginError::Refused(_) => "provider_refused",
             LoginError::StateMismatch => "state_mismatch",
             LoginError::InvalidIdToken(_) => "invalid_id_token",
-            LoginError::MissingClaim(_) => "missing_claim",
+            LoginError::BadIdentity(error) => error.reason(),
         }
     }
 }
@@ -290,7 +290,7 @@ impl Oidc {
             }
         }
         let identity = identity_from_claims(&merged, &self.settings.claims)
-            .map_err(LoginError::MissingClaim)?;
+            .map_err(LoginError::BadIdentity)?;
         Ok(LoggedIn {
             identity,
             id_token: id_token.to_string(),

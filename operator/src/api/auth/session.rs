@@ -16,20 +16,9 @@ use crate::api::authz::Identity;
 
 /// How long a login may last.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
-/// How long a started login may take at the provider.
-pub const PENDING_TTL: Duration = Duration::from_secs(10 * 60);
-/// Bound on stored sessions, so that anonymous login starts cannot exhaust memory.
+/// Bound on stored sessions. Only a finished login at the provider creates one (logins in
+/// progress are in [`PendingLogins`](super::pending::PendingLogins)).
 const MAX_SESSIONS: usize = 100_000;
-
-/// A login in progress: what the callback needs to finish it.
-#[derive(Clone, Debug)]
-pub struct PendingLogin {
-    pub state: String,
-    pub nonce: String,
-    pub pkce_verifier: String,
-    /// Local path to return to after login.
-    pub return_to: String,
-}
 
 /// A logged-in browser.
 #[derive(Clone, Debug)]
@@ -41,15 +30,9 @@ pub struct Session {
     pub id_token: Option<String>,
 }
 
-#[derive(Clone, Debug)]
-enum Entry {
-    Pending(PendingLogin),
-    Active(Session),
-}
-
 #[derive(Default)]
 pub struct SessionStore {
-    entries: Mutex<HashMap<String, (Instant, Entry)>>,
+    entries: Mutex<HashMap<String, (Instant, Session)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,56 +45,8 @@ pub fn random_token() -> String {
 }
 
 impl SessionStore {
-    /// Stores a login in progress and returns the id for the cookie.
-    pub fn start_login(&self, pending: PendingLogin) -> Result<String, StoreFull> {
-        self.insert(Entry::Pending(pending), PENDING_TTL)
-    }
-
-    /// Takes (removes) the login in progress under `id`: each is finished at most once.
-    pub fn take_login(&self, id: &str) -> Option<PendingLogin> {
-        let mut entries = self.entries.lock().expect("session lock");
-        match entries.remove(id) {
-            Some((expires, Entry::Pending(pending))) if expires > Instant::now() => Some(pending),
-            Some((expires, entry @ Entry::Active(_))) => {
-                // Not a login in progress: leave the session alone.
-                entries.insert(id.to_string(), (expires, entry));
-                None
-            }
-            _ => None,
-        }
-    }
-
     /// Stores a new session under a new id (never the login's, against session fixation).
     pub fn create(&self, session: Session) -> Result<String, StoreFull> {
-        self.insert(Entry::Active(session), SESSION_TTL)
-    }
-
-    pub fn get(&self, id: &str) -> Option<Session> {
-        let entries = self.entries.lock().expect("session lock");
-        match entries.get(id) {
-            Some((expires, Entry::Active(session))) if *expires > Instant::now() => {
-                Some(session.clone())
-            }
-            _ => None,
-        }
-    }
-
-    pub fn remove(&self, id: &str) -> Option<Session> {
-        match self.entries.lock().expect("session lock").remove(id) {
-            Some((_, Entry::Active(session))) => Some(session),
-            _ => None,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.lock().expect("session lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn insert(&self, entry: Entry, ttl: Duration) -> Result<String, StoreFull> {
         let now = Instant::now();
         let mut entries = self.entries.lock().expect("session lock");
         if entries.len() >= MAX_SESSIONS / 2 {
@@ -121,8 +56,29 @@ impl SessionStore {
             return Err(StoreFull);
         }
         let id = random_token();
-        entries.insert(id.clone(), (now + ttl, entry));
+        entries.insert(id.clone(), (now + SESSION_TTL, session));
         Ok(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Session> {
+        let entries = self.entries.lock().expect("session lock");
+        match entries.get(id) {
+            Some((expires, session)) if *expires > Instant::now() => Some(session.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Session> {
+        let removed = self.entries.lock().expect("session lock").remove(id);
+        removed.map(|(_, session)| session)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("session lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -188,25 +144,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn sessions_expire_and_logins_finish_once() {
+    async fn sessions_expire() {
         let store = SessionStore::default();
-        let pending = PendingLogin {
-            state: "s".into(),
-            nonce: "n".into(),
-            pkce_verifier: "v".into(),
-            return_to: "/".into(),
-        };
-        let login = store.start_login(pending).unwrap();
-        assert!(
-            store.get(&login).is_none(),
-            "a login in progress is no session"
-        );
-        assert_eq!(store.take_login(&login).unwrap().state, "s");
-        assert!(store.take_login(&login).is_none(), "a login finishes once");
-
         let id = store.create(session("alice")).unwrap();
-        assert_ne!(id, login);
-        assert!(store.take_login(&id).is_none());
         assert_eq!(store.get(&id).unwrap().identity.user, "alice");
         tokio::time::advance(SESSION_TTL).await;
         assert!(store.get(&id).is_none());

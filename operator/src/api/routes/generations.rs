@@ -27,6 +27,7 @@ use crate::api::audit::{Event, Outcome};
 use crate::api::auth::Caller;
 use crate::api::authz;
 use crate::api::error::{ApiError, ApiResult, ErrorBody};
+use crate::api::streams;
 
 /// What a caller may ask for. The user is not a field: it comes from the token.
 #[derive(Deserialize, ToSchema, Debug, Clone, Default)]
@@ -441,6 +442,7 @@ pub async fn cancel(
     responses(
         (status = 200, description = "text/event-stream of JobView", content_type = "text/event-stream", body = JobView),
         (status = 404, description = "No such job, or not the caller's", body = ErrorBody),
+        (status = 409, description = "The caller holds the most event streams one user may", body = ErrorBody),
     ),
     security(("bearer" = []), ("session" = []))
 )]
@@ -451,19 +453,27 @@ pub async fn events(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let access = tenant_access(&state, &caller, &tenant, "read").await?;
     let job = visible_job(&state, &caller, &access, &name, "read").await?;
+    let slot = state
+        .streams
+        .acquire(caller.user())
+        .map_err(|too_many| ApiError::Conflict(too_many.to_string()))?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<SseEvent>(16);
     let api = jobs(&state, &access.namespace);
+    let session_ended = streams::session_ended(state.clone(), caller.session.clone());
     tokio::spawn(async move {
+        let _slot = slot;
         let first = JobView::new(&job, &tenant);
         if sender.send(job_event(&first)).await.is_err() || job.phase().is_finished() {
             return;
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut changes = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut session_ended = std::pin::pin!(session_ended);
         let mut last = first;
         loop {
             let change = tokio::select! {
                 () = sender.closed() => return,
+                () = &mut session_ended => return,
                 change = changes.next() => change,
             };
             let job = match change {

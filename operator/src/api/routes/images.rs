@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use atelier_crds::names::{HTTP_PORT_NAME, OUTPUTS};
+use atelier_crds::names::{HTTP_PORT_NAME, OUTPUTS, user_name_problem};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -95,6 +95,11 @@ fn history_user<'a>(
     access: &TenantAccess,
     requested: Option<&'a str>,
 ) -> ApiResult<&'a str> {
+    if let Some(problem) = requested.and_then(user_name_problem) {
+        return Err(ApiError::InvalidRequest(format!(
+            "`user` {problem}: not a user id"
+        )));
+    }
     authz::target_user(access.role, caller.user(), requested)
         .map_err(|message| super::deny(caller, &access.name, "images", "AdminRequired", message))
 }
@@ -117,18 +122,31 @@ async fn outputs_url(
             ),
         ));
     };
-    let mut url = reqwest::Url::parse(&format!("http://{}/", endpoint.address))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    {
-        let mut segments = url
-            .path_segments_mut()
-            .map_err(|()| ApiError::Internal("bad base URL".into()))?;
-        segments.extend(["v1", "outputs", user]);
-        if let Some(file) = file {
-            segments.push(file);
+    reqwest::Url::parse(&format!(
+        "http://{}{}",
+        endpoint.address,
+        outputs_path(user, file)
+    ))
+    .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// `/v1/outputs/<user>[/<file>]`, every byte of `user` outside the URL-safe set
+/// percent-encoded here: the URL parser would drop `.`/`..` segments and strip TAB, CR and LF,
+/// so two users could share a path. `file` is an output file name ([`is_output_file`]).
+fn outputs_path(user: &str, file: Option<&str>) -> String {
+    let mut path = String::from("/v1/outputs/");
+    for byte in user.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~@".contains(&byte) {
+            path.push(char::from(byte));
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
         }
     }
-    Ok(url)
+    if let Some(file) = file {
+        path.push('/');
+        path.push_str(file);
+    }
+    path
 }
 
 fn unreachable(error: reqwest::Error) -> ApiError {
@@ -266,6 +284,42 @@ pub async fn file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_paths_keep_users_apart() {
+        assert_eq!(
+            outputs_path("alice@example.com", Some("x.png")),
+            "/v1/outputs/alice@example.com/x.png"
+        );
+        // Pairs that the URL parser would make one path: each stays its own after parsing.
+        let pairs = [
+            ("alice@example.com", "al\tice@example.com"),
+            ("alice@example.com", "alice@example.com\n"),
+            ("alice@example.com", "al\r\nice@example.com"),
+            ("alice@example.com", "alice%40example.com"),
+            ("alice", "alice/."),
+            ("bob", "alice/../bob"),
+            ("a", ".\t."),
+            ("a b", "a+b"),
+        ];
+        let parsed = |user: &str| {
+            reqwest::Url::parse(&format!(
+                "http://198.18.0.1:8080{}",
+                outputs_path(user, None)
+            ))
+            .unwrap()
+            .path()
+            .to_string()
+        };
+        for (one, other) in pairs {
+            assert_ne!(parsed(one), parsed(other), "{one:?} and {other:?}");
+            assert_eq!(
+                parsed(other).matches('/').count(),
+                3,
+                "{other:?} stays one segment"
+            );
+        }
+    }
 
     #[test]
     fn only_output_file_names_pass() {

@@ -73,10 +73,15 @@ pub async fn tenant_access(
         ));
     };
     if !authz::source_allowed(&found.spec.allowed_source_cidrs, caller.client) {
-        let message = format!(
-            "tenant {tenant:?} does not accept requests from your network ({})",
-            caller.client
-        );
+        let message = match caller.client {
+            Some(client) => {
+                format!("tenant {tenant:?} does not accept requests from your network ({client})")
+            }
+            None => format!(
+                "tenant {tenant:?} accepts requests only from some networks, and the proxy in \
+                 front of the API did not say which one yours is"
+            ),
+        };
         return Err(deny(caller, tenant, action, "SourceNotAllowed", &message));
     }
     Ok(TenantAccess {

@@ -31,11 +31,14 @@ const USERS_KEY: &str = "users.json";
 const MAX_PER_SCOPE: usize = 50;
 /// Keeps the ConfigMap well below Kubernetes' 1 MiB object limit.
 const MAX_STORED_BYTES: usize = 512 * 1024;
+/// One user's share of [`MAX_STORED_BYTES`] (serialized), so that one member cannot fill the
+/// tenant's storage alone.
+const MAX_USER_BYTES: usize = 24 * 1024;
 const WRITE_ATTEMPTS: usize = 8;
 
 /// Saved generation parameters; every field optional.
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, Default, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PresetParams {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
@@ -67,7 +70,27 @@ pub struct Presets {
     pub mine: Vec<Preset>,
 }
 
-type Named = BTreeMap<String, PresetParams>;
+/// A preset as stored, or as sent: the parameters this API knows, and the fields it does not.
+/// Stored data keeps unknown fields (written by a newer API, or by hand) through rewrites;
+/// a request that sends any is refused ([`parse_body`]).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct PresetRecord {
+    #[serde(flatten)]
+    pub params: PresetParams,
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<PresetParams> for PresetRecord {
+    fn from(params: PresetParams) -> Self {
+        Self {
+            params,
+            unknown: serde_json::Map::new(),
+        }
+    }
+}
+
+type Named = BTreeMap<String, PresetRecord>;
 
 /// The stored presets of one ConfigMap.
 #[derive(Default, Debug, PartialEq)]
@@ -77,17 +100,27 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn from_config_map(map: Option<&ConfigMap>) -> Self {
+    /// The presets in the ConfigMap (none when there is none). Stored data that does not parse
+    /// is an error naming the key, never an empty store: the next write would replace
+    /// everyone's presets with it.
+    pub fn from_config_map(map: Option<&ConfigMap>) -> Result<Self, String> {
         let data = map.and_then(|map| map.data.as_ref());
         let read = |key: &str| {
             data.and_then(|data| data.get(key))
-                .map(String::as_str)
-                .unwrap_or("{}")
+                .map_or("{}", String::as_str)
         };
-        Self {
-            tenant: serde_json::from_str(read(TENANT_KEY)).unwrap_or_default(),
-            users: serde_json::from_str(read(USERS_KEY)).unwrap_or_default(),
-        }
+        let unreadable = |key: &str, error: serde_json::Error| {
+            format!(
+                "the stored presets (ConfigMap {CONFIG_MAP}, key {key}) cannot be read: {error}; \
+                 an administrator must repair or remove the key"
+            )
+        };
+        Ok(Self {
+            tenant: serde_json::from_str(read(TENANT_KEY))
+                .map_err(|error| unreadable(TENANT_KEY, error))?,
+            users: serde_json::from_str(read(USERS_KEY))
+                .map_err(|error| unreadable(USERS_KEY, error))?,
+        })
     }
 
     pub fn to_data(&self) -> Result<BTreeMap<String, String>, String> {
@@ -107,9 +140,9 @@ impl Store {
         let list = |named: &Named| {
             named
                 .iter()
-                .map(|(name, params)| Preset {
+                .map(|(name, record)| Preset {
                     name: name.clone(),
-                    params: params.clone(),
+                    params: record.params.clone(),
                 })
                 .collect()
         };
@@ -154,7 +187,19 @@ pub fn apply(
             if !named.contains_key(name) && named.len() >= MAX_PER_SCOPE {
                 return Err(format!("at most {MAX_PER_SCOPE} presets"));
             }
-            named.insert(name.to_string(), params);
+            let previous = named.insert(name.to_string(), params.into());
+            let over_share = scope == Scope::Mine && serialized_len(named) > MAX_USER_BYTES;
+            if over_share {
+                match previous {
+                    Some(previous) => named.insert(name.to_string(), previous),
+                    None => named.remove(name),
+                };
+                store.users.retain(|_, named| !named.is_empty());
+                return Err(format!(
+                    "your presets would take more than {} KiB; delete some first",
+                    MAX_USER_BYTES / 1024
+                ));
+            }
         }
         None => {
             named.remove(name);
@@ -162,6 +207,11 @@ pub fn apply(
     }
     store.users.retain(|_, named| !named.is_empty());
     Ok(())
+}
+
+/// Bytes of `named` as stored (these types always serialize).
+fn serialized_len(named: &Named) -> usize {
+    serde_json::to_string(named).map_or(usize::MAX, |json| json.len())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -188,7 +238,7 @@ async fn change(
     let api = config_maps(state, access);
     for attempt in 1..=WRITE_ATTEMPTS {
         let current = api.get_opt(CONFIG_MAP).await?;
-        let mut store = Store::from_config_map(current.as_ref());
+        let mut store = Store::from_config_map(current.as_ref()).map_err(ApiError::Internal)?;
         apply(&mut store, scope, caller.user(), name, params.clone())
             .map_err(ApiError::InvalidRequest)?;
         let data = store.to_data().map_err(ApiError::Conflict)?;
@@ -249,16 +299,23 @@ pub async fn list(
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "presets").await?;
     let current = config_maps(&state, &access).get_opt(CONFIG_MAP).await?;
-    Ok(Json(
-        Store::from_config_map(current.as_ref()).view(caller.user()),
-    ))
+    let store = Store::from_config_map(current.as_ref()).map_err(ApiError::Internal)?;
+    Ok(Json(store.view(caller.user())))
 }
 
+/// The parameters of a request; a field this API does not know is refused by name.
 fn parse_body(
-    body: Result<Json<PresetParams>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PresetRecord>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<PresetParams> {
-    body.map(|Json(params)| params)
-        .map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))
+    let Json(record) = body.map_err(|rejection| ApiError::InvalidRequest(rejection.body_text()))?;
+    if !record.unknown.is_empty() {
+        let names: Vec<&str> = record.unknown.keys().map(String::as_str).collect();
+        return Err(ApiError::InvalidRequest(format!(
+            "unknown preset field(s): {}",
+            names.join(", ")
+        )));
+    }
+    Ok(record.params)
 }
 
 /// Save one of my presets
@@ -273,7 +330,7 @@ pub async fn save_mine(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((tenant, name)): Path<(String, String)>,
-    body: Result<Json<PresetParams>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PresetRecord>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "preset_save").await?;
     let params = parse_body(body)?;
@@ -312,7 +369,7 @@ pub async fn save_tenant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((tenant, name)): Path<(String, String)>,
-    body: Result<Json<PresetParams>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PresetRecord>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<Presets>> {
     let access = tenant_access(&state, &caller, &tenant, "preset_save").await?;
     access.require_admin(&caller, "preset_save")?;
@@ -382,7 +439,7 @@ mod tests {
             data: Some(store.to_data().unwrap()),
             ..ConfigMap::default()
         };
-        assert_eq!(Store::from_config_map(Some(&map)), store);
+        assert_eq!(Store::from_config_map(Some(&map)).unwrap(), store);
 
         apply(&mut store, Scope::Mine, "alice", "fast", None).unwrap();
         assert!(
@@ -410,6 +467,87 @@ mod tests {
             apply(&mut store, Scope::Mine, "dave", "p0", Some(params(2))).is_ok(),
             "replacing is fine"
         );
-        assert!(serde_json::from_str::<PresetParams>(r#"{"user": "bob"}"#).is_err());
+        let sent: PresetRecord = serde_json::from_str(r#"{"steps": 4, "user": "bob"}"#).unwrap();
+        assert!(
+            parse_body(Ok(Json(sent))).is_err(),
+            "requests name no unknown field"
+        );
+    }
+
+    fn config_map(tenant: &str, users: &str) -> ConfigMap {
+        ConfigMap {
+            data: Some(
+                [
+                    (TENANT_KEY.to_string(), tenant.to_string()),
+                    (USERS_KEY.to_string(), users.to_string()),
+                ]
+                .into(),
+            ),
+            ..ConfigMap::default()
+        }
+    }
+
+    #[test]
+    fn unreadable_stored_presets_are_an_error_not_an_empty_store() {
+        let alices = r#"{"alice": {"fast": {"steps": 4}}}"#;
+        let broken = config_map("{}", r#"{"alice": {"fast": {"steps": "four"}}}"#);
+        let error = Store::from_config_map(Some(&broken)).unwrap_err();
+        assert!(error.contains("users.json"), "{error}");
+        let error = Store::from_config_map(Some(&config_map("[", alices))).unwrap_err();
+        assert!(error.contains("tenant.json"), "{error}");
+        assert!(Store::from_config_map(None).unwrap().users.is_empty());
+    }
+
+    #[test]
+    fn stored_unknown_fields_survive_a_rewrite() {
+        let map = config_map(
+            r#"{"house": {"steps": 28, "sampler": "euler"}}"#,
+            r#"{"alice": {"fast": {"steps": 4, "loraScale": 0.5}}}"#,
+        );
+        let mut store = Store::from_config_map(Some(&map)).unwrap();
+        assert_eq!(store.view("alice").mine[0].params, params(4));
+        apply(&mut store, Scope::Mine, "bob", "slow", Some(params(50))).unwrap();
+        let written = store.to_data().unwrap();
+        assert!(
+            written[TENANT_KEY].contains(r#""sampler":"euler""#),
+            "{written:?}"
+        );
+        assert!(
+            written[USERS_KEY].contains(r#""loraScale":0.5"#),
+            "{written:?}"
+        );
+    }
+
+    #[test]
+    fn one_user_cannot_take_the_whole_store() {
+        let mut store = Store::default();
+        let long = |n: usize| PresetParams {
+            prompt: Some(format!("{n} {}", "x".repeat(1900))),
+            ..PresetParams::default()
+        };
+        let mut saved = 0;
+        while apply(
+            &mut store,
+            Scope::Mine,
+            "mallory",
+            &format!("p{saved}"),
+            Some(long(saved)),
+        )
+        .is_ok()
+        {
+            saved += 1;
+        }
+        assert!(
+            saved < MAX_PER_SCOPE,
+            "the byte share ends it before the count"
+        );
+        let json = serde_json::to_string(&store.users["mallory"]).unwrap();
+        assert!(json.len() <= MAX_USER_BYTES);
+        let failed_name = format!("p{saved}");
+        assert!(
+            !store.users["mallory"].contains_key(&failed_name),
+            "a refused save leaves nothing"
+        );
+        apply(&mut store, Scope::Mine, "alice", "mine", Some(long(0))).unwrap();
     }
 }

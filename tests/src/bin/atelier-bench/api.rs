@@ -188,7 +188,7 @@ pub async fn run(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let claims = json!({
-        "sub": "user0", "email": "user0@example.com", "groups": [USERS_GROUP],
+        "sub": "user0", "email": "user0@example.com", "email_verified": true, "groups": [USERS_GROUP],
         "iat": now, "exp": now + 3600,
     });
     let token = oidc::mint(&provider.issuer, "sign", &claims, None).await?;

@@ -69,7 +69,7 @@ fn now() -> i64 {
 fn good_claims() -> Value {
     json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": "u-alice", "email": "alice@example.com",
-        "groups": ["team-x"], "iat": now(), "exp": now() + 300,
+        "email_verified": true, "groups": ["team-x"], "iat": now(), "exp": now() + 300,
     })
 }
 
@@ -149,7 +149,30 @@ async fn every_failed_check_has_its_reason() {
         ),
         (
             with_claims(|c| drop(c.remove("email"))),
-            TokenError::MissingClaim("email".into()),
+            TokenError::BadIdentity(ClaimError::Missing("email".into())),
+        ),
+        (
+            with_claims(|c| drop(c.insert("email_verified".into(), json!(false)))),
+            TokenError::BadIdentity(ClaimError::UnverifiedEmail),
+        ),
+        (
+            with_claims(|c| drop(c.insert("email".into(), json!("al\tice@example.com")))),
+            TokenError::BadIdentity(ClaimError::BadUserName {
+                claim: "email".into(),
+                problem: "contains white space",
+            }),
+        ),
+        (
+            with_claims(|c| drop(c.insert("nonce".into(), json!("n-1")))),
+            TokenError::IdToken,
+        ),
+        (
+            with_claims(|c| drop(c.insert("at_hash".into(), json!("x")))),
+            TokenError::IdToken,
+        ),
+        (
+            with_claims(|c| drop(c.insert("typ".into(), json!("ID")))),
+            TokenError::IdToken,
         ),
     ];
     for (claims, expected) in cases {
@@ -299,4 +322,68 @@ async fn an_unreachable_provider_is_not_the_callers_fault() {
         .await
         .unwrap_err();
     assert_eq!(error.reason(), "keys_unavailable");
+}
+
+/// A token with a hand-made JOSE header (fields `Header` does not have).
+fn sign_with_header(key_der: &str, header: &Value, claims: &Value) -> String {
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(key_der)
+        .unwrap();
+    let input = format!("{}.{}", b64(header), b64(claims));
+    let signature = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &EncodingKey::from_ed_der(&der),
+        Algorithm::EdDSA,
+    )
+    .unwrap();
+    format!("{input}.{signature}")
+}
+
+#[tokio::test]
+async fn critical_header_extensions_are_refused() {
+    let v = validator(
+        TestSource::new(vec![jwk("a", PUB_A)]),
+        Duration::from_secs(300),
+    );
+    let plain = json!({"alg": "EdDSA", "kid": "a"});
+    assert!(
+        v.validate(&sign_with_header(KEY_A, &plain, &good_claims()))
+            .await
+            .is_ok()
+    );
+    for crit in [json!(["b64"]), json!(["exp"]), json!([])] {
+        let header = json!({"alg": "EdDSA", "kid": "a", "crit": crit, "b64": true, "exp": 1});
+        let error = v
+            .validate(&sign_with_header(KEY_A, &header, &good_claims()))
+            .await
+            .unwrap_err();
+        assert_eq!(error.reason(), "critical_header", "{header}");
+    }
+}
+
+#[tokio::test]
+async fn an_rfc_9068_access_token_is_no_id_token() {
+    let v = validator(
+        TestSource::new(vec![jwk("a", PUB_A)]),
+        Duration::from_secs(300),
+    );
+    let claims = with_claims(|c| drop(c.insert("nonce".into(), json!("n-1"))));
+    let access = json!({"alg": "EdDSA", "kid": "a", "typ": "at+jwt"});
+    assert!(
+        v.validate(&sign_with_header(KEY_A, &access, &claims))
+            .await
+            .is_ok()
+    );
+    let id = json!({"alg": "EdDSA", "kid": "a", "typ": "JWT"});
+    assert_eq!(
+        v.validate(&sign_with_header(KEY_A, &id, &claims)).await,
+        Err(TokenError::IdToken)
+    );
+}
+
+#[test]
+fn the_api_audience_is_not_the_login_client() {
+    assert!(check_audience("https://atelier.example.com/api", "atelier").is_ok());
+    assert!(check_audience("atelier", "atelier").is_err());
+    assert!(check_audience(" ", "atelier").is_err());
 }
