@@ -1,7 +1,8 @@
 //! Developer tool for the model side, driven by inference/parity/run.sh and
 //! inference/bench/bench.sh:
 //!
-//! - `tiny`: write a random-weight model directory (tiny, or the mid-size bench preset);
+//! - `tiny`: write a random-weight model directory (tiny, the mid-size bench preset, or
+//!   FLUX.1-dev's full size) in the published file layouts;
 //! - `dump`: run one prompt through both schedules and write every intermediate the
 //!   diffusers side needs (token ids, text states, noise, sigmas, latents, images);
 //! - `bench`: time denoising steps of a model and print them as JSON.
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use atelier_inference::model::flux_keys::Layout;
 use atelier_inference::model::schedule::Schedule;
 use atelier_inference::pipeline::{GenerateRequest, Pipeline, Placement, Precision};
 use atelier_inference::tiny::{TinyModelOptions, make_tiny_model};
@@ -28,6 +30,78 @@ struct Cli {
 enum Preset {
     Tiny,
     Bench,
+    #[value(name = "flux1-dev")]
+    Flux1Dev,
+}
+
+/// How the BFL single-file transformer stores its linear weights.
+#[derive(Clone, Copy, ValueEnum)]
+enum TransformerWeights {
+    Bf16,
+    Fp8,
+    /// float8 e4m3 with per-tensor `scale_weight` (ComfyUI's scaled fp8).
+    Fp8Scaled,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CheckpointLayout {
+    Bfl,
+    Diffusers,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TextDtype {
+    Bf16,
+    Fp8,
+}
+
+#[derive(clap::Args)]
+struct TinyArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "tiny")]
+    preset: Preset,
+    #[arg(long, value_enum, default_value = "bf16")]
+    transformer: TransformerWeights,
+    /// Which files the manifest names; diffusers leaves the BFL files out.
+    #[arg(long, value_enum, default_value = "bfl")]
+    layout: CheckpointLayout,
+    #[arg(long, value_enum, default_value = "bf16")]
+    text_dtype: TextDtype,
+    /// Also write the diffusers layout (transformer/, vae/, scheduler/, model_index.json).
+    #[arg(long)]
+    diffusers_copy: bool,
+}
+
+impl TinyArgs {
+    fn options(&self) -> TinyModelOptions {
+        let preset = match self.preset {
+            Preset::Tiny => TinyModelOptions::tiny(),
+            Preset::Bench => TinyModelOptions::bench(),
+            Preset::Flux1Dev => TinyModelOptions::flux1_dev(),
+        };
+        let (transformer_dtype, scaled_fp8) = match self.transformer {
+            TransformerWeights::Bf16 => (DType::BF16, false),
+            TransformerWeights::Fp8 => (DType::F8E4M3, false),
+            TransformerWeights::Fp8Scaled => (DType::F8E4M3, true),
+        };
+        TinyModelOptions {
+            transformer_dtype,
+            scaled_fp8,
+            text_dtype: match self.text_dtype {
+                TextDtype::Bf16 => DType::BF16,
+                TextDtype::Fp8 => DType::F8E4M3,
+            },
+            layout: match self.layout {
+                CheckpointLayout::Bfl => Layout::Bfl,
+                CheckpointLayout::Diffusers => Layout::Diffusers,
+            },
+            diffusers_copy: self.diffusers_copy,
+            ..preset
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -62,17 +136,7 @@ impl RequestArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    Tiny {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, value_enum, default_value = "tiny")]
-        preset: Preset,
-        /// Also write the transformer in the diffusers layout.
-        #[arg(long)]
-        diffusers_copy: bool,
-    },
+    Tiny(TinyArgs),
     Dump {
         #[arg(long)]
         model: PathBuf,
@@ -198,24 +262,8 @@ fn bench(model: PathBuf, precision: Precision, args: &RequestArgs) -> anyhow::Re
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Tiny {
-            out,
-            seed,
-            preset,
-            diffusers_copy,
-        } => {
-            let options = match preset {
-                Preset::Tiny => TinyModelOptions::tiny(),
-                Preset::Bench => TinyModelOptions::bench(),
-            };
-            make_tiny_model(
-                &out,
-                seed,
-                &TinyModelOptions {
-                    diffusers_copy,
-                    ..options
-                },
-            )?;
+        Command::Tiny(args) => {
+            make_tiny_model(&args.out, args.seed, &args.options())?;
             Ok(())
         }
         Command::Dump {

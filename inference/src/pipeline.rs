@@ -20,12 +20,13 @@ use candle_transformers::models::t5;
 use serde::{Deserialize, Serialize};
 
 use crate::model::flux::{Flux, FluxConfig, Rope};
-use crate::model::flux_keys::{self, Layout};
+use crate::model::flux_keys;
 use crate::model::image::encode_png;
 use crate::model::manifest::{Manifest, Variant};
 use crate::model::noise;
 use crate::model::text::{self, TextEncoders, Tokenizers};
 use crate::model::vae::{self, VaeDecoder};
+use crate::model::vae_keys;
 use crate::model::weights::{self, SafetensorsFiles, TensorMap};
 
 /// Largest accepted width or height, in pixels.
@@ -223,8 +224,11 @@ struct HostWeights {
 
 impl HostWeights {
     fn read(model_dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Self, Error> {
-        let transformer =
-            read_transformer(&model_dir.join(&manifest.transformer.weights), precision)?;
+        let transformer = flux_keys::read_transformer(
+            &[model_dir.join(&manifest.transformer.weights)],
+            precision.storage_dtype(),
+            &manifest.transformer.config,
+        )?;
         // Text encoders and VAE are held in the dtype they compute in where they mostly
         // run: bf16 when a GPU is present (halving T5-XXL's 19 GB), f32 on CPU-only hosts,
         // where the models then share the host copies instead of converting them.
@@ -242,7 +246,7 @@ impl HostWeights {
         };
         Ok(Self {
             transformer,
-            vae: read(std::slice::from_ref(&manifest.vae.weights), &decoder)?,
+            vae: vae_keys::to_bfl(read(std::slice::from_ref(&manifest.vae.weights), &decoder)?)?,
             t5: read(&manifest.t5.weights, &all)?,
             clip: read(&manifest.clip.weights, &all)?,
         })
@@ -253,23 +257,6 @@ impl HostWeights {
             .into_iter()
             .map(weights::byte_size)
             .sum()
-    }
-}
-
-/// Reads a transformer file in either key layout into BFL names, with linear weights in the
-/// precision's storage dtype and the small tensors (biases, norm scales) in bf16.
-fn read_transformer(path: &Path, precision: Precision) -> Result<TensorMap, Error> {
-    let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
-    let select = flux_keys::transformer_key_selector(&files.names());
-    let map = files.read(select, |name, tensor| {
-        match tensor.rank() == 2 && name.ends_with(".weight") {
-            true => precision.storage_dtype(),
-            false => DType::BF16,
-        }
-    })?;
-    match flux_keys::detect_layout(&map)? {
-        Layout::Bfl => Ok(map),
-        Layout::Diffusers => flux_keys::diffusers_to_bfl(map),
     }
 }
 

@@ -8,8 +8,10 @@ pub mod linear;
 pub mod manifest;
 pub mod noise;
 pub mod schedule;
+pub mod spiece;
 pub mod text;
 pub mod vae;
+pub mod vae_keys;
 pub mod weights;
 
 /// The largest absolute difference between two tensors of one shape, for tests against

@@ -22,6 +22,7 @@ use tokenizers::{
 };
 
 use crate::model::manifest::{ClipFiles, T5Files};
+use crate::model::spiece::SentencePieceModel;
 use crate::model::weights::TensorMap;
 use crate::pipeline::Error;
 
@@ -193,7 +194,11 @@ impl Tokenizers {
             let path = model_dir.join(file);
             Tokenizer::from_file(&path).map_err(|e| tokenizer_error(&path.display().to_string(), e))
         };
-        let mut t5_tokenizer = from_json(&t5.tokenizer)?;
+        // `spiece.model` alone (as some T5 directories ship) or `tokenizer.json`.
+        let mut t5_tokenizer = match t5.tokenizer.ends_with(".model") {
+            true => SentencePieceModel::read(&model_dir.join(&t5.tokenizer))?.t5_tokenizer()?,
+            false => from_json(&t5.tokenizer)?,
+        };
         let pad_token = t5_tokenizer.id_to_token(t5_pad_id).unwrap_or_default();
         // Flux pads T5 prompts to a fixed length and attends to the padding (no mask).
         t5_tokenizer
