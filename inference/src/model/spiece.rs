@@ -191,7 +191,7 @@ impl SentencePieceModel {
 
     /// T5's fast tokenizer, as `T5Converter` builds it from this model.
     pub fn t5_tokenizer(&self) -> Result<Tokenizer, Error> {
-        let error = |e: Box<dyn std::error::Error + Send + Sync>| {
+        let error = |e: &dyn std::fmt::Display| {
             Error::Tokenizer(format!("building the T5 tokenizer from SentencePiece: {e}"))
         };
         let mut vocab: Vec<(String, f64)> = self
@@ -210,7 +210,7 @@ impl SentencePieceModel {
             .position(|p| p.piece == "</s>")
             .ok_or_else(|| Error::Tokenizer("SentencePiece model has no </s>".into()))?;
         let mut tokenizer =
-            Tokenizer::new(Unigram::from(vocab, Some(self.unk_id), false).map_err(error)?);
+            Tokenizer::new(Unigram::from(vocab, Some(self.unk_id), false).map_err(|e| error(&e))?);
         let specials = self
             .pieces
             .iter()
@@ -218,12 +218,8 @@ impl SentencePieceModel {
             .map(|p| p.piece.as_str())
             .chain(extra.iter().map(String::as_str));
         tokenizer
-            .add_special_tokens(
-                &specials
-                    .map(|s| AddedToken::from(s, true))
-                    .collect::<Vec<_>>(),
-            )
-            .map_err(error)?;
+            .add_special_tokens(specials.map(|s| AddedToken::from(s, true)))
+            .map_err(|e| error(&e))?;
         let mut normalizers = Vec::new();
         if !self.precompiled_charsmap.is_empty() {
             let precompiled = Precompiled::from(&self.precompiled_charsmap)
@@ -233,7 +229,7 @@ impl SentencePieceModel {
         normalizers.push(Strip::new(false, true).into());
         normalizers.push(
             Replace::new(ReplacePattern::Regex(" {2,}".into()), "▁")
-                .map_err(error)?
+                .map_err(|e| error(&e))?
                 .into(),
         );
         let prepend = match self.add_dummy_prefix {
@@ -242,18 +238,18 @@ impl SentencePieceModel {
         };
         tokenizer
             .with_normalizer(Some(Sequence::new(normalizers)))
-            .map_err(error)?
+            .map_err(|e| error(&e))?
             .with_pre_tokenizer(Some(Metaspace::new('▁', prepend, true)))
             .with_decoder(Some(Metaspace::new('▁', prepend, true)))
             .with_post_processor(Some(
                 TemplateProcessing::builder()
                     .try_single("$A </s>")
-                    .map_err(|e| error(e.into()))?
+                    .map_err(|e| error(&e))?
                     .try_pair("$A </s> $B </s>")
-                    .map_err(|e| error(e.into()))?
+                    .map_err(|e| error(&e))?
                     .special_tokens(vec![("</s>", eos as u32)])
                     .build()
-                    .map_err(|e| error(e.into()))?,
+                    .map_err(|e| error(&e))?,
             ));
         Ok(tokenizer)
     }

@@ -19,9 +19,10 @@ fn module_pairs(levels: usize, res_blocks: usize) -> Vec<(String, String)> {
         pair(format!("{side}.conv_out"), format!("{side}.conv_out"));
         pair(format!("{side}.norm_out"), format!("{side}.conv_norm_out"));
         for (bfl, diffusers) in [("block_1", "resnets.0"), ("block_2", "resnets.1")] {
-            pair(
-                format!("{side}.mid.{bfl}"),
-                format!("{side}.mid_block.{diffusers}"),
+            resnet_pairs(
+                &mut pair,
+                &format!("{side}.mid.{bfl}"),
+                &format!("{side}.mid_block.{diffusers}"),
             );
         }
         let attn = format!("{side}.mid_block.attentions.0");

@@ -56,9 +56,11 @@ impl Draw {
         self.std
     }
 
-    fn chunk(&self, index: usize) -> Vec<f32> {
+    /// The first `len` values of chunk `index` (a prefix of the same stream whatever `len`,
+    /// so small tensors do not pay for whole chunks).
+    fn chunk(&self, index: usize, len: usize) -> Vec<f32> {
         let seed = noise::named_seed(self.seed, &index.to_string());
-        noise::standard_normal(seed, CHUNK)
+        noise::standard_normal(seed, len)
             .into_iter()
             .map(|v| self.offset + self.std * v)
             .collect()
@@ -67,7 +69,7 @@ impl Draw {
     /// Values `range` of the drawn tensor, in f32 (for tests and small tensors).
     pub fn values(&self, range: Range<usize>) -> Vec<f32> {
         pieces(std::slice::from_ref(&range))
-            .flat_map(|(chunk, within)| self.chunk(chunk)[within].to_vec())
+            .flat_map(|(chunk, within)| self.chunk(chunk, within.end)[within].to_vec())
             .collect()
     }
 }
@@ -214,7 +216,7 @@ pub fn write_safetensors(
                     let encoded: Vec<Vec<u8>> = batch
                         .par_iter()
                         .map(|(chunk, within)| {
-                            let values = draw.chunk(*chunk)[within.clone()]
+                            let values = draw.chunk(*chunk, within.end)[within.clone()]
                                 .iter()
                                 .map(|v| v / divisor)
                                 .collect();
