@@ -185,7 +185,13 @@ fn diffusers_vae_equals_ae_safetensors_in_bf16() {
         .iter()
         .map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap()))
         .collect();
-    let diffusers = vae_keys::to_bfl(read(DIFFUSERS_VAE)).unwrap();
+    let raw = read(DIFFUSERS_VAE);
+    // diffusers numbers the decoder's levels from the bottom: its first up block is BFL's
+    // last level, the one with an upsampler; the mid-block attention is linear.
+    assert!(raw.contains_key("decoder.up_blocks.0.upsamplers.0.conv.weight"));
+    assert!(!raw.contains_key("decoder.up_blocks.3.upsamplers.0.conv.weight"));
+    assert_eq!(raw["decoder.mid_block.attentions.0.to_q.weight"].rank(), 2);
+    let diffusers = vae_keys::to_bfl(raw).unwrap();
     assert_same_tensors(&ae_bf16, &diffusers, "vae");
 }
 
@@ -283,6 +289,7 @@ fn t5_tokenizer_from_spiece_model_alone_gives_the_same_ids() {
         "a photo of a red cat",
         "  The   CITY at night, 42 dogs!  ",
         "portrait of a woman with green light",
+        "naïve Ünïcode façade",
     ];
     let ids = |dir: &Path| {
         let pipeline = Pipeline::load(dir, Precision::Bf16).unwrap();
