@@ -305,7 +305,7 @@ pub fn diffusers_parts(
             parts.push(DiffusersPart {
                 name: diffusers.clone(),
                 bfl: name.clone(),
-                rows: vec![start..start + size],
+                rows: std::iter::once(start..start + size).collect(),
             });
             start += size;
         }

@@ -41,7 +41,10 @@ const SCALED_FP8_MARKER: &str = "scaled_fp8";
 
 /// Replaces each index file by the shards it names (relative to the index), and returns the
 /// tensor names the indexes promise.
-fn expand_indexes(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<(PathBuf, ShardIndex)>), Error> {
+/// Each index file with what it promises.
+type Indexes = Vec<(PathBuf, ShardIndex)>;
+
+fn expand_indexes(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Indexes), Error> {
     let mut files = Vec::new();
     let mut indexes = Vec::new();
     for path in paths {

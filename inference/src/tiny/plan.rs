@@ -94,7 +94,7 @@ pub fn plain(
             shape: shape.clone(),
             content: Content::Drawn {
                 draw: Draw::new(seed, component, name, shape),
-                ranges: vec![0..shape.iter().product()],
+                ranges: std::iter::once(0..shape.iter().product()).collect(),
                 divisor: 1.0,
             },
         })
@@ -135,7 +135,7 @@ pub fn scaled_fp8(seed: u64, shapes: &Shapes) -> Vec<FileTensor> {
             shape: shape.clone(),
             content: Content::Drawn {
                 draw,
-                ranges: vec![0..shape.iter().product()],
+                ranges: std::iter::once(0..shape.iter().product()).collect(),
                 divisor,
             },
         });

@@ -306,7 +306,12 @@ mod tests {
     #[test]
     fn a_count_that_does_not_fill_the_shape_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let tensors = [drawn("short", vec![10], DType::F32, vec![0..9])];
+        let tensors = [drawn(
+            "short",
+            vec![10],
+            DType::F32,
+            std::iter::once(0..9).collect(),
+        )];
         let err =
             write_safetensors(&dir.path().join("x"), &tensors, &serde_json::json!({})).unwrap_err();
         assert!(err.to_string().contains("short"), "{err}");
