@@ -22,6 +22,7 @@ use candle_transformers::models::flux::{autoencoder, model as upstream_flux};
 use candle_transformers::models::t5;
 use serde_json::json;
 
+use crate::error::Error;
 use crate::model::flux::FluxConfig;
 use crate::model::flux_keys;
 use crate::model::manifest::{
@@ -31,7 +32,6 @@ use crate::model::noise;
 use crate::model::schedule::Schedule;
 use crate::model::vae::VaeConfig;
 use crate::model::weights::{self, TensorMap};
-use crate::pipeline::Error;
 
 /// Where a tiny model keeps the transformer in the diffusers layout, when asked to.
 pub const DIFFUSERS_TRANSFORMER: &str = "transformer/diffusion_pytorch_model.safetensors";

@@ -9,8 +9,8 @@
 
 use candle_core::Tensor;
 
+use crate::error::Error;
 use crate::model::weights::TensorMap;
-use crate::pipeline::Error;
 
 /// Prefix of the transformer in ComfyUI-style checkpoints that bundle other components.
 const BUNDLED_PREFIX: &str = "model.diffusion_model.";

@@ -10,8 +10,8 @@ use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::error::Error;
 use crate::model::text::{CLIP_BOS, CLIP_EOS};
-use crate::pipeline::Error;
 
 /// Words that get whole-word pieces in both vocabularies; anything else falls back to
 /// characters (T5) or byte-level symbols (CLIP).
