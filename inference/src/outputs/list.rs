@@ -128,9 +128,10 @@ pub fn read_output(root: &Path, user: &str, file: &str) -> Result<(Vec<u8>, File
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::test_support::{image, job};
+    use crate::outputs::test_support::{image, job, ts};
     use crate::outputs::write_job_outputs;
 
+    #[test]
     fn listing_pages_newest_first_and_isolates_users() {
         let root = tempfile::tempdir().unwrap();
         for (i, created) in [

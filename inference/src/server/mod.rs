@@ -94,6 +94,8 @@ async fn serve_with(
                 model_dir: config.model_dir,
                 outputs_dir: config.outputs_dir,
                 precision: config.precision,
+                device: config.device,
+                compute_dtype: config.compute_dtype,
                 idle_offload: config.idle_offload,
             },
             Arc::clone(&metrics),

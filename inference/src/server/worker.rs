@@ -21,7 +21,9 @@ use super::jobs::{FailureReason, Job, JobError, Outcome};
 use super::metrics::InferenceMetrics;
 use super::warm::{self, ModelState, Move, WarmKeeper};
 use crate::outputs::ImageData;
-use crate::pipeline::{self, DeviceChoice, LoadOptions, Pipeline, Placement, Precision};
+use crate::pipeline::{
+    self, ComputeDtype, DeviceChoice, LoadOptions, Pipeline, Placement, Precision,
+};
 
 /// What the HTTP side asks of the worker.
 pub enum Command {
@@ -56,6 +58,8 @@ pub struct WorkerConfig {
     pub model_dir: PathBuf,
     pub outputs_dir: PathBuf,
     pub precision: Precision,
+    pub device: DeviceChoice,
+    pub compute_dtype: Option<ComputeDtype>,
     pub idle_offload: Duration,
 }
 
