@@ -15,7 +15,9 @@ use std::time::Instant;
 use anyhow::Context;
 use atelier_inference::model::flux_keys::Layout;
 use atelier_inference::model::schedule::Schedule;
-use atelier_inference::pipeline::{GenerateRequest, Pipeline, Placement, Precision};
+use atelier_inference::pipeline::{
+    ComputeDtype, DeviceChoice, GenerateRequest, LoadOptions, Pipeline, Placement, Precision,
+};
 use atelier_inference::tiny::{TinyModelOptions, make_tiny_model};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -143,6 +145,9 @@ enum Command {
         /// A .safetensors file; a .json with the parameters is written next to it.
         #[arg(long)]
         out: PathBuf,
+        /// bf16 runs the GPU's dtype path on the CPU; the default is f32.
+        #[arg(long, default_value = "f32")]
+        compute_dtype: ComputeDtype,
         #[command(flatten)]
         request: RequestArgs,
     },
@@ -151,6 +156,9 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value = "bf16")]
         precision: Precision,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
         #[command(flatten)]
         request: RequestArgs,
     },
@@ -176,8 +184,17 @@ fn parity_schedules() -> [(&'static str, Schedule); 2] {
     ]
 }
 
-fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> {
-    let pipeline = Pipeline::load(&model, Precision::Bf16)?;
+fn dump(
+    model: PathBuf,
+    out: PathBuf,
+    compute_dtype: ComputeDtype,
+    args: &RequestArgs,
+) -> anyhow::Result<()> {
+    let options = LoadOptions {
+        compute_dtype: Some(compute_dtype),
+        ..LoadOptions::cpu(Precision::Bf16)
+    };
+    let pipeline = Pipeline::load_with(&model, &options)?;
     let req = args.request();
     let (t5_ids, clip_ids) = pipeline.token_ids(&req.prompt)?;
     let conditioning = pipeline.encode_prompt(&req.prompt)?;
@@ -211,6 +228,7 @@ fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> 
     candle_core::safetensors::save(&tensors, &out)?;
     let params = serde_json::json!({
         "prompt": req.prompt,
+        "compute_dtype": format!("{compute_dtype:?}").to_lowercase(),
         "width": req.width,
         "height": req.height,
         "steps": req.steps,
@@ -223,10 +241,20 @@ fn dump(model: PathBuf, out: PathBuf, args: &RequestArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn bench(model: PathBuf, precision: Precision, args: &RequestArgs) -> anyhow::Result<()> {
+fn bench(
+    model: PathBuf,
+    precision: Precision,
+    device: DeviceChoice,
+    args: &RequestArgs,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut pipeline = Pipeline::load(&model, precision)?;
-    pipeline.move_to(Placement::Device)?;
+    let options = LoadOptions {
+        precision,
+        device,
+        compute_dtype: None,
+        placement: Placement::Device,
+    };
+    let pipeline = Pipeline::load_with(&model, &options)?;
     let load_s = started.elapsed().as_secs_f64();
     let req = args.request();
     let conditioning = pipeline.encode_prompt(&req.prompt)?;
@@ -269,12 +297,14 @@ fn main() -> anyhow::Result<()> {
         Command::Dump {
             model,
             out,
+            compute_dtype,
             request,
-        } => dump(model, out, &request),
+        } => dump(model, out, compute_dtype, &request),
         Command::Bench {
             model,
             precision,
+            device,
             request,
-        } => bench(model, precision, &request),
+        } => bench(model, precision, device, &request),
     }
 }

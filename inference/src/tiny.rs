@@ -23,6 +23,7 @@ use candle_transformers::models::flux::{autoencoder, model as upstream_flux};
 use candle_transformers::models::t5;
 use serde_json::json;
 
+use crate::error::Error;
 use crate::model::flux::FluxConfig;
 use crate::model::flux_keys::Layout;
 use crate::model::manifest::{
@@ -30,7 +31,6 @@ use crate::model::manifest::{
 };
 use crate::model::schedule::Schedule;
 use crate::model::vae::VaeConfig;
-use crate::pipeline::Error;
 
 /// Where the transformer is in the diffusers layout when it fits in one shard.
 pub const DIFFUSERS_TRANSFORMER: &str = "transformer/diffusion_pytorch_model.safetensors";

@@ -67,6 +67,7 @@ fn transformer(dir: &Path, weights: &str) -> TensorMap {
         &[dir.join(weights)],
         DType::F32,
         &manifest(dir).transformer.config,
+        &Device::Cpu,
     )
     .expect("read transformer")
 }

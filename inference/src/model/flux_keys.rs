@@ -10,11 +10,11 @@
 use std::ops::Range;
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use crate::error::Error;
 use crate::model::flux::FluxConfig;
 use crate::model::weights::{SafetensorsFiles, TensorMap};
-use crate::pipeline::Error;
 
 /// Prefix of the transformer in ComfyUI-style checkpoints that bundle other components.
 const BUNDLED_PREFIX: &str = "model.diffusion_model.";
@@ -368,10 +368,11 @@ pub fn read_transformer(
     paths: &[PathBuf],
     linear_dtype: DType,
     config: &FluxConfig,
+    device: &Device,
 ) -> Result<TensorMap, Error> {
     let files = SafetensorsFiles::open(paths)?;
     let select = transformer_key_selector(&files.names());
-    let map = files.read(select, |name, tensor| {
+    let map = files.read_to(device, select, |name, tensor| {
         match tensor.rank() == 2 && name.ends_with(".weight") {
             true => linear_dtype,
             false => DType::BF16,

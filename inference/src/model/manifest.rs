@@ -8,10 +8,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
 use crate::model::flux::FluxConfig;
 use crate::model::schedule::Schedule;
 use crate::model::vae::VaeConfig;
-use crate::pipeline::Error;
 
 pub const MANIFEST_FILE: &str = "atelier-model.json";
 

@@ -1,5 +1,6 @@
 //! Model components and their loading from the real checkpoint layouts.
 
+pub(crate) mod attention;
 pub(crate) mod cpu;
 pub mod flux;
 pub mod flux_keys;
@@ -7,6 +8,7 @@ pub mod image;
 pub mod linear;
 pub mod manifest;
 pub mod noise;
+pub mod rope;
 pub mod schedule;
 pub mod spiece;
 pub mod text;

@@ -16,7 +16,7 @@ use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// `<extra_id_0>` .. `<extra_id_99>`, which T5 appends to its SentencePiece vocabulary.
 pub const T5_EXTRA_IDS: usize = 100;

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use crate::model::weights::TensorMap;
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// `(BFL prefix, diffusers prefix)` of every module of an autoencoder with `levels` levels
 /// and `res_blocks` residual blocks per encoder level (one more per decoder level).

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// Named tensors of one model component.
 pub type TensorMap = HashMap<String, Tensor>;
@@ -39,11 +39,11 @@ const SCALE_WEIGHT: &str = ".scale_weight";
 const SCALE_INPUT: &str = ".scale_input";
 const SCALED_FP8_MARKER: &str = "scaled_fp8";
 
-/// Replaces each index file by the shards it names (relative to the index), and returns the
-/// tensor names the indexes promise.
 /// Each index file with what it promises.
 type Indexes = Vec<(PathBuf, ShardIndex)>;
 
+/// Replaces each index file by the shards it names (relative to the index), and returns the
+/// indexes, to check the shards against.
 fn expand_indexes(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Indexes), Error> {
     let mut files = Vec::new();
     let mut indexes = Vec::new();
@@ -120,11 +120,32 @@ impl SafetensorsFiles {
             .map_err(|e| file_error(&self.paths, e))
     }
 
+    /// The dtype of the largest tensor (the one that says the file's precision), `None` for
+    /// an empty file or a dtype candle does not know.
+    pub fn largest_tensor_dtype(&self) -> Option<DType> {
+        let tensors = self.files.tensors();
+        let (_, largest) = tensors
+            .iter()
+            .max_by_key(|(_, view)| view.shape().iter().product::<usize>())?;
+        DType::try_from(largest.dtype()).ok()
+    }
+
     /// Reads the tensors whose name `select` maps to a new name, converting each to the
     /// dtype `dtype_of` picks for it; float8 weights with a `scale_weight` are multiplied by
     /// it on the way (see the module doc).
     pub fn read(
         &self,
+        select: impl Fn(&str) -> Option<String>,
+        dtype_of: impl Fn(&str, &Tensor) -> DType,
+    ) -> Result<TensorMap, Error> {
+        self.read_to(&Device::Cpu, select, dtype_of)
+    }
+
+    /// [`Self::read`] onto `device`, one tensor at a time, so that loading onto a GPU holds
+    /// one tensor in host memory at a time rather than the whole component.
+    pub fn read_to(
+        &self,
+        device: &Device,
         select: impl Fn(&str) -> Option<String>,
         dtype_of: impl Fn(&str, &Tensor) -> DType,
     ) -> Result<TensorMap, Error> {
@@ -156,7 +177,7 @@ impl SafetensorsFiles {
                 None => tensor,
             };
             let dtype = dtype_of(&new_name, &tensor);
-            map.insert(new_name, to_host_dtype(tensor, dtype)?);
+            map.insert(new_name, to_host_dtype(tensor, dtype)?.to_device(device)?);
         }
         Ok(map)
     }

@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::model::flux_keys;
 use crate::model::vae_keys;
-use crate::pipeline::Error;
+use crate::error::Error;
 use crate::tiny::writer::{self, Content, Draw, FileTensor};
 
 /// Names and shapes of a component's tensors, sorted by name.

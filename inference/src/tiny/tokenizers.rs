@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::error::Error;
 use crate::model::spiece::{PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN, Piece, SentencePieceModel};
 use crate::model::text::{CLIP_BOS, CLIP_EOS};
-use crate::pipeline::Error;
 
 /// Words that get whole-word pieces in both vocabularies; anything else falls back to
 /// characters (T5) or byte-level symbols (CLIP).

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::model::noise;
 use crate::model::weights;
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// Values per generated chunk (1 MiB of f32).
 pub const CHUNK: usize = 1 << 18;
