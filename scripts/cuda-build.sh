@@ -20,10 +20,12 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$cache/target-cuda}
 
 # The CUDA 13.0 update 2 toolchain and the libraries cudarc and candle-kernels link
-# (cuda, nvrtc, curand, cublas, cublasLt, cudart). docker/inference-cuda.Dockerfile uses the same.
+# (cuda, nvrtc, curand, cublas, cublasLt, cudart), and CCCL, whose headers cuda_fp16.h includes.
+# docker/inference-cuda.Dockerfile runs this script, so it uses the same.
 wheels=(
   nvidia-cuda-nvcc==13.0.88
   nvidia-cuda-crt==13.0.88
+  nvidia-cuda-cccl==13.0.85
   nvidia-nvvm==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-nvrtc==13.0.88
