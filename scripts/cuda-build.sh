@@ -53,13 +53,22 @@ done
 # libcuda stub: every driver entry point of cuda.h, each returning CUDA_ERROR_STUB_LIBRARY (34),
 # with the driver's soname, so that the binary asks for libcuda.so.1 and the node's driver
 # answers. Names come from the preprocessed header, where the versioned names (cuMemAlloc_v2)
-# have replaced the macros, as cudarc links them.
+# have replaced the macros, as cudarc links them. Where it is loaded for want of a driver, its
+# error string says so.
 stub=$link_root/lib/libcuda.so
-if [ ! -e "$stub" ] || [ "$stub" -ot "$cuda_home/include/cuda.h" ]; then
-  gcc -E -P -I"$cuda_home/include" -x c - <<<'#include <cuda.h>' |
-    grep -oE '\bCUresult[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]*\(' |
-    sed -E 's/^CUresult[[:space:]]+(cu[A-Za-z0-9_]+).*/\1/' | sort -u |
-    sed -E 's/.*/int &(void) { return 34; }/' >"$link_root/cuda-stub.c"
+if [ ! -e "$stub" ] || [ "$stub" -ot "$cuda_home/include/cuda.h" ] || [ "$stub" -ot "$0" ]; then
+  {
+    echo 'int cuGetErrorName(int error, const char **name) { *name = "CUDA_ERROR_STUB_LIBRARY"; return 0; }'
+    echo 'int cuGetErrorString(int error, const char **text) {'
+    echo '  *text = "no NVIDIA driver on this host: libcuda.so.1 is the link-only stub of scripts/cuda-build.sh";'
+    echo '  return 0;'
+    echo '}'
+    gcc -E -P -I"$cuda_home/include" -x c - <<<'#include <cuda.h>' |
+      grep -oE '\bCUresult[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]*\(' |
+      sed -E 's/^CUresult[[:space:]]+(cu[A-Za-z0-9_]+).*/\1/' | sort -u |
+      grep -vx 'cuGetErrorName\|cuGetErrorString' |
+      sed -E 's/.*/int &(void) { return 34; }/'
+  } >"$link_root/cuda-stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$link_root/cuda-stub.c"
   ln -sfn libcuda.so "$link_root/lib/libcuda.so.1"
 fi
