@@ -19,17 +19,16 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 # The wheels' venv and the target dir live in build caches; what the image needs is copied
-# out: the binary, and the CUDA libraries it links (by soname) plus the NVRTC builtins that
-# NVRTC opens at run time.
+# out: the binary and the CUDA libraries it loads (its NEEDED cudart, cublas, curand, and
+# cublasLt, which cublas needs).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/cache \
     ATELIER_CACHE=/cache CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} scripts/cuda-build.sh \
  && cp /cache/target-cuda/release/atelier-inference /atelier-inference \
  && mkdir /cuda-lib \
- && for lib in cudart nvrtc curand cublas cublasLt; do \
+ && for lib in cudart curand cublas cublasLt; do \
       cp "$(readlink -f /cache/cuda-13.0/link/lib/lib$lib.so)" /cuda-lib/; \
-    done \
- && cp "$(dirname "$(readlink -f /cache/cuda-13.0/link/lib/libnvrtc.so)")"/libnvrtc-builtins.so.13.0 /cuda-lib/
+    done
 
 # The driver (libcuda.so.1) is mounted from the node by the NVIDIA container toolkit; the
 # CUDA 13.0 libraries come from the wheels above, found through LD_LIBRARY_PATH.
