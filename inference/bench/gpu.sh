@@ -79,7 +79,8 @@ python_env() {
     "$python" -m pip install --quiet --no-index --no-deps "$here"/wheels/diffusers-*.whl
   fi
   "$python" -c 'import diffusers, torch, transformers, safetensors, numpy' || {
-    echo "python needs torch, transformers, safetensors and numpy" >&2
+    echo "$python needs torch, transformers, safetensors, numpy and what diffusers imports" \
+      "(huggingface_hub, regex, requests, Pillow, filelock): the module above is missing" >&2
     exit 1
   }
 }
