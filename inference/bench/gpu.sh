@@ -9,17 +9,18 @@
 #
 # Two places, two commands:
 #
-#   here (Rust, network):  inference/bench/gpu.sh pack [bundle.tar.gz]
+#   here (Rust, network):  inference/bench/gpu.sh pack [bundle.tar.xz]
 #       builds with `make cuda`, strips model_tool (the server's pipeline with a benchmark
 #       front; atelier-inference itself is not needed), fetches the pinned diffusers wheel
-#       (pip download diffusers==0.42.1 --no-deps) and writes a bundle with the binary, the
-#       wheel, this script, gpu_diffusers.py and parity.py (limit 64 MiB, unpacked too).
+#       (pip download diffusers==0.42.1 --no-deps) and writes an xz bundle with the binary,
+#       the wheel, this script, gpu_diffusers.py, parity.py and the wheels' libcurand.so.10
+#       (PyTorch's own CUDA wheels no longer carry cuRAND); limit 64 MiB.
 #   there (NVIDIA GPU with a CUDA 13.0 driver, python3 with a CUDA build of torch and
-#   transformers; no network, no Rust):  tar xzf bundle.tar.gz && atelier-gpu/gpu.sh run
+#   transformers; no network, no Rust):  tar xJf bundle.tar.xz && atelier-gpu/gpu.sh run
 #       writes about 34 GB of weights into $GPU_BENCH_WORK (default ./gpu-bench-work), needs the
 #       CUDA 13 libraries the binary links (libcudart.so.13, libcublas.so.13 with
-#       libcublasLt.so.13, libcurand.so.10) from torch's nvidia wheels, /usr/local/cuda or the
-#       loader's path.
+#       libcublasLt.so.13, libcurand.so.10) from the loader's path, torch's nvidia wheels,
+#       /usr/local/cuda, or (cuRAND) the bundle.
 #
 # Smoke test of the plumbing on the CPU at the tiny preset: gpu.sh run --tiny --device cpu
 # (the same steps on a tiny model at 256x256, 4 steps; diffusers in f32; no GPU figures), with
@@ -37,17 +38,20 @@ usage() {
 pack() {
   local repo bundle stage
   repo=$(cd "$here/../.." && pwd)
-  bundle=$(realpath -m "${1:-atelier-gpu.tar.gz}")
+  bundle=$(realpath -m "${1:-atelier-gpu.tar.xz}")
   make -C "$repo" cuda
-  local release=${CUDA_TARGET_DIR:-${ATELIER_CACHE:-$HOME/.cache/atelier}/target-cuda}/release
+  local cache=${ATELIER_CACHE:-$HOME/.cache/atelier}
+  local release=${CUDA_TARGET_DIR:-$cache/target-cuda}/release
   stage=$(mktemp -d)
   mkdir -p "$stage/atelier-gpu/bin" "$stage/atelier-gpu/wheels" "$stage/parity"
   strip -o "$stage/atelier-gpu/bin/model_tool" "$release/examples/model_tool"
+  mkdir "$stage/atelier-gpu/lib"
+  cp "$(readlink -f "$cache/cuda-13.0/link/lib/libcurand.so")" "$stage/atelier-gpu/lib/"
   pip download --quiet --no-deps --dest "$stage/atelier-gpu/wheels" "$diffusers_pin"
   cp "$here/gpu.sh" "$here/gpu_diffusers.py" "$stage/atelier-gpu/"
   # gpu_diffusers.py finds parity.py at ../parity, as in the repository.
   cp "$repo/inference/parity/parity.py" "$stage/parity/"
-  tar -C "$stage" -czf "$bundle" atelier-gpu parity
+  XZ_OPT=-6T0 tar -C "$stage" -cJf "$bundle" atelier-gpu parity
   du -sb "$stage" | awk '{printf "unpacked: %.1f MiB\n", $1 / 1048576}'
   rm -rf "$stage"
   du -b "$bundle" | awk '{printf "%s: %.1f MiB (limit 64 MiB)\n", $2, $1 / 1048576}'
@@ -60,11 +64,13 @@ find_cuda_libraries() {
   for dir in $("$python" -c 'import glob, os, site
 for root in site.getsitepackages():
     print("\n".join(sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))))' 2>/dev/null) \
-    /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -e "$dir/libcublas.so.13" ] && export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib "$here/lib"; do
+    if [ -e "$dir/libcublas.so.13" ] || [ -e "$dir/libcurand.so.10" ]; then
+      export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir
+    fi
   done
   if ldd "$tool" | grep 'not found' >&2; then
-    echo "the libraries above are missing: install CUDA 13's cuBLAS, cuRAND, NVRTC and runtime" \
+    echo "the libraries above are missing: install CUDA 13's runtime, cuBLAS and cuRAND" \
       "(torch's cu13 wheels carry them) or put them on LD_LIBRARY_PATH" >&2
     exit 1
   fi
