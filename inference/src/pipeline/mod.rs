@@ -468,7 +468,8 @@ impl Pipeline {
     /// Decodes unpacked latents to `(batch, 3, height, width)` f32 images on the host,
     /// nominally in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, Error> {
-        let images = self.models()?.vae.decode(&latents.to_dtype(self.dtype)?)?;
+        let models = self.models()?;
+        let images = models.vae.decode(&latents.to_dtype(models.vae_dtype)?)?;
         Ok(images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
     }
 }

@@ -109,6 +109,8 @@ pub(super) struct Models {
     pub device: Device,
     pub flux: Flux,
     pub vae: VaeDecoder,
+    /// The decoder's dtype: the compute dtype, but f32 on the CPU.
+    pub vae_dtype: DType,
     /// `None` while offloaded: built for each prompt and dropped before denoising.
     pub text: Option<TextEncoders>,
     /// Bytes of the weights as read, per component, in the dtypes they are held in.
@@ -136,6 +138,11 @@ pub(super) fn build_models(
         &configs.flux,
         &device,
     )?;
+    // candle's CPU convolutions have no bf16 kernel: on the CPU the decoder stays in f32.
+    let vae_dtype = match device.is_cpu() {
+        true => DType::F32,
+        false => dtype,
+    };
     let vae = vae_keys::to_bfl(
         open_files(model_dir, std::slice::from_ref(&manifest.vae.weights))?.read_to(
             &device,
@@ -143,7 +150,7 @@ pub(super) fn build_models(
                 name.starts_with(vae::DECODER_PREFIX)
                     .then(|| name.to_string())
             },
-            |_, _| dtype,
+            |_, _| vae_dtype,
         )?,
     )?;
     let mut bytes = WeightBytes {
@@ -161,7 +168,10 @@ pub(super) fn build_models(
         vb(transformer),
     )
     .map_err(|e| Error::InvalidModel(format!("transformer weights: {e}")))?;
-    let vae = VaeDecoder::load(&configs.vae, vb(vae))?;
+    let vae = VaeDecoder::load(
+        &configs.vae,
+        VarBuilder::from_tensors(vae, vae_dtype, &device),
+    )?;
     let text = match manifest.offload_text_encoders && device.is_cuda() {
         true => None,
         false => {
@@ -174,6 +184,7 @@ pub(super) fn build_models(
         device,
         flux,
         vae,
+        vae_dtype,
         text,
         bytes,
     })
