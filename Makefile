@@ -5,7 +5,7 @@ export ATELIER_CACHE ?= $(HOME)/.cache/atelier
 export CARGO_TARGET_DIR ?= $(ATELIER_CACHE)/target
 export PATH := $(ATELIER_CACHE)/bin:$(PATH)
 
-.PHONY: all build test test-prerequisites lint unit e2e crds check-crds cluster demo parity bench bench-inference clean
+.PHONY: all build test test-prerequisites lint unit e2e crds check-crds cluster demo parity bench bench-inference cuda clean
 
 all: build
 
@@ -42,6 +42,12 @@ parity:
 
 bench-inference:
 	inference/bench/bench.sh
+
+## atelier-inference and model_tool with CUDA, in release, without a GPU or a container engine:
+## nvcc and the libraries from pinned CUDA 13.0 wheels (docs/install.md; about 30 min on 2 cores
+## the first time). Not part of `make test`. CUDA_COMPUTE_CAP=90 (H100/H200) unless given.
+cuda:
+	scripts/cuda-build.sh
 
 ## Control-plane, API and fault benchmarks against the test control plane (about 25 min on 2
 ## cores, 10 000 jobs): rewrites the generated part of docs/benchmarks.md and docs/benchmarks.json.

@@ -1,40 +1,45 @@
 # syntax=docker/dockerfile:1.7
 # atelier-inference with CUDA (candle's cuda feature): the image tenants' inference pods run on
-# GPU nodes. No GPU is needed to build it, but the kernels are compiled for one compute
-# capability, given by CUDA_COMPUTE_CAP: 80 (A100), 86 (A10/RTX 30), 89 (L4/L40S/RTX 40),
-# 90 (H100/H200). Build from the repository root:
+# GPU nodes. Built exactly as `make cuda` builds it (scripts/cuda-build.sh): nvcc and the CUDA
+# libraries from the same pinned CUDA 13.0 wheels of PyPI, a link-only libcuda stub, no GPU.
+# The kernels are compiled for one compute capability, CUDA_COMPUTE_CAP: 80 (A100),
+# 86 (A10/RTX 30), 89 (L4/L40S/RTX 40), 90 (H100/H200). Nodes need a driver for CUDA 13.0 or
+# newer (R580+). Build from the repository root:
 #
 #   docker build -f docker/inference-cuda.Dockerfile --build-arg CUDA_COMPUTE_CAP=90 \
 #     -t ghcr.io/atelier-dev/atelier-inference:0.1.0 .
 
-ARG CUDA_VERSION=12.6.3
-ARG UBUNTU_VERSION=22.04
-
-FROM docker.io/nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS build
 ARG RUST_VERSION=1.95
-ARG CUDA_COMPUTE_CAP=80
+
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+ARG CUDA_COMPUTE_CAP=90
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl build-essential pkg-config \
+ && apt-get install -y --no-install-recommends python3-venv \
  && rm -rf /var/lib/apt/lists/*
-ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:${PATH}
-RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
-    | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
-# Read by candle's kernel build (there is no GPU to ask at build time).
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
 COPY . .
+# The wheels' venv and the target dir live in build caches; what the image needs is copied
+# out: the binary and the CUDA libraries it loads (its NEEDED cudart, cublas, curand, and
+# cublasLt, which cublas needs).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --locked --release -p atelier-inference --features cuda \
- && cp target/release/atelier-inference /atelier-inference
+    --mount=type=cache,target=/cache \
+    ATELIER_CACHE=/cache CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} scripts/cuda-build.sh \
+ && cp /cache/target-cuda/release/atelier-inference /atelier-inference \
+ && mkdir /cuda-lib \
+ && for lib in cudart curand cublas cublasLt; do \
+      cp "$(readlink -f /cache/cuda-13.0/link/lib/lib$lib.so)" /cuda-lib/; \
+    done
 
-# The runtime image carries cuBLAS, cuRAND and NVRTC; the driver comes from the node.
-FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
-ARG CUDA_COMPUTE_CAP=80
+# The driver (libcuda.so.1) is mounted from the node by the NVIDIA container toolkit; the
+# CUDA 13.0 libraries come from the wheels above, found through LD_LIBRARY_PATH.
+FROM docker.io/library/debian:bookworm-slim
+ARG CUDA_COMPUTE_CAP=90
 LABEL org.opencontainers.image.title="atelier-inference" \
-      org.opencontainers.image.description="Atelier Flux inference server (CUDA, compute capability ${CUDA_COMPUTE_CAP})" \
+      org.opencontainers.image.description="Atelier Flux inference server (CUDA 13.0, compute capability ${CUDA_COMPUTE_CAP})" \
       org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /cuda-lib/ /usr/local/lib/atelier-cuda/
 COPY --from=build /atelier-inference /usr/local/bin/atelier-inference
-ENV HOME=/tmp NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+ENV HOME=/tmp LD_LIBRARY_PATH=/usr/local/lib/atelier-cuda \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/atelier-inference"]

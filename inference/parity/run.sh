@@ -29,8 +29,16 @@ tool="$CARGO_TARGET_DIR/debug/examples/model_tool"
 
 echo "== tiny model and Rust dump in $work"
 "$tool" tiny --out "$work/model" --seed 7 --diffusers-copy
-"$tool" dump --model "$work/model" --out "$work/dump.safetensors" --steps 4 --width 256 --height 256 --seed 3 \
-    --prompt "A photo of a red cat in the City at night, 42 Ünïcode's  TEST!!"
+for dtype in f32 bf16; do
+    "$tool" dump --model "$work/model" --out "$work/dump-$dtype.safetensors" --compute-dtype "$dtype" \
+        --steps 4 --width 256 --height 256 --seed 3 \
+        --prompt "A photo of a red cat in the City at night, 42 Ünïcode's  TEST!!"
+done
 
-echo "== diffusers side"
-"$venv/bin/python" "$here/parity.py" --model "$work/model" --dump "$work/dump.safetensors"
+# Both runs, then one exit status: a failure in f32 must not hide the bf16 figures.
+status=0
+for dtype in f32 bf16; do
+    echo "== diffusers side, $dtype"
+    "$venv/bin/python" "$here/parity.py" --model "$work/model" --dump "$work/dump-$dtype.safetensors" || status=1
+done
+exit "$status"

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atelier_inference::pipeline::{GenerateRequest, Pipeline, Precision};
+use atelier_inference::pipeline::{
+    ComputeDtype, DeviceChoice, GenerateRequest, LoadOptions, Pipeline, Placement, Precision,
+};
 use atelier_inference::server::simulate::SimulateConfig;
 use atelier_inference::server::{self, ServeConfig};
 use atelier_inference::tiny::{self, TinyModelOptions};
@@ -47,6 +49,14 @@ struct ServeArgs {
     listen: SocketAddr,
     #[arg(long, env = "ATELIER_PRECISION", default_value = "bf16", value_parser = parse_precision)]
     precision: Precision,
+    /// Device of the model: cpu, cuda (device 0) or cuda:N. CUDA needs a build with the
+    /// `cuda` feature and a GPU; asking for it otherwise is an error at start.
+    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    device: DeviceChoice,
+    /// Activations' dtype: f32 or bf16; defaults to the device's own (bf16 on CUDA, f32 on the
+    /// CPU). bf16 on the CPU runs the GPU's numerics where there is no GPU.
+    #[arg(long, env = "ATELIER_COMPUTE_DTYPE", value_parser = parse_compute_dtype)]
+    compute_dtype: Option<ComputeDtype>,
     /// Jobs accepted at once (running + waiting); more are answered 429.
     #[arg(long, env = "ATELIER_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
@@ -79,6 +89,14 @@ struct GenerateArgs {
     model_dir: PathBuf,
     #[arg(long, env = "ATELIER_PRECISION", default_value = "bf16", value_parser = parse_precision)]
     precision: Precision,
+    /// Device of the model: cpu, cuda (device 0) or cuda:N. CUDA needs a build with the
+    /// `cuda` feature and a GPU; asking for it otherwise is an error at start.
+    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    device: DeviceChoice,
+    /// Activations' dtype: f32 or bf16; defaults to the device's own (bf16 on CUDA, f32 on the
+    /// CPU). bf16 on the CPU runs the GPU's numerics where there is no GPU.
+    #[arg(long, env = "ATELIER_COMPUTE_DTYPE", value_parser = parse_compute_dtype)]
+    compute_dtype: Option<ComputeDtype>,
     #[arg(long, env = "ATELIER_PROMPT")]
     prompt: String,
     #[arg(long, env = "ATELIER_SEED")]
@@ -107,6 +125,14 @@ struct MakeTinyModelArgs {
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
     s.parse::<Precision>().map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
+}
+
+fn parse_compute_dtype(s: &str) -> Result<ComputeDtype, String> {
+    s.parse::<ComputeDtype>().map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,11 +172,17 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if !args.simulate {
+        // Before listening: a pod that cannot have its device fails at start, not at load.
+        args.device.open().context("opening the model's device")?;
+    }
     let listener = bind(args.listen).await?;
     let config = ServeConfig {
         model_dir: args.model_dir.unwrap_or_default(),
         outputs_dir: args.outputs_dir,
         precision: args.precision,
+        device: args.device,
+        compute_dtype: args.compute_dtype,
         concurrency: usize::from(args.concurrency),
         idle_offload: args.idle_offload,
         shutdown_grace: args.shutdown_grace,
@@ -191,7 +223,13 @@ async fn shutdown_signal() {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let pipeline = Pipeline::load(&args.model_dir, args.precision)
+    let options = LoadOptions {
+        precision: args.precision,
+        device: args.device,
+        compute_dtype: args.compute_dtype,
+        placement: Placement::Device,
+    };
+    let pipeline = Pipeline::load_with(&args.model_dir, &options)
         .with_context(|| format!("loading the model from {}", args.model_dir.display()))?;
     let info = pipeline.info();
     let request = GenerateRequest {

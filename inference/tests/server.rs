@@ -629,6 +629,8 @@ impl Server {
             model_dir,
             outputs_dir: outputs.path().to_owned(),
             precision: "bf16".parse().unwrap(),
+            device: Default::default(),
+            compute_dtype: None,
             concurrency: 1,
             idle_offload: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),

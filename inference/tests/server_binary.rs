@@ -154,3 +154,86 @@ async fn serve_finishes_the_running_job_on_sigterm() {
         .collect();
     assert_eq!(written.len(), 2, "a PNG and its metadata");
 }
+
+/// Runs the binary to its exit and returns whether it succeeded, with its stderr.
+fn run_to_exit(command: &mut Command) -> (bool, String) {
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn asking_for_cuda_in_a_build_without_it_fails_at_start_naming_cuda() {
+    let model = tempfile::tempdir().unwrap();
+    make_tiny_model(model.path());
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("fox.png");
+    let (ok, stderr) = run_to_exit(
+        Command::new(BIN)
+            .args([
+                "generate", "--device", "cuda", "--prompt", "a fox", "--seed", "1",
+            ])
+            .args([
+                "--width",
+                "256",
+                "--height",
+                "256",
+                "--steps",
+                "1",
+                "--model-dir",
+            ])
+            .arg(model.path())
+            .arg("--out")
+            .arg(&png),
+    );
+    assert!(!ok, "generate --device cuda succeeded: {stderr}");
+    assert!(
+        stderr.contains("CUDA") && stderr.contains("cuda:0"),
+        "{stderr}"
+    );
+    assert!(!png.exists(), "no image may come out of a silent CPU run");
+
+    // `serve` with the device from the environment, as the tenant's pod passes it.
+    let outputs = tempfile::tempdir().unwrap();
+    let (ok, stderr) = run_to_exit(
+        Command::new(BIN)
+            .arg("serve")
+            .env("ATELIER_DEVICE", "cuda:1")
+            .env("ATELIER_MODEL_DIR", model.path())
+            .env("ATELIER_OUTPUTS_DIR", outputs.path())
+            .env("ATELIER_LISTEN", "127.0.0.1:0"),
+    );
+    assert!(
+        !ok,
+        "serve with ATELIER_DEVICE=cuda:1 kept running: {stderr}"
+    );
+    assert!(
+        stderr.contains("CUDA") && stderr.contains("cuda:1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_device_is_refused_by_name() {
+    let (ok, stderr) = run_to_exit(Command::new(BIN).args([
+        "generate",
+        "--device",
+        "tpu",
+        "--prompt",
+        "x",
+        "--seed",
+        "1",
+        "--model-dir",
+        "/m",
+        "--out",
+        "/o.png",
+    ]));
+    assert!(!ok);
+    assert!(
+        stderr.contains("\"tpu\"") && stderr.contains("cuda:N"),
+        "{stderr}"
+    );
+}

@@ -14,6 +14,8 @@ async fn a_simulated_job_reports_its_steps_and_writes_a_png_like_a_real_one() {
         model_dir: "/nonexistent".into(),
         outputs_dir: outputs.path().to_owned(),
         precision: "bf16".parse().unwrap(),
+        device: Default::default(),
+        compute_dtype: None,
         concurrency: 2,
         idle_offload: Duration::from_secs(300),
         shutdown_grace: Duration::from_secs(5),

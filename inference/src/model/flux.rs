@@ -3,18 +3,20 @@
 //! Ported from candle-transformers' `flux::model` (same math, same tensor names) because its
 //! blocks hold `candle_nn::Linear`, which cannot keep float8 weights; here every linear layer
 //! is [`Linear`], which stores weights in the precision's storage dtype. Two deliberate
-//! differences: rotary tables are computed once per generation on the host in f64 (as BFL
-//! does in float64) instead of per step in the compute dtype, and normalisations use candle's
-//! fused kernels. With f32 activations in host memory, attention and GELU run through the
-//! vectorized kernels of `model/cpu.rs` (same math, about 1e-6 apart from candle's ops).
+//! differences: rotary tables are computed once per generation (`model/rope.rs`) instead of
+//! per step in the compute dtype, and normalisations use candle's fused kernels. Attention
+//! runs in query blocks (`model/attention.rs`); with f32 activations in host memory, attention
+//! and GELU run through the vectorized kernels of `model/cpu.rs` (same math, about 1e-6 apart
+//! from candle's ops).
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::model::cpu;
+use crate::error::Error;
 use crate::model::linear::Linear;
-use crate::pipeline::Error;
+pub use crate::model::rope::Rope;
+use crate::model::{attention, cpu};
 
 /// Dimensions of the transformer; the default is FLUX.1 dev/schnell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,54 +116,6 @@ impl FluxConfig {
     }
 }
 
-/// Rotary cos/sin tables for one token sequence (text tokens first, then image tokens),
-/// each `(tokens, head_dim / 2)`.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Text tokens sit at position (0, 0, 0); image token (row, col) at (0, row, col).
-    pub fn new(
-        cfg: &FluxConfig,
-        txt_tokens: usize,
-        (rows, cols): (usize, usize),
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let positions = std::iter::repeat_n([0, 0, 0], txt_tokens)
-            .chain((0..rows).flat_map(|r| (0..cols).map(move |c| [0, r, c])));
-        let half = cfg.head_dim() / 2;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for position in positions {
-            for (&pos, &axis_dim) in position.iter().zip(&cfg.axes_dim) {
-                for j in (0..axis_dim).step_by(2) {
-                    let freq = (cfg.theta as f64).powf(-(j as f64) / axis_dim as f64);
-                    let angle = pos as f64 * freq;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
-        let tokens = txt_tokens + rows * cols;
-        let table = |values: Vec<f32>| {
-            Tensor::from_vec(values, (tokens, half), &Device::Cpu)?
-                .to_device(device)?
-                .to_dtype(dtype)
-        };
-        Ok(Self {
-            cos: table(cos)?,
-            sin: table(sin)?,
-        })
-    }
-
-    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &self.cos, &self.sin)
-    }
-}
-
 /// LayerNorm without affine parameters (BFL's `elementwise_affine=False`).
 #[derive(Debug, Clone)]
 struct LayerNorm {
@@ -215,19 +169,9 @@ fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor> {
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)
 }
 
-/// Softmax attention over `(batch, heads, tokens, head_dim)`, heads merged in the output.
+/// Softmax attention of the rotated queries and keys, heads merged in the output.
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
-    let q = rope.apply(q)?;
-    let k = rope.apply(k)?;
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    if let Some(merged) = cpu::attention(&q, &k, v, scale as f32)? {
-        return Ok(merged);
-    }
-    let weights = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-    weights
-        .matmul(&v.contiguous()?)?
-        .transpose(1, 2)?
-        .flatten_from(2)
+    attention::attention(&rope.apply(q)?, &rope.apply(k)?, v)
 }
 
 /// Splits `(batch, tokens, 3 * hidden)` into q, k, v of `(batch, heads, tokens, head_dim)`.

@@ -7,10 +7,14 @@
 //! halves swapped, since diffusers' `AdaLayerNormContinuous` orders (scale, shift) where BFL
 //! orders (shift, scale).
 
-use candle_core::Tensor;
+use std::ops::Range;
+use std::path::PathBuf;
 
-use crate::model::weights::TensorMap;
-use crate::pipeline::Error;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Error;
+use crate::model::flux::FluxConfig;
+use crate::model::weights::{SafetensorsFiles, TensorMap};
 
 /// Prefix of the transformer in ComfyUI-style checkpoints that bundle other components.
 const BUNDLED_PREFIX: &str = "model.diffusion_model.";
@@ -217,10 +221,10 @@ pub fn diffusers_to_bfl(mut map: TensorMap) -> Result<TensorMap, Error> {
         if present == 0 {
             continue; // e.g. no guidance embedder in schnell
         }
-        if present < rule.diffusers.len() {
+        if let Some(missing) = rule.diffusers.iter().find(|k| !map.contains_key(*k)) {
             return Err(Error::InvalidModel(format!(
-                "transformer: {} needs all of {:?}",
-                rule.bfl, rule.diffusers
+                "transformer: missing tensor {missing} (part of {})",
+                rule.bfl
             )));
         }
         let parts: Vec<Tensor> = rule
@@ -244,21 +248,49 @@ pub fn diffusers_to_bfl(mut map: TensorMap) -> Result<TensorMap, Error> {
     Ok(out)
 }
 
-/// The inverse of [`diffusers_to_bfl`], for writing diffusers-layout test checkpoints.
-/// `hidden_size` splits the single blocks' fused q/k/v/mlp projection.
-pub fn bfl_to_diffusers(mut map: TensorMap, hidden_size: usize) -> Result<TensorMap, Error> {
-    let double_blocks = count_blocks(&map, "double_blocks.");
-    let single_blocks = count_blocks(&map, "single_blocks.");
-    let mut out = TensorMap::new();
-    for rule in rules(double_blocks, single_blocks) {
-        let Some(tensor) = map.remove(&rule.bfl) else {
+/// One diffusers tensor: rows of a BFL tensor, concatenated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffusersPart {
+    pub name: String,
+    pub bfl: String,
+    pub rows: Vec<Range<usize>>,
+}
+
+/// How BFL tensors (name, rows) appear in the diffusers layout. `hidden_size` splits the
+/// single blocks' fused q/k/v/mlp projection. A BFL name without a rule is an error naming it.
+pub fn diffusers_parts(
+    bfl: &[(String, usize)],
+    hidden_size: usize,
+) -> Result<Vec<DiffusersPart>, Error> {
+    let count = |prefix: &str| {
+        bfl.iter()
+            .filter_map(|(k, _)| {
+                k.strip_prefix(prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let rules = rules(count("double_blocks."), count("single_blocks."));
+    let mut parts = Vec::new();
+    for (name, rows) in bfl {
+        let rule = rules
+            .iter()
+            .find(|r| &r.bfl == name)
+            .ok_or_else(|| Error::InvalidModel(format!("transformer: unknown BFL key {name}")))?;
+        if rule.swap_halves {
+            let half = rows / 2;
+            parts.push(DiffusersPart {
+                name: rule.diffusers[0].clone(),
+                bfl: name.clone(),
+                rows: vec![half..*rows, 0..half],
+            });
             continue;
-        };
-        let tensor = match rule.swap_halves {
-            true => swap_halves(&tensor)?,
-            false => tensor,
-        };
-        let rows = tensor.dim(0)?;
+        }
         let sizes = match rule.diffusers.len() {
             4 => vec![
                 hidden_size,
@@ -269,15 +301,87 @@ pub fn bfl_to_diffusers(mut map: TensorMap, hidden_size: usize) -> Result<Tensor
             n => vec![rows / n; n],
         };
         let mut start = 0;
-        for (name, size) in rule.diffusers.into_iter().zip(sizes) {
-            out.insert(name, tensor.narrow(0, start, size)?.contiguous()?);
+        for (diffusers, size) in rule.diffusers.iter().zip(sizes) {
+            parts.push(DiffusersPart {
+                name: diffusers.clone(),
+                bfl: name.clone(),
+                rows: std::iter::once(start..start + size).collect(),
+            });
             start += size;
         }
     }
-    if let Some(unknown) = map.keys().min() {
-        return Err(Error::InvalidModel(format!(
-            "transformer: unknown BFL key {unknown}"
-        )));
+    Ok(parts)
+}
+
+/// The inverse of [`diffusers_to_bfl`], for writing diffusers-layout test checkpoints.
+pub fn bfl_to_diffusers(map: TensorMap, hidden_size: usize) -> Result<TensorMap, Error> {
+    let mut bfl: Vec<(String, usize)> = map
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.dim(0)?)))
+        .collect::<Result<_, Error>>()?;
+    bfl.sort();
+    let mut out = TensorMap::new();
+    for part in diffusers_parts(&bfl, hidden_size)? {
+        let tensor = &map[&part.bfl];
+        let rows: Vec<Tensor> = part
+            .rows
+            .iter()
+            .map(|r| tensor.narrow(0, r.start, r.len()))
+            .collect::<candle_core::Result<_>>()?;
+        out.insert(part.name, Tensor::cat(&rows, 0)?.contiguous()?);
     }
     Ok(out)
+}
+
+/// Every BFL tensor a model of `config` reads must be present (the guidance embedder only
+/// in guidance-distilled models), and nothing else: an error names the first that is not.
+pub fn check_bfl_keys(map: &TensorMap, config: &FluxConfig) -> Result<(), Error> {
+    let expected: Vec<String> = rules(config.depth, config.depth_single_blocks)
+        .into_iter()
+        .map(|r| r.bfl)
+        .filter(|k| config.qkv_bias || !k.ends_with(".qkv.bias"))
+        .collect();
+    let guided = map.keys().any(|k| k.starts_with("guidance_in."));
+    if let Some(missing) = expected
+        .iter()
+        .filter(|k| guided || !k.starts_with("guidance_in."))
+        .find(|k| !map.contains_key(*k))
+    {
+        return Err(Error::InvalidModel(format!(
+            "transformer: missing tensor {missing}"
+        )));
+    }
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    if let Some(unknown) = names.into_iter().find(|k| !expected.contains(k)) {
+        return Err(Error::InvalidModel(format!(
+            "transformer: unknown tensor {unknown}"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a transformer (one file, shards, or a shard index) in either key layout into BFL
+/// names, with linear weights in `linear_dtype` and the small tensors (biases, norm scales)
+/// in bf16, and checks its key set against `config`.
+pub fn read_transformer(
+    paths: &[PathBuf],
+    linear_dtype: DType,
+    config: &FluxConfig,
+    device: &Device,
+) -> Result<TensorMap, Error> {
+    let files = SafetensorsFiles::open(paths)?;
+    let select = transformer_key_selector(&files.names());
+    let map = files.read_to(device, select, |name, tensor| {
+        match tensor.rank() == 2 && name.ends_with(".weight") {
+            true => linear_dtype,
+            false => DType::BF16,
+        }
+    })?;
+    let map = match detect_layout(&map)? {
+        Layout::Bfl => map,
+        Layout::Diffusers => diffusers_to_bfl(map)?,
+    };
+    check_bfl_keys(&map, config)?;
+    Ok(map)
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// Encodes a `(3, height, width)` image in [-1, 1] as an 8-bit RGB PNG. Each `(keyword,
 /// text)` goes into a tEXt chunk, or an iTXt chunk (UTF-8) when the text is not Latin-1, as

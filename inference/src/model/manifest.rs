@@ -8,10 +8,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
 use crate::model::flux::FluxConfig;
 use crate::model::schedule::Schedule;
 use crate::model::vae::VaeConfig;
-use crate::pipeline::Error;
 
 pub const MANIFEST_FILE: &str = "atelier-model.json";
 
@@ -60,7 +60,9 @@ pub struct Defaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransformerFiles {
-    /// One safetensors file, BFL or diffusers key layout, bf16 / f32 / float8 e4m3.
+    /// One safetensors file, or diffusers' shard index
+    /// (`transformer/diffusion_pytorch_model.safetensors.index.json`); BFL or diffusers key
+    /// layout; bf16 / f32 / float8 e4m3, or scaled float8 (`scale_weight`).
     pub weights: String,
     #[serde(default)]
     pub config: FluxConfig,
@@ -69,7 +71,8 @@ pub struct TransformerFiles {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaeFiles {
-    /// `ae.safetensors` in the BFL autoencoder layout.
+    /// `ae.safetensors` in the BFL autoencoder layout, or diffusers'
+    /// `vae/diffusion_pytorch_model.safetensors`.
     pub weights: String,
     #[serde(default)]
     pub config: VaeConfig,
@@ -78,10 +81,11 @@ pub struct VaeFiles {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct T5Files {
-    /// HF `T5EncoderModel` safetensors, possibly sharded.
+    /// HF `T5EncoderModel` safetensors: files, shards, or the shards' `*.index.json`.
     pub weights: Vec<String>,
     /// HF `config.json`.
     pub config: String,
+    /// `tokenizer.json`, or SentencePiece's `spiece.model` (ending in `.model`).
     pub tokenizer: String,
     /// Prompts are padded or truncated to this many tokens (512 for dev, 256 for schnell).
     pub max_length: usize,

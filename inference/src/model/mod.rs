@@ -1,5 +1,6 @@
 //! Model components and their loading from the real checkpoint layouts.
 
+pub(crate) mod attention;
 pub(crate) mod cpu;
 pub mod flux;
 pub mod flux_keys;
@@ -7,9 +8,12 @@ pub mod image;
 pub mod linear;
 pub mod manifest;
 pub mod noise;
+pub mod rope;
 pub mod schedule;
+pub mod spiece;
 pub mod text;
 pub mod vae;
+pub mod vae_keys;
 pub mod weights;
 
 /// The largest absolute difference between two tensors of one shape, for tests against

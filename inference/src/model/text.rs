@@ -21,9 +21,10 @@ use tokenizers::{
     Model, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationParams,
 };
 
+use crate::error::Error;
 use crate::model::manifest::{ClipFiles, T5Files};
-use crate::model::weights::TensorMap;
-use crate::pipeline::Error;
+use crate::model::spiece::SentencePieceModel;
+use crate::model::weights::{self, TensorMap};
 
 pub const CLIP_BOS: &str = "<|startoftext|>";
 pub const CLIP_EOS: &str = "<|endoftext|>";
@@ -193,7 +194,11 @@ impl Tokenizers {
             let path = model_dir.join(file);
             Tokenizer::from_file(&path).map_err(|e| tokenizer_error(&path.display().to_string(), e))
         };
-        let mut t5_tokenizer = from_json(&t5.tokenizer)?;
+        // `spiece.model` alone (as some T5 directories ship) or `tokenizer.json`.
+        let mut t5_tokenizer = match t5.tokenizer.ends_with(".model") {
+            true => SentencePieceModel::read(&model_dir.join(&t5.tokenizer))?.t5_tokenizer()?,
+            false => from_json(&t5.tokenizer)?,
+        };
         let pad_token = t5_tokenizer.id_to_token(t5_pad_id).unwrap_or_default();
         // Flux pads T5 prompts to a fixed length and attends to the padding (no mask).
         t5_tokenizer
@@ -251,27 +256,39 @@ impl Tokenizers {
     }
 }
 
-/// T5 and CLIP built on one device.
+/// T5 and CLIP built on one device, each computing in the dtype of its weights.
 pub struct TextEncoders {
     t5: t5::T5EncoderModel,
     clip: ClipTextTransformer,
+    weight_bytes: u64,
 }
 
 impl TextEncoders {
+    /// Builds each encoder from its weights on `device` in the dtype paired with them; weights
+    /// already in that dtype are shared, not copied.
     pub fn build(
-        t5_weights: &TensorMap,
+        (t5_weights, t5_dtype): (&TensorMap, DType),
         t5_config: &t5::Config,
-        clip_weights: &TensorMap,
+        (clip_weights, clip_dtype): (&TensorMap, DType),
         clip_config: &ClipTextConfig,
         device: &Device,
-        dtype: DType,
     ) -> Result<Self, Error> {
-        let vb = |map: &TensorMap| VarBuilder::from_tensors(map.clone(), dtype, device);
-        let t5 = t5::T5EncoderModel::load(vb(t5_weights), t5_config)
+        let vb = |map: &TensorMap, dtype| VarBuilder::from_tensors(map.clone(), dtype, device);
+        let t5 = t5::T5EncoderModel::load(vb(t5_weights, t5_dtype), t5_config)
             .map_err(|e| Error::InvalidModel(format!("T5 weights: {e}")))?;
-        let clip = ClipTextTransformer::new(vb(clip_weights).pp("text_model"), clip_config)
-            .map_err(|e| Error::InvalidModel(format!("CLIP weights: {e}")))?;
-        Ok(Self { t5, clip })
+        let clip =
+            ClipTextTransformer::new(vb(clip_weights, clip_dtype).pp("text_model"), clip_config)
+                .map_err(|e| Error::InvalidModel(format!("CLIP weights: {e}")))?;
+        Ok(Self {
+            t5,
+            clip,
+            weight_bytes: weights::byte_size(t5_weights) + weights::byte_size(clip_weights),
+        })
+    }
+
+    /// Bytes of both encoders' weights as held.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// `(1, tokens, t5_width)` T5 states and the `(1, clip_width)` pooled CLIP vector.

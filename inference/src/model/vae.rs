@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::flux::autoencoder;
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::Error;
+use crate::error::Error;
 
 /// Key prefix of the decoder in `ae.safetensors`.
 pub const DECODER_PREFIX: &str = "decoder.";

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use tokio::net::TcpListener;
 
-use crate::pipeline::{self, Precision};
+use crate::pipeline::{self, ComputeDtype, DeviceChoice, Precision};
 use api::AppState;
 use history::HistoryState;
 use jobs::{Registry, Retention};
@@ -42,6 +42,10 @@ pub struct ServeConfig {
     pub model_dir: PathBuf,
     pub outputs_dir: PathBuf,
     pub precision: Precision,
+    /// The device of the model while it is warm.
+    pub device: DeviceChoice,
+    /// `None` for the device's own compute dtype.
+    pub compute_dtype: Option<ComputeDtype>,
     /// Jobs accepted at once, running and waiting; more get 429.
     pub concurrency: usize,
     /// Time without jobs after which the weights leave the device.
@@ -90,6 +94,8 @@ async fn serve_with(
                 model_dir: config.model_dir,
                 outputs_dir: config.outputs_dir,
                 precision: config.precision,
+                device: config.device,
+                compute_dtype: config.compute_dtype,
                 idle_offload: config.idle_offload,
             },
             Arc::clone(&metrics),

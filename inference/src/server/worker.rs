@@ -21,7 +21,9 @@ use super::jobs::{FailureReason, Job, JobError, Outcome};
 use super::metrics::InferenceMetrics;
 use super::warm::{self, ModelState, Move, WarmKeeper};
 use crate::outputs::ImageData;
-use crate::pipeline::{self, Pipeline, Placement, Precision};
+use crate::pipeline::{
+    self, ComputeDtype, DeviceChoice, LoadOptions, Pipeline, Placement, Precision,
+};
 
 /// What the HTTP side asks of the worker.
 pub enum Command {
@@ -56,6 +58,8 @@ pub struct WorkerConfig {
     pub model_dir: PathBuf,
     pub outputs_dir: PathBuf,
     pub precision: Precision,
+    pub device: DeviceChoice,
+    pub compute_dtype: Option<ComputeDtype>,
     pub idle_offload: Duration,
 }
 
@@ -86,7 +90,19 @@ pub fn spawn(config: WorkerConfig, metrics: Arc<InferenceMetrics>) -> std::io::R
     let (failed_tx, failed_rx) = oneshot::channel();
     thread::Builder::new().name("generator".into()).spawn(move || {
         let mut warm = WarmKeeper::new(config.idle_offload, Instant::now());
-        let pipeline = match Pipeline::load(&config.model_dir, config.precision) {
+        // A GPU model loads straight onto the GPU, tensor by tensor: loading it into host
+        // memory first would need the whole model there.
+        let placement = match config.device {
+            DeviceChoice::Cpu => Placement::Host,
+            DeviceChoice::Cuda(_) => Placement::Device,
+        };
+        let options = LoadOptions {
+            precision: config.precision,
+            device: config.device,
+            compute_dtype: config.compute_dtype,
+            placement,
+        };
+        let pipeline = match Pipeline::load_with(&config.model_dir, &options) {
             Ok(pipeline) => pipeline,
             Err(e) => {
                 let _ = failed_tx.send(e);
@@ -94,6 +110,9 @@ pub fn spawn(config: WorkerConfig, metrics: Arc<InferenceMetrics>) -> std::io::R
             }
         };
         warm.loaded(Instant::now());
+        if placement == Placement::Device {
+            warm.moved(Move::ToDevice, Instant::now());
+        }
         let info = pipeline.info();
         model_tx.send_modify(|m| {
             m.name = info.name.clone();

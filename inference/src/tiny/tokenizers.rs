@@ -1,17 +1,13 @@
-//! Tokenizer files of tiny models: a small unigram T5 `tokenizer.json` (as FLUX.1-dev's
-//! `tokenizer_2/`) and a small byte-level BPE `vocab.json` + `merges.txt` for CLIP (as its
+//! Tokenizer files of synthetic models: a unigram T5 `spiece.model` and `tokenizer.json` (as
+//! FLUX.1-dev's `tokenizer_2/`) and a small byte-level BPE `vocab.json` + `merges.txt` for CLIP (as its
 //! `tokenizer/`, which has no `tokenizer.json`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tokenizers::models::unigram::Unigram;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Tokenizer};
-
+use crate::error::Error;
+use crate::model::spiece::{PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN, Piece, SentencePieceModel};
 use crate::model::text::{CLIP_BOS, CLIP_EOS};
-use crate::pipeline::Error;
 
 /// Words that get whole-word pieces in both vocabularies; anything else falls back to
 /// characters (T5) or byte-level symbols (CLIP).
@@ -25,48 +21,53 @@ fn tokenizer_error(e: impl std::fmt::Display) -> Error {
 }
 
 fn write(path: &Path, text: String) -> Result<(), Error> {
-    std::fs::write(path, text).map_err(|source| Error::Io {
+    write_bytes(path, text.into_bytes())
+}
+
+fn write_bytes(path: &Path, bytes: Vec<u8>) -> Result<(), Error> {
+    std::fs::write(path, bytes).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })
 }
 
-/// Writes the T5 tokenizer; returns its vocabulary size. Ids 0, 1, 2 are `<pad>`, `</s>`,
-/// `<unk>` as in T5.
-pub fn write_t5_tokenizer(path: &Path) -> Result<usize, Error> {
-    let specials = ["<pad>", "</s>", "<unk>"];
-    let mut vocab: Vec<(String, f64)> = specials.iter().map(|s| (s.to_string(), 0.0)).collect();
-    vocab.extend(WORDS.iter().map(|w| (format!("▁{w}"), -4.0)));
-    vocab.push(("▁".into(), -6.0));
+/// Writes the T5 tokenizer twice, as published T5 directories hold it: `spiece.model` and
+/// the `tokenizer.json` built from it. `pieces` pads the vocabulary with unreachable filler
+/// pieces (FLUX.1-dev's has 32 000). Returns the vocabulary size including T5's 100 extra
+/// ids. Ids 0, 1, 2 are `<pad>`, `</s>`, `<unk>` as in T5.
+pub fn write_t5_tokenizer(spiece: &Path, json: &Path, pieces: usize) -> Result<usize, Error> {
+    let piece = |piece: String, score: f32, kind: u64| Piece { piece, score, kind };
+    let mut vocab = vec![
+        piece("<pad>".into(), 0.0, PIECE_CONTROL),
+        piece("</s>".into(), 0.0, PIECE_CONTROL),
+        piece("<unk>".into(), 0.0, PIECE_UNKNOWN),
+    ];
+    vocab.extend(
+        WORDS
+            .iter()
+            .map(|w| piece(format!("▁{w}"), -4.0, PIECE_NORMAL)),
+    );
+    vocab.push(piece("▁".into(), -6.0, PIECE_NORMAL));
     let characters = ('a'..='z')
         .chain('A'..='Z')
         .chain('0'..='9')
         .chain(".,!?'-".chars());
-    vocab.extend(characters.map(|c| (c.to_string(), -8.0)));
-    let size = vocab.len();
-    let model = Unigram::from(vocab, Some(2), false).map_err(tokenizer_error)?;
-    let mut tokenizer = Tokenizer::new(model);
-    tokenizer
-        .add_special_tokens(specials.map(|s| AddedToken::from(s, true)))
-        .map_err(tokenizer_error)?;
-    tokenizer
-        .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
-        .with_decoder(Some(Metaspace::new('▁', PrependScheme::Always, true)))
-        .with_post_processor(Some(
-            TemplateProcessing::builder()
-                .try_single("$A </s>")
-                .map_err(tokenizer_error)?
-                .try_pair("$A </s> $B </s>")
-                .map_err(tokenizer_error)?
-                .special_tokens(vec![("</s>", 1)])
-                .build()
-                .map_err(tokenizer_error)?,
-        ));
+    vocab.extend(characters.map(|c| piece(c.to_string(), -8.0, PIECE_NORMAL)));
+    let fillers = pieces.saturating_sub(vocab.len());
+    vocab.extend((0..fillers).map(|i| piece(format!("▁zz{i}zz"), -30.0, PIECE_NORMAL)));
+    let model = SentencePieceModel {
+        pieces: vocab,
+        unk_id: 2,
+        precompiled_charsmap: Vec::new(),
+        add_dummy_prefix: true,
+    };
+    write_bytes(spiece, model.encode())?;
+    let tokenizer = model.t5_tokenizer()?;
     write(
-        path,
+        json,
         tokenizer.to_string(true).map_err(tokenizer_error)? + "\n",
     )?;
-    Ok(size)
+    Ok(tokenizer.get_vocab_size(true))
 }
 
 /// GPT-2's reversible byte-to-character map used by byte-level BPE: printable bytes map to
@@ -87,9 +88,10 @@ fn byte_symbols() -> Vec<char> {
 
 /// Writes CLIP's `vocab.json` and `merges.txt`; returns the vocabulary size. Like CLIP's,
 /// the vocabulary is every byte symbol alone and with `</w>`, then one entry per merge,
-/// then `<|startoftext|>` and `<|endoftext|>` with the two highest ids (CLIP pools at the
+/// (then unreachable fillers up to `size`, CLIP-L has 49 408 entries), then
+/// `<|startoftext|>` and `<|endoftext|>` with the two highest ids (CLIP pools at the
 /// highest id).
-pub fn write_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<usize, Error> {
+pub fn write_clip_bpe(vocab_path: &Path, merges_path: &Path, size: usize) -> Result<usize, Error> {
     let symbols: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
     let mut tokens: Vec<String> = symbols.clone();
     tokens.extend(symbols.iter().map(|s| format!("{s}</w>")));
@@ -110,6 +112,8 @@ pub fn write_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<usize, Er
             }
         }
     }
+    let fillers = size.saturating_sub(tokens.len() + 2);
+    tokens.extend((0..fillers).map(|i| format!("<|filler{i}|>")));
     tokens.extend([CLIP_BOS.to_string(), CLIP_EOS.to_string()]);
     let mut vocab = BTreeMap::new();
     for (id, token) in tokens.iter().enumerate() {

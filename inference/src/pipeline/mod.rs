@@ -1,8 +1,9 @@
 //! Text-to-image generation with a Flux model directory.
 //!
-//! [`Pipeline::load`] reads every weight into host memory once; [`Pipeline::move_to`] builds
-//! the models on the GPU (or back on the host) from those host copies, so a pod can park a
-//! model in RAM and bring it back without touching the disk. [`Pipeline::generate`] is a
+//! [`Pipeline::load_with`] opens the chosen device and builds the models from the mmapped
+//! checkpoint files, one tensor at a time, with the weights in their storage dtype;
+//! [`Pipeline::move_to`] rebuilds them on the GPU (or back on the host) from the same files,
+//! so no second copy of what sits on one device is kept on the other. [`Pipeline::generate`] is a
 //! straight sequence of stages, each also public for tests and tools: tokenize, T5 + CLIP
 //! ([`Pipeline::encode_prompt`]), seeded host noise ([`Pipeline::initial_noise`]), schedule
 //! ([`Pipeline::sigmas`]), Euler denoising ([`Pipeline::denoise`]), VAE decode
@@ -13,20 +14,28 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::clip::text_model::ClipTextConfig;
 use candle_transformers::models::flux::sampling;
-use candle_transformers::models::t5;
 use serde::{Deserialize, Serialize};
 
-use crate::model::flux::{Flux, FluxConfig, Rope};
-use crate::model::flux_keys::{self, Layout};
+mod models;
+
+pub use crate::device::{ComputeDtype, DeviceChoice};
+pub use crate::error::Error;
+use crate::model::flux::Rope;
 use crate::model::image::encode_png;
-use crate::model::manifest::{Manifest, Variant};
+use crate::model::manifest::Manifest;
 use crate::model::noise;
-use crate::model::text::{self, TextEncoders, Tokenizers};
-use crate::model::vae::{self, VaeDecoder};
-use crate::model::weights::{self, SafetensorsFiles, TensorMap};
+use crate::model::text::Tokenizers;
+use models::{Configs, Models, WeightBytes, build_models, text_encoders};
+
+/// The device a placement computes on: the chosen device for [`Placement::Device`]; for
+/// [`Placement::Host`] the CPU if that is the chosen device, else none (parked).
+fn placement_device(compute_device: &Device, placement: Placement) -> Option<Device> {
+    match placement {
+        Placement::Device => Some(compute_device.clone()),
+        Placement::Host => compute_device.is_cpu().then_some(Device::Cpu),
+    }
+}
 
 /// Largest accepted width or height, in pixels.
 pub const MAX_SIDE: u32 = 2048;
@@ -35,8 +44,8 @@ pub const MAX_STEPS: u32 = 100;
 /// Most images in one request.
 pub const MAX_IMAGES: u32 = 4;
 
-/// How the transformer's weights are held in memory. Computation is in bf16 on a GPU and in
-/// f32 on the CPU either way.
+/// How the transformer's weights are held in memory. Computation is in the pipeline's compute
+/// dtype either way (bf16 on a GPU, f32 on the CPU unless asked otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -121,46 +130,6 @@ pub struct ModelInfo {
     pub default_guidance: f32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("generation cancelled")]
-    Cancelled,
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    #[error("invalid configuration: {0}")]
-    InvalidConfig(String),
-    #[error("invalid model: {0}")]
-    InvalidModel(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("tensor computation: {0}")]
-    Tensor(#[from] candle_core::Error),
-    #[error("PNG encoding: {0}")]
-    Png(#[from] png::EncodingError),
-}
-
-impl Error {
-    /// A stable, short reason for metrics, events and job status.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Cancelled => "Cancelled",
-            Error::InvalidRequest(_) => "InvalidRequest",
-            Error::InvalidConfig(_) => "InvalidConfig",
-            Error::InvalidModel(_) => "InvalidModel",
-            Error::Io { .. } => "Io",
-            Error::Tokenizer(_) => "Tokenizer",
-            Error::Tensor(_) => "Tensor",
-            Error::Png(_) => "Png",
-        }
-    }
-}
-
 /// The text conditioning of one prompt, on the pipeline's device in its compute dtype.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
@@ -170,134 +139,62 @@ pub struct Conditioning {
     pub clip: Tensor,
 }
 
-struct Configs {
-    flux: FluxConfig,
-    vae: vae::VaeConfig,
-    t5: t5::Config,
-    clip: ClipTextConfig,
+/// What [`Pipeline::load_with`] loads onto what.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub precision: Precision,
+    /// The device of [`Placement::Device`].
+    pub device: DeviceChoice,
+    /// Activations' dtype; `None` for the device's own ([`DeviceChoice::default_compute_dtype`]).
+    pub compute_dtype: Option<ComputeDtype>,
+    /// Where the models are built at load.
+    pub placement: Placement,
 }
 
-impl Configs {
-    fn read(model_dir: &Path, manifest: &Manifest) -> Result<Self, Error> {
-        let configs = Self {
-            flux: manifest.transformer.config.clone(),
-            vae: manifest.vae.config.clone(),
-            t5: text::t5_config(&model_dir.join(&manifest.t5.config))?,
-            clip: text::clip_config(&model_dir.join(&manifest.clip.config))?,
-        };
-        let mismatch = |what: &str, a: usize, b: usize| {
-            Err(Error::InvalidModel(format!("{what}: {a} != {b}")))
-        };
-        if configs.flux.context_in_dim != configs.t5.d_model {
-            return mismatch(
-                "transformer context_in_dim vs T5 d_model",
-                configs.flux.context_in_dim,
-                configs.t5.d_model,
-            );
+impl LoadOptions {
+    /// On the CPU, in f32, starting on the host.
+    pub fn cpu(precision: Precision) -> Self {
+        Self {
+            precision,
+            device: DeviceChoice::Cpu,
+            compute_dtype: None,
+            placement: Placement::Host,
         }
-        if configs.flux.vec_in_dim != configs.clip.embed_dim {
-            return mismatch(
-                "transformer vec_in_dim vs CLIP hidden_size",
-                configs.flux.vec_in_dim,
-                configs.clip.embed_dim,
-            );
-        }
-        if configs.flux.in_channels != 4 * configs.vae.z_channels {
-            return mismatch(
-                "transformer in_channels vs 4 x VAE z_channels",
-                configs.flux.in_channels,
-                4 * configs.vae.z_channels,
-            );
-        }
-        Ok(configs)
     }
-}
-
-/// Every weight, in host memory, in its storage dtype.
-struct HostWeights {
-    transformer: TensorMap,
-    vae: TensorMap,
-    t5: TensorMap,
-    clip: TensorMap,
-}
-
-impl HostWeights {
-    fn read(model_dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Self, Error> {
-        let transformer =
-            read_transformer(&model_dir.join(&manifest.transformer.weights), precision)?;
-        // Text encoders and VAE are held in the dtype they compute in where they mostly
-        // run: bf16 when a GPU is present (halving T5-XXL's 19 GB), f32 on CPU-only hosts,
-        // where the models then share the host copies instead of converting them.
-        let dtype = match candle_core::utils::cuda_is_available() {
-            true => DType::BF16,
-            false => DType::F32,
-        };
-        let read = |files: &[String], select: &dyn Fn(&str) -> Option<String>| {
-            SafetensorsFiles::open(&weights::paths(model_dir, files))?.read(select, |_, _| dtype)
-        };
-        let all = |name: &str| Some(name.to_string());
-        let decoder = |name: &str| {
-            name.starts_with(vae::DECODER_PREFIX)
-                .then(|| name.to_string())
-        };
-        Ok(Self {
-            transformer,
-            vae: read(std::slice::from_ref(&manifest.vae.weights), &decoder)?,
-            t5: read(&manifest.t5.weights, &all)?,
-            clip: read(&manifest.clip.weights, &all)?,
-        })
-    }
-
-    fn byte_size(&self) -> u64 {
-        [&self.transformer, &self.vae, &self.t5, &self.clip]
-            .into_iter()
-            .map(weights::byte_size)
-            .sum()
-    }
-}
-
-/// Reads a transformer file in either key layout into BFL names, with linear weights in the
-/// precision's storage dtype and the small tensors (biases, norm scales) in bf16.
-fn read_transformer(path: &Path, precision: Precision) -> Result<TensorMap, Error> {
-    let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
-    let select = flux_keys::transformer_key_selector(&files.names());
-    let map = files.read(select, |name, tensor| {
-        match tensor.rank() == 2 && name.ends_with(".weight") {
-            true => precision.storage_dtype(),
-            false => DType::BF16,
-        }
-    })?;
-    match flux_keys::detect_layout(&map)? {
-        Layout::Bfl => Ok(map),
-        Layout::Diffusers => flux_keys::diffusers_to_bfl(map),
-    }
-}
-
-/// The models built on one device.
-struct Models {
-    device: Device,
-    dtype: DType,
-    flux: Flux,
-    vae: VaeDecoder,
-    /// `None` while offloaded: built for each prompt and dropped before denoising.
-    text: Option<TextEncoders>,
 }
 
 pub struct Pipeline {
+    model_dir: PathBuf,
     manifest: Manifest,
     info: ModelInfo,
     precision: Precision,
     placement: Placement,
     configs: Configs,
-    host: HostWeights,
     tokenizers: Tokenizers,
-    models: Models,
+    /// The device of [`Placement::Device`], opened once at load.
+    compute_device: Device,
+    dtype: DType,
+    /// `None` while a GPU pipeline is parked on [`Placement::Host`]: its weights are then only
+    /// in the mmapped files (page cache, not the process's memory) until the next move.
+    models: Option<Models>,
+    /// Of the models last built.
+    bytes: WeightBytes,
 }
 
 impl Pipeline {
-    /// Loads all weights of the model directory into host memory; the pipeline starts on
-    /// [`Placement::Host`].
+    /// [`Pipeline::load_with`] on the CPU in f32, on [`Placement::Host`].
     pub fn load(model_dir: &Path, precision: Precision) -> Result<Self, Error> {
+        Self::load_with(model_dir, &LoadOptions::cpu(precision))
+    }
+
+    /// Opens the device (an error naming CUDA if it is asked for and missing), then builds
+    /// the models on the options' placement from the mmapped files, one tensor at a time.
+    pub fn load_with(model_dir: &Path, options: &LoadOptions) -> Result<Self, Error> {
+        let compute_device = options.device.open()?;
+        let dtype = options
+            .compute_dtype
+            .unwrap_or(options.device.default_compute_dtype())
+            .dtype();
         let manifest = Manifest::read(model_dir)?;
         let configs = Configs::read(model_dir, &manifest)?;
         let tokenizers = Tokenizers::load(
@@ -307,7 +204,18 @@ impl Pipeline {
             &manifest.clip,
             configs.clip.max_position_embeddings,
         )?;
-        let host = HostWeights::read(model_dir, &manifest, precision)?;
+        let models = match placement_device(&compute_device, options.placement) {
+            Some(device) => Some(build_models(
+                model_dir,
+                &manifest,
+                &configs,
+                options.precision,
+                device,
+                dtype,
+            )?),
+            None => None,
+        };
+        let bytes = models.as_ref().map(|m| m.bytes).unwrap_or_default();
         let info = ModelInfo {
             name: manifest.name.clone(),
             variant: manifest.variant.as_str().to_string(),
@@ -315,14 +223,17 @@ impl Pipeline {
             default_guidance: manifest.defaults.guidance,
         };
         Ok(Self {
-            models: build_models(&manifest, &configs, &host, precision, Device::Cpu)?,
+            model_dir: model_dir.to_path_buf(),
             manifest,
             info,
-            precision,
-            placement: Placement::Host,
+            precision: options.precision,
+            placement: options.placement,
             configs,
-            host,
             tokenizers,
+            compute_device,
+            dtype,
+            models,
+            bytes,
         })
     }
 
@@ -342,34 +253,70 @@ impl Pipeline {
         self.placement
     }
 
-    /// `Device` is CUDA device 0 when built with the `cuda` feature and a GPU is present;
-    /// otherwise there is nothing to move and only the placement is recorded.
+    /// The activations' dtype.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// To [`Placement::Device`]: builds the models on the device from the mmapped files (the
+    /// page cache after the first read), one tensor at a time, and only then drops what was
+    /// there, so a failed move keeps the pipeline where it was. To [`Placement::Host`] on a
+    /// GPU: frees the device and keeps no copy in the process (the files are the copy). With
+    /// `--device cpu` both placements are the CPU: only the placement is recorded.
     pub fn move_to(&mut self, placement: Placement) -> Result<(), Error> {
-        let device = match placement {
-            Placement::Host => Device::Cpu,
-            Placement::Device => Device::cuda_if_available(0)?,
+        let target = placement_device(&self.compute_device, placement);
+        let unchanged = match (&target, &self.models) {
+            (Some(target), Some(models)) => target.same_device(&models.device),
+            _ => false,
         };
-        if !device.same_device(&self.models.device) {
-            self.models = build_models(
-                &self.manifest,
-                &self.configs,
-                &self.host,
-                self.precision,
-                device,
-            )?;
+        if !unchanged {
+            self.models = match target {
+                Some(device) => {
+                    let models = build_models(
+                        &self.model_dir,
+                        &self.manifest,
+                        &self.configs,
+                        self.precision,
+                        device,
+                        self.dtype,
+                    )?;
+                    self.bytes = models.bytes;
+                    Some(models)
+                }
+                None => None,
+            };
         }
         self.placement = placement;
         Ok(())
     }
 
-    /// Bytes of weights held in host memory (all components).
+    /// The models, or an error while a GPU pipeline is parked.
+    fn models(&self) -> Result<&Models, Error> {
+        self.models.as_ref().ok_or_else(|| {
+            Error::InvalidConfig(
+                "the model is parked off the GPU; move it to the device to generate".into(),
+            )
+        })
+    }
+
+    /// Bytes of the weights of the models last built (all components; the text encoders
+    /// only while resident), in the dtypes they are held in.
     pub fn weight_bytes(&self) -> u64 {
-        self.host.byte_size()
+        self.bytes.transformer + self.bytes.vae + self.bytes.text
     }
 
     /// Bytes of the transformer's weights alone, where the precision makes its difference.
     pub fn transformer_weight_bytes(&self) -> u64 {
-        weights::byte_size(&self.host.transformer)
+        self.bytes.transformer
+    }
+
+    /// Bytes of weights the process holds in host memory: all of them on the CPU, none on a
+    /// GPU or while parked.
+    pub fn host_weight_bytes(&self) -> u64 {
+        match &self.models {
+            Some(models) if models.device.is_cpu() => self.weight_bytes(),
+            _ => 0,
+        }
     }
 
     /// Calls on_step(step, total) after every denoising step (1-based); returning
@@ -423,27 +370,30 @@ impl Pipeline {
     pub fn encode_prompt(&self, prompt: &str) -> Result<Conditioning, Error> {
         let (t5_ids, clip_ids) = self.token_ids(prompt)?;
         let offloaded;
-        let encoders = match &self.models.text {
+        let models = self.models()?;
+        let encoders = match &models.text {
             Some(encoders) => encoders,
             None => {
                 offloaded = text_encoders(
+                    &self.model_dir,
+                    &self.manifest,
                     &self.configs,
-                    &self.host,
-                    &self.models.device,
-                    self.models.dtype,
+                    &models.device,
+                    self.dtype,
                 )?;
                 &offloaded
             }
         };
         let (t5, clip) = encoders.encode(&t5_ids, &clip_ids)?;
         Ok(Conditioning {
-            t5: t5.to_dtype(self.models.dtype)?,
-            clip: clip.to_dtype(self.models.dtype)?,
+            t5: t5.to_dtype(self.dtype)?,
+            clip: clip.to_dtype(self.dtype)?,
         })
     }
 
     /// Unpacked latent noise `(num_images, z_channels, height/8, width/8)`, image `i` from
-    /// `seed + i`, drawn on the host so that every device starts from the same numbers.
+    /// `seed + i`, drawn on the host so that every device starts from the same numbers; in
+    /// f32, the dtype the latents keep through denoising on every device.
     pub fn initial_noise(&self, req: &GenerateRequest) -> Result<Tensor, Error> {
         let shape = (
             req.num_images as usize,
@@ -456,9 +406,7 @@ impl Pipeline {
             .flat_map(|i| noise::standard_normal(req.seed.wrapping_add(u64::from(i)), per_image))
             .collect();
         let noise = Tensor::from_vec(values, shape, &Device::Cpu)?;
-        Ok(noise
-            .to_device(&self.models.device)?
-            .to_dtype(self.models.dtype)?)
+        Ok(noise.to_device(&self.models()?.device)?)
     }
 
     /// The manifest's schedule for this request's step count and resolution.
@@ -469,6 +417,9 @@ impl Pipeline {
 
     /// Euler integration of the flow from `noise` (unpacked latents) along `sigmas`, calling
     /// `on_step` after each step. Returns unpacked latents of the same shape.
+    ///
+    /// The latents and the Euler update stay in f32 on every device, as diffusers' scheduler
+    /// computes them; only the transformer's input and output are in the compute dtype.
     pub fn denoise(
         &self,
         conditioning: &Conditioning,
@@ -477,16 +428,20 @@ impl Pipeline {
         guidance: f32,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Tensor, Error> {
-        let (device, dtype) = (&self.models.device, self.models.dtype);
+        let models = self.models()?;
+        let device = &models.device;
         let (batch, _, latent_h, latent_w) = noise.dims4()?;
         // Packs 2x2 latent patches into tokens and repeats the text for the batch.
-        let state = sampling::State::new(&conditioning.t5, &conditioning.clip, noise)?;
+        let state = sampling::State::new(
+            &conditioning.t5,
+            &conditioning.clip,
+            &noise.to_dtype(DType::F32)?,
+        )?;
         let rope = Rope::new(
             &self.configs.flux,
             state.txt.dim(1)?,
             (latent_h / 2, latent_w / 2),
             device,
-            dtype,
         )?;
         let guidance = Tensor::full(guidance, batch, device)?;
         let total = sigmas.len().saturating_sub(1) as u32;
@@ -494,15 +449,15 @@ impl Pipeline {
         for (step, pair) in (1..).zip(sigmas.windows(2)) {
             let (sigma, next) = (pair[0], pair[1]);
             let t = Tensor::full(sigma as f32, batch, device)?;
-            let velocity = self.models.flux.forward(
-                &img,
+            let velocity = models.flux.forward(
+                &img.to_dtype(self.dtype)?,
                 &state.txt,
                 &state.vec,
                 &rope,
                 &t,
                 Some(&guidance),
             )?;
-            img = (img + (velocity * (next - sigma))?)?;
+            img = (img + (velocity.to_dtype(DType::F32)? * (next - sigma))?)?;
             if on_step(step, total).is_break() {
                 return Err(Error::Cancelled);
             }
@@ -513,59 +468,10 @@ impl Pipeline {
     /// Decodes unpacked latents to `(batch, 3, height, width)` f32 images on the host,
     /// nominally in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, Error> {
-        let images = self.models.vae.decode(latents)?;
+        let models = self.models()?;
+        let images = models.vae.decode(&latents.to_dtype(models.vae_dtype)?)?;
         Ok(images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
     }
-}
-
-fn text_encoders(
-    configs: &Configs,
-    host: &HostWeights,
-    device: &Device,
-    dtype: DType,
-) -> Result<TextEncoders, Error> {
-    TextEncoders::build(
-        &host.t5,
-        &configs.t5,
-        &host.clip,
-        &configs.clip,
-        device,
-        dtype,
-    )
-}
-
-fn build_models(
-    manifest: &Manifest,
-    configs: &Configs,
-    host: &HostWeights,
-    precision: Precision,
-    device: Device,
-) -> Result<Models, Error> {
-    let dtype = match device.is_cuda() {
-        true => DType::BF16,
-        false => DType::F32,
-    };
-    let vb = |map: &TensorMap| VarBuilder::from_tensors(map.clone(), dtype, &device);
-    let flux = Flux::load(
-        &configs.flux,
-        manifest.variant == Variant::Dev,
-        precision.storage_dtype(),
-        vb(&host.transformer),
-    )
-    .map_err(|e| Error::InvalidModel(format!("transformer weights: {e}")))?;
-    let vae = VaeDecoder::load(&configs.vae, vb(&host.vae))?;
-    // On the CPU the encoders share the host tensors, so keeping them costs nothing.
-    let text = match manifest.offload_text_encoders && device.is_cuda() {
-        true => None,
-        false => Some(text_encoders(configs, host, &device, dtype)?),
-    };
-    Ok(Models {
-        device,
-        dtype,
-        flux,
-        vae,
-        text,
-    })
 }
 
 /// Checks a request against the limits above ([`Error::InvalidRequest`] says which one
