@@ -19,6 +19,7 @@ pub use generation_job::{
 pub use tenant::{
     AccessMode, GpuSpec, InferenceSpec, JobLimits, Member, ModelSource, Precision, QuotaSpec, Role,
     StorageSpec, Tenant, TenantPhase, TenantSpec, TenantStatus, UserUsage,
+    Reservation,
 };
 
 /// API group of all Atelier resources.

@@ -426,7 +426,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         "atelier.dev generationjobs/status patch",
         "core namespaces get list watch create patch delete",
         "core resourcequotas get list watch create patch",
-        "core persistentvolumeclaims get list watch create patch",
+        "core persistentvolumeclaims get list watch create patch delete",
         "core services get list watch create patch",
         "core limitranges get create patch",
         "core serviceaccounts get create patch",
@@ -471,7 +471,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         &api,
     )?;
     let admin = expected(&[
-        "atelier.dev generationjobs get list watch create patch",
+        "atelier.dev generationjobs get list watch create patch prioritize",
         "core pods get list watch",
         "core pods/log get",
     ]);
@@ -480,7 +480,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         &grants(find(&documents, "ClusterRole", "atelier-tenant-admin")?),
         &admin,
     )?;
-    let member = expected(&["atelier.dev generationjobs create get list watch"]);
+    let member = expected(&["atelier.dev generationjobs create get"]);
     diff(
         "tenant member ClusterRole",
         &grants(find(&documents, "ClusterRole", "atelier-tenant-member")?),
@@ -953,6 +953,39 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     ensure!(
         message.contains("spec.user must be your own identity"),
         "refused for the wrong reason: {message}"
+    );
+    // ...nor rank their job above fair share, nor list the other members' jobs...
+    let prioritized = example(
+        "generationjob.yaml",
+        &[("numImages: 1", "numImages: 1\n  priority: 100")],
+    );
+    let as_alice_first = kubectl_as(
+        cluster,
+        "oidc:alice@example.com",
+        &["oidc:team-a", "system:authenticated"],
+        &["create", "-f", "-"],
+        Some(&prioritized),
+    )
+    .await;
+    let message = format!(
+        "{:#}",
+        as_alice_first.expect_err("a member's job of priority 100 must be refused")
+    );
+    ensure!(
+        message.contains("spec.priority is for tenant admins"),
+        "refused for the wrong reason: {message}"
+    );
+    let listed = kubectl_as(
+        cluster,
+        "oidc:alice@example.com",
+        &["oidc:team-a", "system:authenticated"],
+        &["-n", TENANT_NAMESPACE, "get", "generationjobs"],
+        None,
+    )
+    .await;
+    ensure!(
+        listed.as_ref().is_err_and(|e| format!("{e:#}").contains("forbidden")),
+        "a member listed every job of the tenant: {listed:?}"
     );
     // ...nor outside their tenant's RoleBinding...
     expect_forbidden(
