@@ -430,6 +430,18 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     .await
     .unwrap();
     let ns = tenant.namespace_name();
+    let deployments =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client().await, &ns);
+    let replicas = || async {
+        let deployment = deployments.get_opt("inference").await?;
+        anyhow::Ok(deployment.and_then(|d| d.spec?.replicas))
+    };
+    // Before any job the tenant is at zero: the job below must scale it up.
+    wait_for("the idle tenant at zero replicas", TIMEOUT, || async {
+        Ok((replicas().await? == Some(0)).then_some(()))
+    })
+    .await
+    .unwrap();
     let job = create_job(cluster, &ns, "hal@example.com", json!({}))
         .await
         .unwrap();
@@ -437,8 +449,6 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
         .await
         .unwrap();
     assert_eq!(done.phase(), JobPhase::Succeeded);
-    let deployments =
-        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client().await, &ns);
     wait_for("inference scaled to zero", TIMEOUT, || async {
         let spec_replicas = deployments
             .get("inference")
