@@ -66,6 +66,10 @@ pub struct ControllerArgs {
     /// Identity of this replica in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Address ranges job webhooks may reach although they are internal (loopback, private,
+    /// link-local, shared), as comma-separated CIDRs. Empty: public addresses only.
+    #[arg(long, env = "ATELIER_WEBHOOK_ALLOWED_CIDRS", value_delimiter = ',')]
+    pub webhook_allowed_cidrs: Vec<ipnet::IpNet>,
     /// Test hook: a file holding an RFC 3339 time to use as "now" (the quota day boundary is
     /// then testable without waiting a day). Only in builds with the `test-hooks` feature,
     /// which the end-to-end tests enable and release images do not.
@@ -83,6 +87,8 @@ pub struct Context {
     pub clock: Clock,
     /// Every GenerationJob, indexed for admission and the dispatcher.
     pub jobs: watched_jobs::WatchedJobs,
+    /// Internal ranges webhooks may reach nevertheless.
+    pub webhook_allowed_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Wall clock, or (with the `test-hooks` feature) the time written in a test file.
@@ -154,6 +160,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             file: args.test_clock_file.clone(),
         },
         jobs: watched_jobs::WatchedJobs::default(),
+        webhook_allowed_cidrs: args.webhook_allowed_cidrs.clone(),
     });
 
     tokio::select! {

@@ -7,3 +7,4 @@ pub mod desired;
 pub mod job_index;
 pub mod queue;
 pub mod scaling;
+pub mod webhook_target;
