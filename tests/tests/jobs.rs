@@ -117,6 +117,54 @@ async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
 }
 
 #[tokio::test]
+async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respect_max_queued() {
+    let (cluster, _) = platform().await;
+    // No inference replicas: jobs stay queued, only admission is under test.
+    let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 1, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
+    let ns = tenant.namespace_name();
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    let settled = |name: String| async move {
+        wait_job(cluster, &ns, &name, TIMEOUT, |j| j.phase() != JobPhase::Pending)
+            .await
+            .unwrap()
+    };
+    let first = create_job(cluster, &ns, "dee@example.com", json!({})).await.unwrap();
+    assert_eq!(settled(first.name_any()).await.phase(), JobPhase::Queued);
+    jobs.delete(&first.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let tenants = Api::<Tenant>::all(cluster.client().await);
+    wait_for("the deleted job's image given back", TIMEOUT, || async {
+        let status = tenants.get(&tenant.name_any()).await?.status.unwrap_or_default();
+        Ok(status.usage.is_empty().then_some(()))
+    })
+    .await
+    .unwrap();
+    let second = create_job(cluster, &ns, "dee@example.com", json!({})).await.unwrap();
+    assert_eq!(settled(second.name_any()).await.phase(), JobPhase::Queued);
+
+    // Five jobs at once where one may wait: one is queued, whatever the order the job index
+    // sees them in.
+    let roomy = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 50, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
+    let roomy_ns = roomy.namespace_name();
+    let created = join_all(
+        (0..5).map(|_| create_job(cluster, &roomy_ns, "eve@example.com", json!({}))),
+    )
+    .await;
+    let mut phases = Vec::new();
+    for job in created {
+        let job = wait_job(cluster, &roomy_ns, &job.unwrap().name_any(), TIMEOUT, |j| {
+            j.phase() != JobPhase::Pending
+        })
+        .await
+        .unwrap();
+        phases.push((job.phase(), job.status.and_then(|s| s.reason)));
+    }
+    let queued = phases.iter().filter(|(p, _)| *p == JobPhase::Queued).count();
+    assert_eq!(queued, 1, "{phases:?}");
+}
+
+#[tokio::test]
 async fn twenty_concurrent_creates_against_a_quota_of_five_admit_exactly_five() {
     let (cluster, _) = platform().await;
     // No inference replicas: jobs stay queued, only admission is under test.

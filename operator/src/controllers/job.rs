@@ -77,6 +77,9 @@ async fn reconcile(job: Arc<GenerationJob>, ctx: Arc<Context>) -> Result<Action,
 async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
     if job.spec.cancel {
+        // An admission whose Queued write was refused (the job changed: this cancel) holds a
+        // reservation already.
+        release_reservation(job, ctx).await;
         finish(
             job,
             ctx,
@@ -211,19 +214,14 @@ async fn expire(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// Gives back the job's reserved images (when they were reserved today and produced nothing),
-/// once however often it is called. A failure is logged: the images stay counted until the day
-/// rolls over.
+/// Gives back the job's reserved images (when it holds a reservation of today), once however
+/// often it is called. A failure is logged: the images stay counted until the day rolls over.
 pub async fn release_reservation(job: &GenerationJob, ctx: &Context) {
-    let (Some(tenant), Some(uid), Some(day)) = (
-        tenant_of(job),
-        job.metadata.uid.as_deref(),
-        job.status.as_ref().and_then(|s| s.quota_day.as_deref()),
-    ) else {
+    let (Some(tenant), Some(uid)) = (tenant_of(job), job.metadata.uid.as_deref()) else {
         return;
     };
     let tenants = Api::<Tenant>::all(ctx.client.clone());
-    if let Err(error) = quota::release(&tenants, tenant, uid, day).await {
+    if let Err(error) = quota::release(&tenants, tenant, uid).await {
         tracing::error!(job = job.name_any(), tenant, %error, "could not give back the job's reserved images");
     }
 }

@@ -79,16 +79,11 @@ pub async fn admit(
     Ok(outcome.filter(|_| found))
 }
 
-/// Gives back what job `job_uid` reserved on `day`, once (no-op once the day has rolled over or
-/// the job holds no reservation).
-pub async fn release(
-    tenants: &Api<Tenant>,
-    tenant_name: &str,
-    job_uid: &str,
-    day: &str,
-) -> kube::Result<()> {
+/// Gives back what job `job_uid` reserved, once (no-op when it holds no reservation: released
+/// already, reset, or reserved on a day that has rolled over, which cleared the reservations).
+pub async fn release(tenants: &Api<Tenant>, tenant_name: &str, job_uid: &str) -> kube::Result<()> {
     update(tenants, tenant_name, |_, status| {
-        status.usage_day.as_deref() == Some(day) && admission::release(status, job_uid) > 0
+        admission::release(status, job_uid) > 0
     })
     .await
     .map(drop)
@@ -334,7 +329,7 @@ mod tests {
         }
         assert_eq!(admission::images_of(&status_of(&stored).usage, "ann"), 1);
         for _ in 0..2 {
-            release(&api, "acme", "job-1", "2026-12-01").await.unwrap();
+            release(&api, "acme", "job-1").await.unwrap();
         }
         let status = status_of(&stored);
         assert!(status.usage.is_empty() && status.reservations.is_empty(), "{status:?}");
