@@ -1077,6 +1077,22 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     expect_forbidden(cluster, API_SA, &["delete", "tenant", TENANT]).await?;
     expect_forbidden(cluster, API_SA, &["-n", TENANT_NAMESPACE, "get", "secrets"]).await?;
     expect_forbidden(cluster, API_SA, &["-n", "default", "get", "configmaps"]).await?;
+    // RBAC grants these cluster-wide; the platform-scope admission policy keeps them inside
+    // the namespaces the operator manages.
+    expect_forbidden(
+        cluster,
+        OPERATOR_SA,
+        &["-n", "default", "create", "deployment", "scope", "--image=x"],
+    )
+    .await?;
+    expect_forbidden(
+        cluster,
+        API_SA,
+        &["-n", "default", "create", "configmap", "atelier-presets"],
+    )
+    .await?;
+    let bystander = cluster.create_namespace("bystander").await?;
+    expect_forbidden(cluster, OPERATOR_SA, &["delete", "namespace", &bystander]).await?;
 
     // CRD upgrade path (Helm never upgrades crds/): an outdated CRD comes back with the
     // documented command.
