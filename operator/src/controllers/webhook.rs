@@ -17,7 +17,8 @@ use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use kube::runtime::events::{Event, EventType};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use sha2::Sha256;
 
@@ -64,28 +65,18 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
     .to_string();
     let message_id = format!("{uid}-{event_name}");
     tokio::spawn(async move {
-        let refuse = |why: String| async {
-            tracing::warn!(job = job_name, namespace, %why, "webhook not sent");
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "WebhookRefused".into(),
-                note: Some(why),
-                action: "Notify".into(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&event, &job_ref).await {
-                tracing::warn!(%error, "could not publish an event");
-            }
-        };
         let http = match client_for(&webhook.url, &allowed).await {
             Ok(http) => http,
-            Err(why) => return refuse(why).await,
+            Err(why) => return refused(&recorder, &job_ref, why).await,
         };
         let secret = match &webhook.secret_ref {
             Some(reference) => {
                 match signing_key(&client, &namespace, &reference.name, &reference.key).await {
                     Ok(key) => Some(key),
-                    Err(error) => return refuse(format!("webhook secret: {error}")).await,
+                    Err(error) => {
+                        return refused(&recorder, &job_ref, format!("webhook secret: {error}"))
+                            .await;
+                    }
                 }
             }
             None => None,
@@ -119,6 +110,21 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
             delay *= 2;
         }
     });
+}
+
+/// Says on the job why its webhook is not sent.
+async fn refused(recorder: &Recorder, job: &ObjectReference, why: String) {
+    tracing::warn!(job = ?job.name, namespace = ?job.namespace, %why, "webhook not sent");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "WebhookRefused".into(),
+        note: Some(why),
+        action: "Notify".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, job).await {
+        tracing::warn!(%error, "could not publish an event");
+    }
 }
 
 /// An HTTP client that reaches `url`'s host only at the addresses resolved now, each of them

@@ -573,17 +573,19 @@ mod tests {
             millis in 1u64..10_000_000,
             mebibytes in 1u64..1_000_000,
             replicas in 0u32..100,
-            written in 0usize..3,
+            written in 0usize..4,
         ) {
             let cpu = match written {
                 0 => format!("{millis}m"),
                 1 => format!("{}.{:03}", millis / 1000, millis % 1000),
-                _ => format!("{}k", millis as f64 / 1_000_000.0),
+                2 => format!("{}k", millis as f64 / 1_000_000.0),
+                _ => format!("{}", millis as f64 / 1000.0),
             };
             let memory = match written {
                 0 => format!("{mebibytes}Mi"),
                 1 => format!("{}Ki", mebibytes * 1024),
-                _ => format!("{}Gi", mebibytes as f64 / 1024.0),
+                2 => format!("{}Gi", mebibytes as f64 / 1024.0),
+                _ => format!("{}", mebibytes << 20),
             };
             let cpu_total = scaled("inference.cpu", &cpu, replicas, OUTPUTS_CPU).unwrap();
             let memory_total = scaled("inference.memory", &memory, replicas, OUTPUTS_MEMORY).unwrap();
