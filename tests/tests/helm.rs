@@ -984,7 +984,9 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     )
     .await;
     ensure!(
-        listed.as_ref().is_err_and(|e| format!("{e:#}").contains("forbidden")),
+        listed
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("forbidden")),
         "a member listed every job of the tenant: {listed:?}"
     );
     // ...nor outside their tenant's RoleBinding...
@@ -1082,7 +1084,14 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     expect_forbidden(
         cluster,
         OPERATOR_SA,
-        &["-n", "default", "create", "deployment", "scope", "--image=x"],
+        &[
+            "-n",
+            "default",
+            "create",
+            "deployment",
+            "scope",
+            "--image=x",
+        ],
     )
     .await?;
     expect_forbidden(

@@ -124,33 +124,42 @@ async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respe
     let ns = tenant.namespace_name();
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
     let settled = |name: String| async move {
-        wait_job(cluster, &ns, &name, TIMEOUT, |j| j.phase() != JobPhase::Pending)
-            .await
-            .unwrap()
+        wait_job(cluster, &ns, &name, TIMEOUT, |j| {
+            j.phase() != JobPhase::Pending
+        })
+        .await
+        .unwrap()
     };
-    let first = create_job(cluster, &ns, "dee@example.com", json!({})).await.unwrap();
+    let first = create_job(cluster, &ns, "dee@example.com", json!({}))
+        .await
+        .unwrap();
     assert_eq!(settled(first.name_any()).await.phase(), JobPhase::Queued);
     jobs.delete(&first.name_any(), &DeleteParams::default())
         .await
         .unwrap();
     let tenants = Api::<Tenant>::all(cluster.client().await);
     wait_for("the deleted job's image given back", TIMEOUT, || async {
-        let status = tenants.get(&tenant.name_any()).await?.status.unwrap_or_default();
+        let status = tenants
+            .get(&tenant.name_any())
+            .await?
+            .status
+            .unwrap_or_default();
         Ok(status.usage.is_empty().then_some(()))
     })
     .await
     .unwrap();
-    let second = create_job(cluster, &ns, "dee@example.com", json!({})).await.unwrap();
+    let second = create_job(cluster, &ns, "dee@example.com", json!({}))
+        .await
+        .unwrap();
     assert_eq!(settled(second.name_any()).await.phase(), JobPhase::Queued);
 
     // Five jobs at once where one may wait: one is queued, whatever the order the job index
     // sees them in.
     let roomy = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 50, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
     let roomy_ns = roomy.namespace_name();
-    let created = join_all(
-        (0..5).map(|_| create_job(cluster, &roomy_ns, "eve@example.com", json!({}))),
-    )
-    .await;
+    let created =
+        join_all((0..5).map(|_| create_job(cluster, &roomy_ns, "eve@example.com", json!({}))))
+            .await;
     let mut phases = Vec::new();
     for job in created {
         let job = wait_job(cluster, &roomy_ns, &job.unwrap().name_any(), TIMEOUT, |j| {
@@ -160,7 +169,10 @@ async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respe
         .unwrap();
         phases.push((job.phase(), job.status.and_then(|s| s.reason)));
     }
-    let queued = phases.iter().filter(|(p, _)| *p == JobPhase::Queued).count();
+    let queued = phases
+        .iter()
+        .filter(|(p, _)| *p == JobPhase::Queued)
+        .count();
     assert_eq!(queued, 1, "{phases:?}");
 }
 
@@ -611,7 +623,10 @@ async fn webhooks_to_internal_addresses_are_refused_even_through_a_redirect() {
         }
     });
     let internal_listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let internal_url = format!("http://{}/hook?token=s3cret", internal_listener.local_addr().unwrap());
+    let internal_url = format!(
+        "http://{}/hook?token=s3cret",
+        internal_listener.local_addr().unwrap()
+    );
     tokio::spawn(async move { axum::serve(internal_listener, internal).await });
     // An allowed receiver that redirects to it.
     let location = internal_url.clone();
@@ -650,19 +665,28 @@ async fn webhooks_to_internal_addresses_are_refused_even_through_a_redirect() {
             .unwrap();
         assert_eq!(done.phase(), JobPhase::Succeeded);
     }
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client().await, &ns);
-    let refusal = wait_for("a WebhookRefused event on the direct job", TIMEOUT, || async {
-        let list = events.list(&ListParams::default()).await?;
-        Ok(list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("WebhookRefused")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(direct.name_any().as_str())
-        }))
-    })
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client().await, &ns);
+    let refusal = wait_for(
+        "a WebhookRefused event on the direct job",
+        TIMEOUT,
+        || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("WebhookRefused")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(direct.name_any().as_str())
+            }))
+        },
+    )
     .await
     .unwrap();
     let note = refusal.note.unwrap_or_default();
     assert!(note.contains("loopback"), "{note}");
-    assert!(!note.contains("s3cret"), "the URL's token is in the event: {note}");
+    assert!(
+        !note.contains("s3cret"),
+        "the URL's token is in the event: {note}"
+    );
     // The redirect's first attempt was answered; its retries (1 s, 2 s...) would follow a
     // redirect within a few seconds if they ever did.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -75,7 +75,10 @@ async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned(
         if partial.len() < EVERY_OBJECT.len() {
             break (tenant, partial);
         }
-        assert!(attempts < 5, "no reconcile was ever caught half done: {partial:?}");
+        assert!(
+            attempts < 5,
+            "no reconcile was ever caught half done: {partial:?}"
+        );
     };
     let ns = tenant.namespace_name();
 

@@ -31,7 +31,9 @@ fn set_clock(path: &Path, now: Timestamp) {
 
 /// The quota day of `now` in the tenant's zone.
 fn day_in_zone(now: Timestamp) -> String {
-    now.to_zoned(TimeZone::get(ZONE).unwrap()).date().to_string()
+    now.to_zoned(TimeZone::get(ZONE).unwrap())
+        .date()
+        .to_string()
 }
 
 #[tokio::test]
@@ -71,10 +73,7 @@ async fn the_next_day_admits_again() {
     };
     let first = admitted_phase("ida@example.com").await;
     assert_eq!(first.phase(), JobPhase::Queued);
-    assert_eq!(
-        first.status.unwrap().quota_day,
-        Some(day_in_zone(today))
-    );
+    assert_eq!(first.status.unwrap().quota_day, Some(day_in_zone(today)));
     let refused = admitted_phase("ida@example.com").await;
     assert_eq!(refused.phase(), JobPhase::Rejected);
     assert_eq!(

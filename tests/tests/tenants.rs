@@ -393,14 +393,18 @@ async fn what_is_removed_from_a_tenant_is_removed_from_the_cluster() {
         let binding = bindings.get_opt("atelier-admins").await?;
         anyhow::Ok(binding.map(|b| b.subjects.unwrap_or_default()))
     };
-    wait_for("the nodeSelector, toleration and admins applied", TIMEOUT, || async {
-        let applied = pod_spec().await?.is_some_and(|pod| {
-            pod.node_selector.is_some_and(|s| !s.is_empty())
-                && pod.tolerations.is_some_and(|t| !t.is_empty())
-        }) && admins().await?.is_some_and(|s| !s.is_empty())
-            && claims.get_opt("model").await?.is_some();
-        Ok(applied.then_some(()))
-    })
+    wait_for(
+        "the nodeSelector, toleration and admins applied",
+        TIMEOUT,
+        || async {
+            let applied = pod_spec().await?.is_some_and(|pod| {
+                pod.node_selector.is_some_and(|s| !s.is_empty())
+                    && pod.tolerations.is_some_and(|t| !t.is_empty())
+            }) && admins().await?.is_some_and(|s| !s.is_empty())
+                && claims.get_opt("model").await?.is_some();
+            Ok(applied.then_some(()))
+        },
+    )
     .await
     .unwrap();
 
@@ -423,7 +427,10 @@ async fn what_is_removed_from_a_tenant_is_removed_from_the_cluster() {
         let cleared = pod.node_selector.unwrap_or_default().is_empty()
             && pod.tolerations.unwrap_or_default().is_empty()
             && admins().await?.unwrap_or_default().is_empty()
-            && claims.get_opt("model").await?.is_none_or(|c| c.metadata.deletion_timestamp.is_some());
+            && claims
+                .get_opt("model")
+                .await?
+                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
         Ok(cleared.then_some(()))
     })
     .await
@@ -562,7 +569,10 @@ async fn a_namespace_that_is_not_ours_degrades_the_tenant_and_outlives_its_delet
     let foreign_job = common::create_job(cluster, &ns, "someone-else", json!({}))
         .await
         .unwrap();
-    tenants.delete(&name, &DeleteParams::default()).await.unwrap();
+    tenants
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
     wait_for("the tenant gone", TIMEOUT, || async {
         Ok(tenants.get_opt(&name).await?.is_none().then_some(()))
     })

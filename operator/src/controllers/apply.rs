@@ -130,7 +130,9 @@ mod tests {
 
     #[test]
     fn a_field_no_longer_desired_changes_the_hash() {
-        let live = with_hash(json!({ "metadata": { "name": "x" }, "spec": { "nodeSelector": { "gpu": "a100" } } }));
+        let live = with_hash(
+            json!({ "metadata": { "name": "x" }, "spec": { "nodeSelector": { "gpu": "a100" } } }),
+        );
         let cleared = with_hash(json!({ "metadata": { "name": "x" }, "spec": {} }));
         // Without the hash the cleared object is a subset of the live one, and nothing is applied.
         assert!(!is_subset(&cleared, &live));

@@ -231,7 +231,13 @@ mod tests {
                     return Ok::<_, kube::Error>(answer(200, stored.tenant.clone()));
                 }
                 let written: Value = serde_json::from_slice(&body).unwrap();
-                let version = |t: &Value| t["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap();
+                let version = |t: &Value| {
+                    t["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                };
                 let current = version(&stored.tenant);
                 let conflict = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified" });
                 if stored.conflicts_left > 0 {
@@ -297,22 +303,49 @@ mod tests {
             s.concurrent_reservation = Some(json!({ "job": "bobs", "user": "ann", "images": 2 }));
         }
         let api = fake_api(stored.clone());
-        let (decision, day) = admit(&api, "acme", "anns", &job("ann", 1), |_| true, NOON.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+        let (decision, day) = admit(
+            &api,
+            "acme",
+            "anns",
+            &job("ann", 1),
+            |_| true,
+            NOON.parse().unwrap(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!((decision, day.as_str()), (Decision::Admit, "2026-12-01"));
         assert_eq!(stored.lock().unwrap().answered_conflict, 1);
         let status = status_of(&stored);
-        assert_eq!(admission::images_of(&status.usage, "ann"), 3, "both reservations count");
+        assert_eq!(
+            admission::images_of(&status.usage, "ann"),
+            3,
+            "both reservations count"
+        );
         assert_eq!(status.reservations.len(), 2);
 
         // The quota of 3 is now full: a third job of ann's is refused.
-        let (decision, _) = admit(&api, "acme", "third", &job("ann", 1), |_| false, NOON.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(matches!(decision, Decision::Reject { reason: reason::QUOTA_EXCEEDED, .. }), "{decision:?}");
+        let (decision, _) = admit(
+            &api,
+            "acme",
+            "third",
+            &job("ann", 1),
+            |_| false,
+            NOON.parse().unwrap(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            matches!(
+                decision,
+                Decision::Reject {
+                    reason: reason::QUOTA_EXCEEDED,
+                    ..
+                }
+            ),
+            "{decision:?}"
+        );
     }
 
     #[tokio::test]
@@ -332,7 +365,10 @@ mod tests {
             release(&api, "acme", "job-1").await.unwrap();
         }
         let status = status_of(&stored);
-        assert!(status.usage.is_empty() && status.reservations.is_empty(), "{status:?}");
+        assert!(
+            status.usage.is_empty() && status.reservations.is_empty(),
+            "{status:?}"
+        );
     }
 
     #[tokio::test]
@@ -342,9 +378,19 @@ mod tests {
         let now = NOON.parse().unwrap();
         // The job index has not yet seen the first job Queued: it is Pending, still waiting.
         let waiting = |uid: &str| uid == "first";
-        let first = admit(&api, "acme", "first", &job("ann", 1), waiting, now).await.unwrap();
+        let first = admit(&api, "acme", "first", &job("ann", 1), waiting, now)
+            .await
+            .unwrap();
         assert_eq!(first.unwrap().0, Decision::Admit);
-        let second = admit(&api, "acme", "second", &job("ann", 1), waiting, now).await.unwrap();
-        assert!(matches!(second.unwrap().0, Decision::Reject { reason: reason::TOO_MANY_QUEUED, .. }));
+        let second = admit(&api, "acme", "second", &job("ann", 1), waiting, now)
+            .await
+            .unwrap();
+        assert!(matches!(
+            second.unwrap().0,
+            Decision::Reject {
+                reason: reason::TOO_MANY_QUEUED,
+                ..
+            }
+        ));
     }
 }

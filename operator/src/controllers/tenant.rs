@@ -376,12 +376,18 @@ where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
     let uid = tenant.metadata.uid.as_deref();
-    let wanted: Vec<&str> = desired.iter().filter_map(|o| o.meta().name.as_deref()).collect();
+    let wanted: Vec<&str> = desired
+        .iter()
+        .filter_map(|o| o.meta().name.as_deref())
+        .collect();
     let selector = format!("{LABEL_TENANT}={}", tenant.name_any());
     let mut pruned = Vec::new();
     for object in api.list(&ListParams::default().labels(&selector)).await? {
         let name = object.name_any();
-        let owned = object.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid);
+        let owned = object
+            .owner_references()
+            .iter()
+            .any(|o| Some(o.uid.as_str()) == uid);
         if owned && !wanted.contains(&name.as_str()) && object.meta().deletion_timestamp.is_none() {
             api.delete(&name, &Default::default()).await?;
             pruned.push(name);

@@ -15,9 +15,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use sha2::Sha256;
@@ -175,7 +175,12 @@ async fn signing_key(
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(name)
         .await?;
-    if secret.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) != Some("true") {
+    if secret
+        .labels()
+        .get(SIGNING_SECRET_LABEL)
+        .map(String::as_str)
+        != Some("true")
+    {
         anyhow::bail!("secret {name} is not labelled {SIGNING_SECRET_LABEL}=true");
     }
     let value = secret

@@ -387,7 +387,11 @@ mod tests {
         assert_eq!(reset(&mut status, "alice"), 5);
         assert_eq!(images_of(&status.usage, "alice"), 0);
         assert_eq!(images_of(&status.usage, "bob"), 2);
-        assert_eq!(release(&mut status, "a"), 0, "a reset job gives nothing back");
+        assert_eq!(
+            release(&mut status, "a"),
+            0,
+            "a reset job gives nothing back"
+        );
         assert_eq!(reset(&mut status, "carol"), 0);
         assert_eq!(status.usage.len(), 1);
         assert_eq!(status.reservations.len(), 1);

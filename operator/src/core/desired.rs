@@ -119,7 +119,12 @@ pub fn tenant_objects(
     let inference_cpu = quantity_or(&spec.inference.cpu, DEFAULT_INFERENCE_CPU);
     let inference_memory = quantity_or(&spec.inference.memory, DEFAULT_INFERENCE_MEMORY);
     let quota_cpu = scaled("inference.cpu", &inference_cpu, ceiling, OUTPUTS_CPU)?;
-    let quota_memory = scaled("inference.memory", &inference_memory, ceiling, OUTPUTS_MEMORY)?;
+    let quota_memory = scaled(
+        "inference.memory",
+        &inference_memory,
+        ceiling,
+        OUTPUTS_MEMORY,
+    )?;
     let resource_quota = json!({
         "apiVersion": "v1", "kind": "ResourceQuota",
         "metadata": meta("atelier-quota", None),
@@ -562,7 +567,10 @@ mod tests {
                 value: "lots".into()
             }
         );
-        assert!(error.to_string().starts_with("inference.memory \"lots\""), "{error}");
+        assert!(
+            error.to_string().starts_with("inference.memory \"lots\""),
+            "{error}"
+        );
     }
 
     proptest::proptest! {
