@@ -123,12 +123,15 @@ async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respe
     let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 1, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
     let ns = tenant.namespace_name();
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
-    let settled = |name: String| async move {
-        wait_job(cluster, &ns, &name, TIMEOUT, |j| {
-            j.phase() != JobPhase::Pending
-        })
-        .await
-        .unwrap()
+    let settled = |name: String| {
+        let ns = &ns;
+        async move {
+            wait_job(cluster, ns, &name, TIMEOUT, |j| {
+                j.phase() != JobPhase::Pending
+            })
+            .await
+            .unwrap()
+        }
     };
     let first = create_job(cluster, &ns, "dee@example.com", json!({}))
         .await
