@@ -13,11 +13,12 @@ use std::fmt::Debug;
 use atelier_crds::names::FIELD_MANAGER;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
-use kube_quantity::ParsedQuantity;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::core::quantity;
 
 /// The annotation with the hash of the desired object last applied.
 pub const DESIRED_HASH: &str = "atelier.dev/desired-hash";
@@ -96,11 +97,7 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
             want.len() == have.len() && want.iter().zip(have).all(|(w, h)| is_subset(w, h))
         }
         (Value::String(want), Value::String(have)) => {
-            want == have
-                || matches!(
-                    (ParsedQuantity::try_from(want.as_str()), ParsedQuantity::try_from(have.as_str())),
-                    (Ok(a), Ok(b)) if a == b
-                )
+            want == have || quantity::same_amount(want, have)
         }
         (Value::Number(want), Value::Number(have)) => want.as_f64() == have.as_f64(),
         (want, have) => want == have,

@@ -15,8 +15,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube_quantity::ParsedQuantity;
 use serde_json::{Value, json};
+
+use super::quantity;
 
 /// Operator-wide settings that shape tenant objects.
 #[derive(Clone, Debug)]
@@ -421,21 +422,18 @@ fn quantity_or(
         .map_or_else(|| default.to_string(), |q| q.0.clone())
 }
 
-/// `per_replica × replicas + extra` as a quantity, exact in decimal (`1.5` CPUs × 3 + `100m` is
-/// `4.6`). `field` names the tenant's setting when `per_replica` is not a quantity.
+/// `per_replica × replicas + extra` as a quantity, exact in base units (`1.5` CPUs × 3 + `100m`
+/// is `4.6`). `field` names the tenant's setting when `per_replica` is not a quantity.
 fn scaled(
     field: &'static str,
     per_replica: &str,
     replicas: u32,
     extra: &str,
 ) -> Result<String, SpecError> {
-    let quantity = |text: &str| {
-        ParsedQuantity::try_from(text).map_err(|_| SpecError::Quantity {
-            field,
-            value: text.to_string(),
-        })
-    };
-    Ok((quantity(per_replica)? * replicas + quantity(extra)?).to_string())
+    quantity::scaled(per_replica, replicas, extra).ok_or_else(|| SpecError::Quantity {
+        field,
+        value: per_replica.to_string(),
+    })
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> T {
@@ -526,15 +524,15 @@ mod tests {
         let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
         assert_eq!(hard["requests.nvidia.com/gpu"].0, "2");
         assert_eq!(hard["count/generationjobs.atelier.dev"].0, "5000");
-        assert_eq!(quantity(&hard["requests.cpu"].0), quantity("4100m"));
+        assert_eq!(amount(&hard["requests.cpu"].0), amount("4100m"));
         assert_eq!(
-            quantity(&hard["requests.memory"].0),
-            quantity(&(16u128 * (1 << 30) + 128 * (1 << 20)).to_string())
+            amount(&hard["requests.memory"].0),
+            amount(&(16u128 * (1 << 30) + 128 * (1 << 20)).to_string())
         );
     }
 
-    fn quantity(text: &str) -> ParsedQuantity {
-        ParsedQuantity::try_from(text).unwrap()
+    fn amount(text: &str) -> rust_decimal::Decimal {
+        quantity::base_units(text).unwrap()
     }
 
     #[test]
@@ -547,8 +545,8 @@ mod tests {
         )
         .unwrap();
         let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
-        assert_eq!(quantity(&hard["limits.cpu"].0), quantity("3100m"));
-        assert_eq!(quantity(&hard["limits.memory"].0), quantity("3200Mi"));
+        assert_eq!(amount(&hard["limits.cpu"].0), amount("3100m"));
+        assert_eq!(amount(&hard["limits.memory"].0), amount("3200Mi"));
     }
 
     #[test]
@@ -598,11 +596,11 @@ mod tests {
             let cpu_total = scaled("inference.cpu", &cpu, replicas, OUTPUTS_CPU).unwrap();
             let memory_total = scaled("inference.memory", &memory, replicas, OUTPUTS_MEMORY).unwrap();
             let expected_millis = millis * u64::from(replicas) + 100;
-            proptest::prop_assert_eq!(quantity(&cpu_total), quantity(&format!("{expected_millis}m")));
+            proptest::prop_assert_eq!(amount(&cpu_total), amount(&format!("{expected_millis}m")));
             let expected_bytes = (mebibytes * u64::from(replicas) + 128) << 20;
             proptest::prop_assert_eq!(
-                quantity(&memory_total).to_bytes_u64(),
-                Some(expected_bytes),
+                amount(&memory_total),
+                rust_decimal::Decimal::from(expected_bytes),
                 "{} for {} x {}", memory_total, memory, replicas
             );
         }
