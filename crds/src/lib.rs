@@ -17,8 +17,8 @@ pub use generation_job::{
     Webhook, WebhookEvent,
 };
 pub use tenant::{
-    AccessMode, GpuSpec, InferenceSpec, JobLimits, Member, ModelSource, Precision, QuotaSpec, Role,
-    StorageSpec, Tenant, TenantPhase, TenantSpec, TenantStatus, UserUsage,
+    AccessMode, GpuSpec, InferenceSpec, JobLimits, Member, ModelSource, Precision, QuotaSpec,
+    Reservation, Role, StorageSpec, Tenant, TenantPhase, TenantSpec, TenantStatus, UserUsage,
 };
 
 /// API group of all Atelier resources.

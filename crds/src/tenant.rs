@@ -268,6 +268,11 @@ pub struct QuotaSpec {
     /// IANA time zone of the day boundary, e.g. `Europe/Paris`.
     #[serde(default = "default_time_zone")]
     pub time_zone: String,
+    /// GenerationJob objects the tenant namespace may hold, finished ones included (a
+    /// ResourceQuota count: creating more is refused by the API server, even through kubectl).
+    #[serde(default = "default_max_jobs")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_jobs: u32,
 }
 
 impl Default for QuotaSpec {
@@ -277,6 +282,7 @@ impl Default for QuotaSpec {
             images_per_tenant_per_day: None,
             max_queued_per_user: default_max_queued(),
             time_zone: default_time_zone(),
+            max_jobs: default_max_jobs(),
         }
     }
 }
@@ -350,6 +356,10 @@ pub struct TenantStatus {
     /// Images reserved per user on `usageDay`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage: Vec<UserUsage>,
+    /// The jobs whose images `usage` counts, by job uid: a job reserves once however often its
+    /// admission is retried, and gives its images back once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<Reservation>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -364,6 +374,16 @@ pub enum TenantPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserUsage {
+    pub user: String,
+    pub images: u32,
+}
+
+/// One job's images counted in `usage`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    /// The GenerationJob's uid.
+    pub job: String,
     pub user: String,
     pub images: u32,
 }
@@ -412,6 +432,9 @@ fn default_images_per_user() -> u32 {
 }
 fn default_max_queued() -> u32 {
     10
+}
+fn default_max_jobs() -> u32 {
+    5000
 }
 fn default_time_zone() -> String {
     "UTC".into()

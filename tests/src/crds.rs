@@ -11,11 +11,10 @@ use serde::Deserialize;
 use crate::wait::{DEFAULT_TIMEOUT, wait_for};
 
 /// Every CRD in the `*.yaml`/`*.yml` files of `dir` (several documents per file allowed), in
-/// file name order. A missing directory holds none.
+/// file name order.
 pub fn read_crds(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
-    };
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading the CRDs in {}", dir.display()))?;
     let mut files: Vec<_> = entries
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         .filter(|path| {

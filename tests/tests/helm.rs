@@ -470,7 +470,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         "atelier.dev generationjobs/status patch",
         "core namespaces get list watch create patch delete",
         "core resourcequotas get list watch create patch",
-        "core persistentvolumeclaims get list watch create patch",
+        "core persistentvolumeclaims get list watch create patch delete",
         "core services get list watch create patch",
         "core limitranges get create patch",
         "core serviceaccounts get create patch",
@@ -515,7 +515,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         &api,
     )?;
     let admin = expected(&[
-        "atelier.dev generationjobs get list watch create patch",
+        "atelier.dev generationjobs get list watch create patch prioritize",
         "core pods get list watch",
         "core pods/log get",
     ]);
@@ -524,7 +524,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         &grants(find(&documents, "ClusterRole", "atelier-tenant-admin")?),
         &admin,
     )?;
-    let member = expected(&["atelier.dev generationjobs create get list watch"]);
+    let member = expected(&["atelier.dev generationjobs create get"]);
     diff(
         "tenant member ClusterRole",
         &grants(find(&documents, "ClusterRole", "atelier-tenant-member")?),
@@ -998,6 +998,41 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
         message.contains("spec.user must be your own identity"),
         "refused for the wrong reason: {message}"
     );
+    // ...nor rank their job above fair share, nor list the other members' jobs...
+    let prioritized = example(
+        "generationjob.yaml",
+        &[("numImages: 1", "numImages: 1\n  priority: 100")],
+    );
+    let as_alice_first = kubectl_as(
+        cluster,
+        "oidc:alice@example.com",
+        &["oidc:team-a", "system:authenticated"],
+        &["create", "-f", "-"],
+        Some(&prioritized),
+    )
+    .await;
+    let message = format!(
+        "{:#}",
+        as_alice_first.expect_err("a member's job of priority 100 must be refused")
+    );
+    ensure!(
+        message.contains("spec.priority is for tenant admins"),
+        "refused for the wrong reason: {message}"
+    );
+    let listed = kubectl_as(
+        cluster,
+        "oidc:alice@example.com",
+        &["oidc:team-a", "system:authenticated"],
+        &["-n", TENANT_NAMESPACE, "get", "generationjobs"],
+        None,
+    )
+    .await;
+    ensure!(
+        listed
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("forbidden")),
+        "a member listed every job of the tenant: {listed:?}"
+    );
     // ...nor outside their tenant's RoleBinding...
     expect_forbidden(
         cluster,
@@ -1088,6 +1123,29 @@ async fn the_chart_installs_runs_a_job_upgrades_and_uninstalls() -> anyhow::Resu
     expect_forbidden(cluster, API_SA, &["delete", "tenant", TENANT]).await?;
     expect_forbidden(cluster, API_SA, &["-n", TENANT_NAMESPACE, "get", "secrets"]).await?;
     expect_forbidden(cluster, API_SA, &["-n", "default", "get", "configmaps"]).await?;
+    // RBAC grants these cluster-wide; the platform-scope admission policy keeps them inside
+    // the namespaces the operator manages.
+    expect_forbidden(
+        cluster,
+        OPERATOR_SA,
+        &[
+            "-n",
+            "default",
+            "create",
+            "deployment",
+            "scope",
+            "--image=x",
+        ],
+    )
+    .await?;
+    expect_forbidden(
+        cluster,
+        API_SA,
+        &["-n", "default", "create", "configmap", "atelier-presets"],
+    )
+    .await?;
+    let bystander = cluster.create_namespace("bystander").await?;
+    expect_forbidden(cluster, OPERATOR_SA, &["delete", "namespace", &bystander]).await?;
 
     // CRD upgrade path (Helm never upgrades crds/): an outdated CRD comes back with the
     // documented command.

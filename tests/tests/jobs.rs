@@ -15,7 +15,7 @@ use common::{
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -29,7 +29,9 @@ async fn platform() -> (&'static TestCluster, &'static Operator) {
         .get_or_init(|| async {
             common::apply_chart_template(cluster, "templates/tenant-clusterroles.yaml")
                 .expect("tenant ClusterRoles");
-            Operator::start(cluster, &[]).expect("operator")
+            // Test receivers listen on 127.0.0.1 only; 127.0.0.2 stays refused like any other
+            // internal address.
+            Operator::start(cluster, &["--webhook-allowed-cidrs=127.0.0.1/32"]).expect("operator")
         })
         .await;
     (cluster, operator)
@@ -112,6 +114,69 @@ async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
         &["phase=\"Succeeded\""],
     );
     assert!(transitions >= Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respect_max_queued() {
+    let (cluster, _) = platform().await;
+    // No inference replicas: jobs stay queued, only admission is under test.
+    let tenant = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 1, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
+    let ns = tenant.namespace_name();
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    let settled = |name: String| {
+        let ns = &ns;
+        async move {
+            wait_job(cluster, ns, &name, TIMEOUT, |j| {
+                j.phase() != JobPhase::Pending
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let first = create_job(cluster, &ns, "dee@example.com", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(settled(first.name_any()).await.phase(), JobPhase::Queued);
+    jobs.delete(&first.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let tenants = Api::<Tenant>::all(cluster.client().await);
+    wait_for("the deleted job's image given back", TIMEOUT, || async {
+        let status = tenants
+            .get(&tenant.name_any())
+            .await?
+            .status
+            .unwrap_or_default();
+        Ok(status.usage.is_empty().then_some(()))
+    })
+    .await
+    .unwrap();
+    let second = create_job(cluster, &ns, "dee@example.com", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(settled(second.name_any()).await.phase(), JobPhase::Queued);
+
+    // Five jobs at once where one may wait: one is queued, whatever the order the job index
+    // sees them in.
+    let roomy = create_tenant(cluster, json!({ "quota": { "imagesPerUserPerDay": 50, "maxQueuedPerUser": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } })).await.unwrap();
+    let roomy_ns = roomy.namespace_name();
+    let created =
+        join_all((0..5).map(|_| create_job(cluster, &roomy_ns, "eve@example.com", json!({}))))
+            .await;
+    let mut phases = Vec::new();
+    for job in created {
+        let job = wait_job(cluster, &roomy_ns, &job.unwrap().name_any(), TIMEOUT, |j| {
+            j.phase() != JobPhase::Pending
+        })
+        .await
+        .unwrap();
+        phases.push((job.phase(), job.status.and_then(|s| s.reason)));
+    }
+    let queued = phases
+        .iter()
+        .filter(|(p, _)| *p == JobPhase::Queued)
+        .count();
+    assert_eq!(queued, 1, "{phases:?}");
 }
 
 #[tokio::test]
@@ -430,6 +495,18 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     .await
     .unwrap();
     let ns = tenant.namespace_name();
+    let deployments =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client().await, &ns);
+    let replicas = || async {
+        let deployment = deployments.get_opt("inference").await?;
+        anyhow::Ok(deployment.and_then(|d| d.spec?.replicas))
+    };
+    // Before any job the tenant is at zero: the job below must scale it up.
+    wait_for("the idle tenant at zero replicas", TIMEOUT, || async {
+        Ok((replicas().await? == Some(0)).then_some(()))
+    })
+    .await
+    .unwrap();
     let job = create_job(cluster, &ns, "hal@example.com", json!({}))
         .await
         .unwrap();
@@ -437,8 +514,6 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
         .await
         .unwrap();
     assert_eq!(done.phase(), JobPhase::Succeeded);
-    let deployments =
-        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client().await, &ns);
     wait_for("inference scaled to zero", TIMEOUT, || async {
         let spec_replicas = deployments
             .get("inference")
@@ -478,7 +553,7 @@ async fn a_signed_webhook_hears_start_and_completion_and_the_ttl_keeps_the_image
     tokio::spawn(async move { axum::serve(listener, receiver).await });
     let key = b"a signing key of the tenant".to_vec();
     let secret: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "hooks" },
+        "metadata": { "name": "hooks", "labels": { "atelier.dev/webhook-signing": "true" } },
         "stringData": { "key": format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&key)) },
     }))
     .unwrap();
@@ -532,4 +607,94 @@ async fn a_signed_webhook_hears_start_and_completion_and_the_ttl_keeps_the_image
         .unwrap()
         .join(path.trim_start_matches("/outputs/"));
     assert!(png.exists(), "{} is gone", png.display());
+}
+
+/// A webhook is any member's URL sent from the operator's position: internal addresses, and
+/// redirects to them, are not called, and the job says why (without the URL).
+#[tokio::test]
+async fn webhooks_to_internal_addresses_are_refused_even_through_a_redirect() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
+    let ns = tenant.namespace_name();
+    // The internal target: counts what reaches it.
+    let (reached, mut reached_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let internal = axum::Router::new().fallback(move || {
+        let reached = reached.clone();
+        async move {
+            let _ = reached.send(());
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let internal_listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let internal_url = format!(
+        "http://{}/hook?token=s3cret",
+        internal_listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move { axum::serve(internal_listener, internal).await });
+    // An allowed receiver that redirects to it.
+    let location = internal_url.clone();
+    let redirector = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move {
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, location)],
+            )
+        }
+    });
+    let redirect_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirect_url = format!("http://{}/hook", redirect_listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(redirect_listener, redirector).await });
+
+    let direct = create_job(
+        cluster,
+        &ns,
+        "lou@example.com",
+        json!({ "webhook": { "url": internal_url, "events": ["started", "completed"] } }),
+    )
+    .await
+    .unwrap();
+    let redirected = create_job(
+        cluster,
+        &ns,
+        "lou@example.com",
+        json!({ "webhook": { "url": redirect_url, "events": ["started", "completed"] } }),
+    )
+    .await
+    .unwrap();
+    for job in [&direct, &redirected] {
+        let done = wait_job_finished(cluster, &ns, &job.name_any(), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(done.phase(), JobPhase::Succeeded);
+    }
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client().await, &ns);
+    let refusal = wait_for(
+        "a WebhookRefused event on the direct job",
+        TIMEOUT,
+        || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("WebhookRefused")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(direct.name_any().as_str())
+            }))
+        },
+    )
+    .await
+    .unwrap();
+    let note = refusal.note.unwrap_or_default();
+    assert!(note.contains("loopback"), "{note}");
+    assert!(
+        !note.contains("s3cret"),
+        "the URL's token is in the event: {note}"
+    );
+    // The redirect's first attempt was answered; its retries (1 s, 2 s...) would follow a
+    // redirect within a few seconds if they ever did.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        reached_rx.try_recv().is_err(),
+        "a webhook reached the internal address"
+    );
 }

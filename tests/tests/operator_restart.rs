@@ -22,6 +22,22 @@ use tokio::sync::Mutex;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Every object the tenant controller applies in a tenant namespace, by `tenant_objects` key.
+const EVERY_OBJECT: [&str; 12] = [
+    "Deployment/inference",
+    "Deployment/outputs",
+    "LimitRange/atelier-defaults",
+    "NetworkPolicy/allow-from-platform",
+    "NetworkPolicy/default-deny-ingress",
+    "PersistentVolumeClaim/model",
+    "PersistentVolumeClaim/outputs",
+    "ResourceQuota/atelier-quota",
+    "RoleBinding/atelier-admins",
+    "RoleBinding/atelier-members",
+    "Service/inference",
+    "Service/outputs",
+];
+
 /// Two operators must never run at once here (one is killed, the next started).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -42,14 +58,29 @@ async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned(
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let client = cluster.client().await;
-    let mut first = Operator::start(cluster, &[]).unwrap();
     // The namespace is the first object of the reconcile: kill the operator as soon as it exists.
-    let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
-        .await
-        .unwrap();
-    first.kill();
+    // A reconcile quicker than the test's look at the namespace leaves nothing to finish, so
+    // try again with a new tenant until one is caught half done.
+    let mut attempts = 0;
+    let (tenant, partial) = loop {
+        attempts += 1;
+        let mut first = Operator::start(cluster, &[]).unwrap();
+        let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+            .await
+            .unwrap();
+        first.kill();
+        let partial = tenant_objects(&client, &tenant.namespace_name())
+            .await
+            .unwrap();
+        if partial.len() < EVERY_OBJECT.len() {
+            break (tenant, partial);
+        }
+        assert!(
+            attempts < 5,
+            "no reconcile was ever caught half done: {partial:?}"
+        );
+    };
     let ns = tenant.namespace_name();
-    let partial = tenant_objects(&client, &ns).await.unwrap();
 
     let _second = Operator::start(cluster, &[]).unwrap();
     wait_tenant_ready(cluster, &tenant.name_any(), TIMEOUT)
@@ -58,21 +89,7 @@ async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned(
     let objects = tenant_objects(&client, &ns).await.unwrap();
     let kinds: Vec<&str> = objects.keys().map(String::as_str).collect();
     assert_eq!(
-        kinds,
-        [
-            "Deployment/inference",
-            "Deployment/outputs",
-            "LimitRange/atelier-defaults",
-            "NetworkPolicy/allow-from-platform",
-            "NetworkPolicy/default-deny-ingress",
-            "PersistentVolumeClaim/model",
-            "PersistentVolumeClaim/outputs",
-            "ResourceQuota/atelier-quota",
-            "RoleBinding/atelier-admins",
-            "RoleBinding/atelier-members",
-            "Service/inference",
-            "Service/outputs",
-        ],
+        kinds, EVERY_OBJECT,
         "after the restart (before it: {partial:?})"
     );
     // One ReplicaSet per Deployment and exactly the pods asked for: nothing created twice.

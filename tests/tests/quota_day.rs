@@ -4,20 +4,49 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use atelier_crds::JobPhase;
 use atelier_tests::TestCluster;
 use common::{Operator, create_job, create_tenant, wait_job};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use kube::ResourceExt;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Kiritimati is UTC+14: at noon UTC it is already the next day there, so a quota day taken in
+/// UTC instead of the tenant's zone is a different date.
+const ZONE: &str = "Pacific/Kiritimati";
+
+/// Sets the operator's clock; written whole (temporary file, then rename), so the operator never
+/// reads half a time.
+fn set_clock(path: &Path, now: Timestamp) {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, now.to_string()).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+/// The quota day of `now` in the tenant's zone.
+fn day_in_zone(now: Timestamp) -> String {
+    now.to_zoned(TimeZone::get(ZONE).unwrap())
+        .date()
+        .to_string()
+}
+
 #[tokio::test]
 async fn the_next_day_admits_again() {
     let cluster = TestCluster::shared().await;
     let clock_file = cluster.dir().join("operator-clock");
+    let today: Timestamp = "2026-03-10T12:00:00Z".parse().unwrap();
+    set_clock(&clock_file, today);
+    assert_ne!(
+        day_in_zone(today),
+        today.to_zoned(TimeZone::UTC).date().to_string(),
+        "the test needs a time whose day differs in UTC"
+    );
     let _operator = Operator::start(
         cluster,
         &[&format!("--test-clock-file={}", clock_file.display())],
@@ -26,7 +55,7 @@ async fn the_next_day_admits_again() {
     // No schedulable inference pod: jobs stay queued, only admission is under test.
     let tenant = create_tenant(
         cluster,
-        json!({ "quota": { "imagesPerUserPerDay": 1 }, "gpus": { "resourceName": "example.com/no-such-gpu" } }),
+        json!({ "quota": { "imagesPerUserPerDay": 1, "timeZone": ZONE }, "gpus": { "resourceName": "example.com/no-such-gpu" } }),
     )
     .await
     .unwrap();
@@ -42,10 +71,9 @@ async fn the_next_day_admits_again() {
             .unwrap()
         }
     };
-    assert_eq!(
-        admitted_phase("ida@example.com").await.phase(),
-        JobPhase::Queued
-    );
+    let first = admitted_phase("ida@example.com").await;
+    assert_eq!(first.phase(), JobPhase::Queued);
+    assert_eq!(first.status.unwrap().quota_day, Some(day_in_zone(today)));
     let refused = admitted_phase("ida@example.com").await;
     assert_eq!(refused.phase(), JobPhase::Rejected);
     assert_eq!(
@@ -53,18 +81,12 @@ async fn the_next_day_admits_again() {
         Some("QuotaExceeded")
     );
 
-    let tomorrow = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24);
-    std::fs::write(&clock_file, tomorrow.to_string()).unwrap();
+    let tomorrow = today + jiff::SignedDuration::from_hours(24);
+    set_clock(&clock_file, tomorrow);
     let next_day = admitted_phase("ida@example.com").await;
     assert_eq!(next_day.phase(), JobPhase::Queued);
     assert_eq!(
-        next_day.status.unwrap().quota_day.as_deref(),
-        Some(
-            tomorrow
-                .to_zoned(jiff::tz::TimeZone::UTC)
-                .date()
-                .to_string()
-                .as_str()
-        )
+        next_day.status.unwrap().quota_day,
+        Some(day_in_zone(tomorrow))
     );
 }

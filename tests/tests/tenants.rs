@@ -340,22 +340,101 @@ async fn drift_is_repaired_and_the_steady_state_writes_nothing() {
     .unwrap();
     wait_tenant_ready(cluster, &name, TIMEOUT).await.unwrap();
 
-    // Steady state: reconciles triggered by touching the tenant change no owned object.
+    // Steady state: reconciles of a spec change that no owned object shows (the daily image
+    // quota lives in the tenant's status) write to no owned object.
     let snapshot = tenant_objects(&client, &ns).await.unwrap();
     let tenants = Api::<Tenant>::all(client.clone());
     for round in 0..3 {
-        let touch = json!({ "metadata": { "annotations": { "test.atelier.dev/touch": round.to_string() } } });
-        tenants
+        let touch = json!({ "spec": { "quota": { "imagesPerUserPerDay": 60 + round } } });
+        let generation = tenants
             .patch(&name, &PatchParams::default(), &Patch::Merge(&touch))
             .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+            .unwrap()
+            .metadata
+            .generation;
+        wait_for("the spec change reconciled", TIMEOUT, || async {
+            let status = tenants.get(&name).await?.status.unwrap_or_default();
+            Ok((status.observed_generation == generation).then_some(()))
+        })
+        .await
+        .unwrap();
     }
     assert_eq!(
         tenant_objects(&client, &ns).await.unwrap(),
         snapshot,
         "a reconcile wrote to an object that was already as desired"
     );
+}
+
+#[tokio::test]
+async fn what_is_removed_from_a_tenant_is_removed_from_the_cluster() {
+    let cluster = operator().await;
+    let client = cluster.client().await;
+    let tenant = create_tenant(
+        cluster,
+        json!({ "inference": {
+            "nodeSelector": { "atelier.dev/test-pool": "a" },
+            "tolerations": [{ "key": "atelier.dev/test-pool", "operator": "Exists", "effect": "NoSchedule" }],
+        }}),
+    )
+    .await
+    .unwrap();
+    let name = tenant.name_any();
+    let ns = tenant.namespace_name();
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let bindings = Api::<RoleBinding>::namespaced(client.clone(), &ns);
+    let claims =
+        Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), &ns);
+    let pod_spec = || async {
+        let deployment = deployments.get_opt("inference").await?;
+        anyhow::Ok(deployment.and_then(|d| d.spec?.template.spec))
+    };
+    let admins = || async {
+        let binding = bindings.get_opt("atelier-admins").await?;
+        anyhow::Ok(binding.map(|b| b.subjects.unwrap_or_default()))
+    };
+    wait_for(
+        "the nodeSelector, toleration and admins applied",
+        TIMEOUT,
+        || async {
+            let applied = pod_spec().await?.is_some_and(|pod| {
+                pod.node_selector.is_some_and(|s| !s.is_empty())
+                    && pod.tolerations.is_some_and(|t| !t.is_empty())
+            }) && admins().await?.is_some_and(|s| !s.is_empty())
+                && claims.get_opt("model").await?.is_some();
+            Ok(applied.then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+
+    // The admins leave, the pool constraints go, and the model comes from a claim of the
+    // tenant's own: the operator-made model claim is no longer wanted.
+    let removal = json!({ "spec": {
+        "members": [{ "group": "team-users", "role": "user" }],
+        "inference": {
+            "nodeSelector": null,
+            "tolerations": null,
+            "model": { "volumeName": null, "claimName": "models-of-our-own" },
+        },
+    }});
+    Api::<Tenant>::all(client.clone())
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&removal))
+        .await
+        .unwrap();
+    wait_for("the removals reach the cluster", TIMEOUT, || async {
+        let pod = pod_spec().await?.unwrap_or_default();
+        let cleared = pod.node_selector.unwrap_or_default().is_empty()
+            && pod.tolerations.unwrap_or_default().is_empty()
+            && admins().await?.unwrap_or_default().is_empty()
+            && claims
+                .get_opt("model")
+                .await?
+                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
+        Ok(cleared.then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -443,7 +522,7 @@ async fn pods_that_cannot_run_degrade_the_tenant_with_their_own_reason() {
 }
 
 #[tokio::test]
-async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
+async fn a_namespace_that_is_not_ours_degrades_the_tenant_and_outlives_its_deletion() {
     let cluster = operator().await;
     let client = cluster.client().await;
     let name = unique_name("tn");
@@ -474,8 +553,8 @@ async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
     .await
     .unwrap();
     assert_eq!(degraded.reason, "NamespaceConflict");
-    let deployments =
-        Api::<Deployment>::namespaced(client, &atelier_crds::tenant::namespace_for(&name));
+    let ns = atelier_crds::tenant::namespace_for(&name);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     assert!(
         deployments
             .list(&ListParams::default())
@@ -484,6 +563,36 @@ async fn a_namespace_that_is_not_ours_degrades_the_tenant() {
             .items
             .is_empty(),
         "nothing is applied into a foreign namespace"
+    );
+
+    // Deleting the tenant touches neither the foreign namespace nor the jobs in it.
+    let foreign_job = common::create_job(cluster, &ns, "someone-else", json!({}))
+        .await
+        .unwrap();
+    tenants
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the tenant gone", TIMEOUT, || async {
+        Ok(tenants.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get(&ns)
+        .await
+        .expect("the foreign namespace is still there");
+    assert!(
+        namespace.metadata.deletion_timestamp.is_none(),
+        "the operator deleted a namespace it does not own"
+    );
+    let job = Api::<atelier_crds::GenerationJob>::namespaced(client, &ns)
+        .get(&foreign_job.name_any())
+        .await
+        .unwrap();
+    assert!(
+        !job.spec.cancel,
+        "the operator cancelled a job in a namespace it does not own"
     );
 }
 

@@ -1,6 +1,12 @@
 //! Server-side apply that stays silent in the steady state: an object is patched only when it is
-//! missing or when a field we set differs from the live object. Fields the API server or other
-//! controllers add are left alone, and nothing is written when everything is as desired.
+//! missing, when a field we set differs from the live object, or when what we want changed.
+//! Fields the API server or other controllers add are left alone, and nothing is written when
+//! everything is as desired.
+//!
+//! Each applied object carries a hash of the whole desired object in an annotation. A field we
+//! stop setting (the last member of a RoleBinding, a nodeSelector) changes the hash, so the
+//! object is applied again, and server-side apply removes the fields our field manager set
+//! before and no longer does.
 
 use std::fmt::Debug;
 
@@ -10,6 +16,12 @@ use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::core::quantity;
+
+/// The annotation with the hash of the desired object last applied.
+pub const DESIRED_HASH: &str = "atelier.dev/desired-hash";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -17,16 +29,19 @@ pub enum Applied {
     Created,
     /// The object existed but had drifted from the desired state.
     Repaired,
+    /// The object is no longer desired and was deleted.
+    Pruned,
 }
 
-/// Makes the live object match `desired` on every field `desired` sets.
+/// Makes the live object match `desired` on every field `desired` sets, and drops the fields
+/// we set before and `desired` no longer does.
 pub async fn ensure<K>(api: &Api<K>, desired: &K) -> kube::Result<Applied>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
     let name = desired.meta().name.clone().unwrap_or_default();
     let live = api.get_opt(&name).await?;
-    let desired_json = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
+    let desired_json = with_hash(serde_json::to_value(desired).map_err(kube::Error::SerdeError)?);
     if let Some(live) = &live {
         let live_json = serde_json::to_value(live).map_err(kube::Error::SerdeError)?;
         if is_subset(&desired_json, &live_json) {
@@ -46,45 +61,47 @@ where
     })
 }
 
+/// `desired` with the hash of itself in the `DESIRED_HASH` annotation.
+fn with_hash(mut desired: Value) -> Value {
+    let hash = format!("{:x}", Sha256::digest(desired.to_string()));
+    let metadata = desired
+        .as_object_mut()
+        .expect("a Kubernetes object is a JSON object")
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    let annotations = metadata
+        .as_object_mut()
+        .expect("metadata is an object")
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()));
+    annotations
+        .as_object_mut()
+        .expect("annotations are an object")
+        .insert(DESIRED_HASH.to_string(), Value::String(hash));
+    desired
+}
+
 /// Whether every field of `desired` is present in `live` with the same value. Lists must match
-/// element by element; quantities compare by value (`1000m` equals `1`).
+/// element by element (an empty list and a missing one are the same); quantities compare by
+/// value (`1000m` equals `1`).
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
     match (desired, live) {
         (Value::Object(want), Value::Object(have)) => want.iter().all(|(key, value)| {
-            value.is_null() || have.get(key).is_some_and(|live| is_subset(value, live))
+            let absent = value.is_null() || value.as_array().is_some_and(Vec::is_empty);
+            match have.get(key) {
+                Some(live) => is_subset(value, live),
+                None => absent,
+            }
         }),
         (Value::Array(want), Value::Array(have)) => {
             want.len() == have.len() && want.iter().zip(have).all(|(w, h)| is_subset(w, h))
         }
         (Value::String(want), Value::String(have)) => {
-            want == have
-                || matches!((quantity_millis(want), quantity_millis(have)), (Some(a), Some(b)) if a == b)
+            want == have || quantity::same_amount(want, have)
         }
         (Value::Number(want), Value::Number(have)) => want.as_f64() == have.as_f64(),
         (want, have) => want == have,
     }
-}
-
-/// The value of a Kubernetes quantity in thousandths, for the forms the operator writes.
-fn quantity_millis(text: &str) -> Option<u128> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let number: u128 = number.parse().ok()?;
-    let factor: u128 = match suffix {
-        "m" => 1,
-        "" => 1000,
-        "k" => 1000 * 1_000,
-        "M" => 1000 * 1_000_000,
-        "G" => 1000 * 1_000_000_000,
-        "Ki" => 1000 << 10,
-        "Mi" => 1000 << 20,
-        "Gi" => 1000 << 30,
-        "Ti" => 1000 << 40,
-        _ => return None,
-    };
-    Some(number * factor)
 }
 
 #[cfg(test)]
@@ -109,6 +126,18 @@ mod tests {
     }
 
     #[test]
+    fn a_field_no_longer_desired_changes_the_hash() {
+        let live = with_hash(
+            json!({ "metadata": { "name": "x" }, "spec": { "nodeSelector": { "gpu": "a100" } } }),
+        );
+        let cleared = with_hash(json!({ "metadata": { "name": "x" }, "spec": {} }));
+        // Without the hash the cleared object is a subset of the live one, and nothing is applied.
+        assert!(!is_subset(&cleared, &live));
+        assert!(is_subset(&live, &live));
+        assert!(is_subset(&json!({ "subjects": [] }), &json!({})));
+    }
+
+    #[test]
     fn quantities_compare_by_value() {
         assert!(is_subset(
             &json!({ "cpu": "1000m" }),
@@ -117,6 +146,10 @@ mod tests {
         assert!(is_subset(
             &json!({ "memory": "1024Mi" }),
             &json!({ "memory": "1Gi" })
+        ));
+        assert!(is_subset(
+            &json!({ "cpu": "1.5" }),
+            &json!({ "cpu": "1500m" })
         ));
         assert!(!is_subset(&json!({ "cpu": "2" }), &json!({ "cpu": "1" })));
         assert!(!is_subset(

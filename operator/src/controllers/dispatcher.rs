@@ -589,7 +589,7 @@ impl Dispatcher {
             if now.duration_since(start.0).unsigned_abs() > limit {
                 let _ = self.client.cancel(endpoint, &uid).await;
                 self.forget(&uid).await;
-                let _ = release_reservation(job, &self.ctx).await;
+                release_reservation(job, &self.ctx).await;
                 self.end(
                     job,
                     JobPhase::Failed,
@@ -732,7 +732,7 @@ impl Dispatcher {
                     ),
                     |e| (e.reason, e.message),
                 );
-                let _ = release_reservation(job, &self.ctx).await;
+                release_reservation(job, &self.ctx).await;
                 self.end(job, JobPhase::Failed, &reason, &message, None)
                     .await;
                 false
@@ -755,7 +755,7 @@ impl Dispatcher {
         self.forget(&uid).await;
         let status = job.status.clone().unwrap_or_default();
         if status.attempts > tenant.spec.limits.max_retries {
-            let _ = release_reservation(job, &self.ctx).await;
+            release_reservation(job, &self.ctx).await;
             let message = format!("{why}; {} attempts made", status.attempts);
             return self
                 .end(job, JobPhase::Failed, "RetriesExhausted", &message, None)

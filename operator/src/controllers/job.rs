@@ -40,7 +40,10 @@ pub async fn run(ctx: Arc<Context>) {
     let triggers = watcher(jobs, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .inspect_ok(move |event| index.jobs.observe(event))
+        .inspect_ok(move |event| {
+            index.jobs.observe(event);
+            release_when_deleted_waiting(event, &index);
+        })
         .applied_objects();
     Controller::for_stream(triggers, reader)
         .shutdown_on_signal()
@@ -74,6 +77,9 @@ async fn reconcile(job: Arc<GenerationJob>, ctx: Arc<Context>) -> Result<Action,
 async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
     if job.spec.cancel {
+        // An admission whose Queued write was refused (the job changed: this cancel) holds a
+        // reservation already.
+        release_reservation(job, ctx).await;
         finish(
             job,
             ctx,
@@ -98,15 +104,11 @@ async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     ctx.jobs.wait_until_ready().await;
-    let queued_by_user = ctx.jobs.with_index(|index| {
-        index.queued_by_user(
-            job.metadata.namespace.as_deref().unwrap_or_default(),
-            &job.spec.user,
-        )
-    });
     let tenants = Api::<Tenant>::all(ctx.client.clone());
+    let is_waiting = |uid: &str| ctx.jobs.with_index(|index| index.is_waiting(uid));
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
     let Some((decision, day)) =
-        quota::admit(&tenants, tenant_name, &job.spec, queued_by_user, now).await?
+        quota::admit(&tenants, tenant_name, uid, &job.spec, is_waiting, now).await?
     else {
         finish(
             job,
@@ -144,7 +146,9 @@ async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
                 job.metadata.generation,
                 &Time(now),
             );
-            write_status(job, ctx, &status).await?;
+            // Only over the job as admitted: a job changed since (cancelled) is read again,
+            // and its retried admission finds the reservation already made.
+            write_status_at(job, ctx, &status, job.metadata.resource_version.as_deref()).await?;
             tracing::info!(job = job.name_any(), user = job.spec.user, "admitted");
             transition_event(
                 ctx,
@@ -171,7 +175,7 @@ async fn admit(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
 
 /// A queued job that is cancelled leaves the queue and gives its reservation back.
 async fn cancel_queued(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
-    release_reservation(job, ctx).await?;
+    release_reservation(job, ctx).await;
     finish(
         job,
         ctx,
@@ -210,22 +214,26 @@ async fn expire(job: &GenerationJob, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// Gives back the job's reserved images (when they were reserved today and produced nothing).
-pub async fn release_reservation(job: &GenerationJob, ctx: &Context) -> kube::Result<()> {
-    let (Some(tenant), Some(day)) = (
-        tenant_of(job),
-        job.status.as_ref().and_then(|s| s.quota_day.as_deref()),
-    ) else {
-        return Ok(());
+/// Gives back the job's reserved images (when it holds a reservation of today), once however
+/// often it is called. A failure is logged: the images stay counted until the day rolls over.
+pub async fn release_reservation(job: &GenerationJob, ctx: &Context) {
+    let (Some(tenant), Some(uid)) = (tenant_of(job), job.metadata.uid.as_deref()) else {
+        return;
     };
-    quota::release(
-        &Api::<Tenant>::all(ctx.client.clone()),
-        tenant,
-        &job.spec.user,
-        job.spec.num_images,
-        day,
-    )
-    .await
+    let tenants = Api::<Tenant>::all(ctx.client.clone());
+    if let Err(error) = quota::release(&tenants, tenant, uid).await {
+        tracing::error!(job = job.name_any(), tenant, %error, "could not give back the job's reserved images");
+    }
+}
+
+/// A job deleted before it ran gives its reservation back.
+fn release_when_deleted_waiting(event: &watcher::Event<GenerationJob>, ctx: &Arc<Context>) {
+    if let watcher::Event::Delete(job) = event
+        && matches!(job.phase(), JobPhase::Pending | JobPhase::Queued)
+    {
+        let (job, ctx) = (job.clone(), ctx.clone());
+        tokio::spawn(async move { release_reservation(&job, &ctx).await });
+    }
 }
 
 /// Moves a job to a final phase with a reason, condition and Event; returns the status written.
@@ -304,6 +312,17 @@ pub async fn write_status(
     ctx: &Context,
     status: &GenerationJobStatus,
 ) -> kube::Result<()> {
+    write_status_at(job, ctx, status, None).await
+}
+
+/// Writes a job's whole status with a merge patch; with a `resource_version`, only if the job
+/// is still at that version (409 Conflict otherwise).
+async fn write_status_at(
+    job: &GenerationJob,
+    ctx: &Context,
+    status: &GenerationJobStatus,
+    resource_version: Option<&str>,
+) -> kube::Result<()> {
     let api = Api::<GenerationJob>::namespaced(
         ctx.client.clone(),
         job.metadata.namespace.as_deref().unwrap_or_default(),
@@ -321,7 +340,10 @@ pub async fn write_status(
             .entry(cleared)
             .or_insert(serde_json::Value::Null);
     }
-    let patch = serde_json::json!({ "status": body });
+    let mut patch = serde_json::json!({ "status": body });
+    if let Some(version) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
     api.patch_status(
         &job.name_any(),
         &PatchParams::default(),

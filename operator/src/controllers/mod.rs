@@ -13,7 +13,6 @@ pub mod watched_jobs;
 pub mod webhook;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -67,10 +66,16 @@ pub struct ControllerArgs {
     /// Identity of this replica in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Address ranges job webhooks may reach although they are internal (loopback, private,
+    /// link-local, shared), as comma-separated CIDRs. Empty: public addresses only.
+    #[arg(long, env = "ATELIER_WEBHOOK_ALLOWED_CIDRS", value_delimiter = ',')]
+    pub webhook_allowed_cidrs: Vec<ipnet::IpNet>,
     /// Test hook: a file holding an RFC 3339 time to use as "now" (the quota day boundary is
-    /// then testable without waiting a day).
+    /// then testable without waiting a day). Only in builds with the `test-hooks` feature,
+    /// which the end-to-end tests enable and release images do not.
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "ATELIER_TEST_CLOCK_FILE", hide = true)]
-    pub test_clock_file: Option<PathBuf>,
+    pub test_clock_file: Option<std::path::PathBuf>,
 }
 
 /// Shared by every reconcile.
@@ -82,21 +87,29 @@ pub struct Context {
     pub clock: Clock,
     /// Every GenerationJob, indexed for admission and the dispatcher.
     pub jobs: watched_jobs::WatchedJobs,
+    /// Internal ranges webhooks may reach nevertheless.
+    pub webhook_allowed_cidrs: Vec<ipnet::IpNet>,
 }
 
-/// Wall clock, or the time written in a test file.
+/// Wall clock, or (with the `test-hooks` feature) the time written in a test file.
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
-    file: Option<PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    file: Option<std::path::PathBuf>,
 }
 
 impl Clock {
     pub fn now(&self) -> Timestamp {
-        self.file
+        #[cfg(feature = "test-hooks")]
+        if let Some(now) = self
+            .file
             .as_ref()
             .and_then(|path| std::fs::read_to_string(path).ok())
             .and_then(|text| text.trim().parse().ok())
-            .unwrap_or_else(Timestamp::now)
+        {
+            return now;
+        }
+        Timestamp::now()
     }
 }
 
@@ -143,9 +156,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             },
         ),
         clock: Clock {
+            #[cfg(feature = "test-hooks")]
             file: args.test_clock_file.clone(),
         },
         jobs: watched_jobs::WatchedJobs::default(),
+        webhook_allowed_cidrs: args.webhook_allowed_cidrs.clone(),
     });
 
     tokio::select! {

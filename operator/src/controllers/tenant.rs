@@ -2,6 +2,7 @@
 //! outputs servers, keeps them as desired, scales inference with the queue, and cleans up.
 
 use std::collections::HashMap;
+use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 
 use super::Context;
 use super::apply::{Applied, ensure};
@@ -214,6 +216,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             let reason = match error {
                 SpecError::GpuBudget { .. } => "InvalidGpuBudget",
                 SpecError::NoModelVolume => "NoModelVolume",
+                SpecError::Quantity { .. } => "InvalidQuantity",
             };
             set_degraded(&mut status, reason, &error.to_string(), generation);
             write_status(tenant, status, ctx).await?;
@@ -293,6 +296,10 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
             .await?,
         );
     }
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
+    for pruned in prune(&claims, tenant, &objects.claims).await? {
+        track("PersistentVolumeClaim", Some(pruned), Applied::Pruned);
+    }
     for service in &objects.services {
         track(
             "Service",
@@ -332,6 +339,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     for (kind, object, applied) in &changes {
         let (reason, verb) = match applied {
             Applied::Created => ("Created", "created"),
+            Applied::Pruned => ("Pruned", "deleted, no longer desired,"),
             _ => ("Repaired", "restored the desired state of"),
         };
         let related = ObjectReference {
@@ -359,6 +367,33 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     })
     .map_or(RESYNC, |due| due.min(RESYNC) + Duration::from_secs(1));
     Ok(Action::requeue(requeue))
+}
+
+/// Deletes the objects of `api`'s kind that this tenant owns and no longer wants (the model
+/// claim once the model comes from a claim of the tenant's own); returns their names.
+async fn prune<K>(api: &Api<K>, tenant: &Tenant, desired: &[K]) -> Result<Vec<String>, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let uid = tenant.metadata.uid.as_deref();
+    let wanted: Vec<&str> = desired
+        .iter()
+        .filter_map(|o| o.meta().name.as_deref())
+        .collect();
+    let selector = format!("{LABEL_TENANT}={}", tenant.name_any());
+    let mut pruned = Vec::new();
+    for object in api.list(&ListParams::default().labels(&selector)).await? {
+        let name = object.name_any();
+        let owned = object
+            .owner_references()
+            .iter()
+            .any(|o| Some(o.uid.as_str()) == uid);
+        if owned && !wanted.contains(&name.as_str()) && object.meta().deletion_timestamp.is_none() {
+            api.delete(&name, &Default::default()).await?;
+            pruned.push(name);
+        }
+    }
+    Ok(pruned)
 }
 
 /// A namespace of the tenant's name that someone else created is not ours to take over.
@@ -616,8 +651,14 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
 }
 
 /// Before the namespace goes: cancel running jobs, keep the output data if asked, then delete.
+/// A namespace of the tenant's name that is not ours (`NamespaceConflict`) is left untouched:
+/// its jobs, volume and the namespace itself belong to someone else.
 async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let ns = tenant.namespace_name();
+    if let Some(conflict) = namespace_conflict(tenant, ctx).await? {
+        tracing::info!(tenant = tenant.name_any(), %conflict, "deleting the tenant leaves the namespace alone");
+        return Ok(Action::await_change());
+    }
     let jobs = Api::<GenerationJob>::namespaced(ctx.client.clone(), &ns);
     let active: Vec<GenerationJob> = match jobs.list(&ListParams::default()).await {
         Ok(list) => list

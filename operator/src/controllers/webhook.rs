@@ -1,21 +1,35 @@
 //! Completion webhooks, signed like Standard Webhooks (`webhook-id`, `webhook-timestamp`,
 //! `webhook-signature: v1,<base64 HMAC-SHA256>`), sent in the background with retries so that a
 //! slow receiver never holds up the queue.
+//!
+//! A webhook URL is a tenant member's input sent from the operator's trusted network position:
+//! it is resolved once, every address must pass `core::webhook_target`, the connection goes to
+//! exactly those addresses (no second lookup to rebind), redirects and proxies are not
+//! followed, and the URL is never logged (it may carry a token).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use atelier_crds::{GenerationJob, WebhookEvent};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
 use kube::api::Api;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
 use sha2::Sha256;
 
 use super::Context;
+use crate::core::webhook_target;
 
 const ATTEMPTS: u32 = 5;
+
+/// The label a Secret needs before a job's `webhook.secretRef` may name it: the signing key is
+/// then one the tenant's admins meant for webhooks, not any Secret of the namespace.
+pub const SIGNING_SECRET_LABEL: &str = "atelier.dev/webhook-signing";
 
 /// Sends `event` for `job` if its webhook asks for it; returns at once.
 pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &str) {
@@ -26,6 +40,10 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
         return;
     }
     let client = ctx.client.clone();
+    let recorder = ctx.recorder.clone();
+    let allowed = ctx.webhook_allowed_cidrs.clone();
+    let job_ref = job.object_ref(&());
+    let job_name = job.name_any();
     let namespace = job.namespace().unwrap_or_default();
     let uid = job.metadata.uid.clone().unwrap_or_default();
     let event_name = match event {
@@ -37,7 +55,7 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
         "timestamp": jiff::Timestamp::now().to_string(),
         "data": {
             "namespace": namespace,
-            "name": job.name_any(),
+            "name": job_name,
             "uid": uid,
             "user": job.spec.user,
             "phase": phase,
@@ -47,22 +65,22 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
     .to_string();
     let message_id = format!("{uid}-{event_name}");
     tokio::spawn(async move {
+        let http = match client_for(&webhook.url, &allowed).await {
+            Ok(http) => http,
+            Err(why) => return refused(&recorder, &job_ref, why).await,
+        };
         let secret = match &webhook.secret_ref {
             Some(reference) => {
                 match signing_key(&client, &namespace, &reference.name, &reference.key).await {
                     Ok(key) => Some(key),
                     Err(error) => {
-                        tracing::warn!(%error, "webhook secret unreadable; not sending");
-                        return;
+                        return refused(&recorder, &job_ref, format!("webhook secret: {error}"))
+                            .await;
                     }
                 }
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("plain client");
         let mut delay = Duration::from_secs(1);
         for attempt in 1..=ATTEMPTS {
             let timestamp = jiff::Timestamp::now().as_second().to_string();
@@ -80,14 +98,64 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
             match request.body(body.clone()).send().await {
                 Ok(response) if response.status().is_success() => return,
                 Ok(response) => {
-                    tracing::warn!(attempt, status = %response.status(), url = webhook.url, "webhook refused")
+                    tracing::warn!(attempt, job = job_name, namespace, status = %response.status(), "webhook refused")
                 }
-                Err(error) => tracing::warn!(attempt, %error, url = webhook.url, "webhook failed"),
+                Err(error) => {
+                    // reqwest's errors name the URL: keep only what went wrong.
+                    let error = error.without_url();
+                    tracing::warn!(attempt, job = job_name, namespace, %error, "webhook failed")
+                }
             }
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
     });
+}
+
+/// Says on the job why its webhook is not sent.
+async fn refused(recorder: &Recorder, job: &ObjectReference, why: String) {
+    tracing::warn!(job = ?job.name, namespace = ?job.namespace, %why, "webhook not sent");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "WebhookRefused".into(),
+        note: Some(why),
+        action: "Notify".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, job).await {
+        tracing::warn!(%error, "could not publish an event");
+    }
+}
+
+/// An HTTP client that reaches `url`'s host only at the addresses resolved now, each of them
+/// allowed, without redirects or proxies; or why not.
+async fn client_for(url: &str, allowed: &[IpNet]) -> Result<reqwest::Client, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|error| format!("webhook URL: {error}"))?;
+    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+        return Err("the webhook URL names no host".into());
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|error| format!("the webhook host does not resolve: {error}"))?
+        .collect();
+    if addresses.is_empty() {
+        return Err("the webhook host does not resolve".into());
+    }
+    for address in &addresses {
+        if let Some(why) = webhook_target::refusal(address.ip(), allowed) {
+            return Err(format!(
+                "the webhook host resolves to {why}, which the operator does not call (operator.webhooks.allowedCidrs)"
+            ));
+        }
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .resolve_to_addrs(host, &addresses)
+        .build()
+        .map_err(|error| format!("webhook client: {error}"))
 }
 
 /// The signature header value: `v1,` and the base64 HMAC-SHA256 of `id.timestamp.body`.
@@ -107,6 +175,14 @@ async fn signing_key(
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(name)
         .await?;
+    if secret
+        .labels()
+        .get(SIGNING_SECRET_LABEL)
+        .map(String::as_str)
+        != Some("true")
+    {
+        anyhow::bail!("secret {name} is not labelled {SIGNING_SECRET_LABEL}=true");
+    }
     let value = secret
         .data
         .and_then(|d| d.get(key).cloned())

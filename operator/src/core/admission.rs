@@ -3,7 +3,7 @@
 //! Reservations are counted in `Tenant.status.usage` for the current day and written with
 //! optimistic concurrency, so concurrent admissions can never overshoot a quota.
 
-use atelier_crds::{GenerationJobSpec, JobLimits, QuotaSpec, UserUsage};
+use atelier_crds::{GenerationJobSpec, JobLimits, QuotaSpec, Reservation, TenantStatus, UserUsage};
 use jiff::{Timestamp, tz::TimeZone};
 
 /// Reasons shown in `status.reason`, Events and metrics.
@@ -30,7 +30,7 @@ pub struct TenantView<'a> {
     pub quota: &'a QuotaSpec,
     /// Reservations of `today` (already reset if the stored day is older).
     pub usage: &'a [UserUsage],
-    /// Jobs of this user currently waiting (`Pending` admitted or `Queued`).
+    /// Jobs of this user admitted and still waiting for a GPU.
     pub queued_by_user: u32,
 }
 
@@ -88,12 +88,25 @@ fn limit_violation(job: &GenerationJobSpec, limits: &JobLimits) -> Option<String
             "limits.maxImages",
         ),
     ];
-    checks
+    let numbers = checks
         .into_iter()
         .find(|(_, value, max, _)| value > max)
         .map(|(field, value, max, limit)| {
             format!("{field} {value} exceeds the tenant limit of {max} ({limit})")
+        });
+    // A job may end sooner than the tenant's jobs do, never later: a GPU held longer is taken
+    // from everyone else.
+    let longest: std::time::Duration = limits.default_timeout.into();
+    let timeout = job.timeout.map(std::time::Duration::from);
+    numbers.or_else(|| {
+        timeout.filter(|t| *t > longest).map(|t| {
+            format!(
+                "timeout {}s exceeds the tenant limit of {}s (limits.defaultTimeout)",
+                t.as_secs(),
+                longest.as_secs()
+            )
         })
+    })
 }
 
 /// Images `user` has reserved in `usage`.
@@ -104,34 +117,67 @@ pub fn images_of(usage: &[UserUsage], user: &str) -> u32 {
         .map_or(0, |u| u.images)
 }
 
-/// Adds `images` to `user`'s reservations.
-pub fn reserve(usage: &mut Vec<UserUsage>, user: &str, images: u32) {
-    match usage.iter_mut().find(|u| u.user == user) {
+/// Whether the job with uid `job` holds a reservation: its admission already counted it.
+pub fn is_reserved(status: &TenantStatus, job: &str) -> bool {
+    status.reservations.iter().any(|r| r.job == job)
+}
+
+/// Counts `images` of job `job` for `user`, once per job: returns false (and counts nothing)
+/// when the job already holds its reservation, as after a retried admission.
+pub fn reserve(status: &mut TenantStatus, job: &str, user: &str, images: u32) -> bool {
+    if is_reserved(status, job) {
+        return false;
+    }
+    status.reservations.push(Reservation {
+        job: job.to_string(),
+        user: user.to_string(),
+        images,
+    });
+    match status.usage.iter_mut().find(|u| u.user == user) {
         Some(entry) => entry.images += images,
         None => {
-            usage.push(UserUsage {
+            status.usage.push(UserUsage {
                 user: user.to_string(),
                 images,
             });
-            usage.sort_by(|a, b| a.user.cmp(&b.user));
+            status.usage.sort_by(|a, b| a.user.cmp(&b.user));
         }
     }
+    true
 }
 
-/// Gives back `images` of `user`'s reservations (never below zero), dropping empty entries.
-pub fn release(usage: &mut Vec<UserUsage>, user: &str, images: u32) {
-    if let Some(entry) = usage.iter_mut().find(|u| u.user == user) {
-        entry.images = entry.images.saturating_sub(images);
+/// Gives back what job `job` reserved, once; returns the images given back (0 when the job holds
+/// no reservation: released already, reset, or reserved on another day).
+pub fn release(status: &mut TenantStatus, job: &str) -> u32 {
+    let Some(at) = status.reservations.iter().position(|r| r.job == job) else {
+        return 0;
+    };
+    let reservation = status.reservations.remove(at);
+    if let Some(entry) = status.usage.iter_mut().find(|u| u.user == reservation.user) {
+        entry.images = entry.images.saturating_sub(reservation.images);
     }
-    usage.retain(|u| u.images > 0);
+    status.usage.retain(|u| u.images > 0);
+    reservation.images
 }
 
 /// Forgets everything `user` reserved today (an admin's quota reset); returns how many images that
-/// was.
-pub fn reset(usage: &mut Vec<UserUsage>, user: &str) -> u32 {
-    let removed = images_of(usage, user);
-    usage.retain(|u| u.user != user);
+/// was. The user's jobs keep running but no longer count.
+pub fn reset(status: &mut TenantStatus, user: &str) -> u32 {
+    let removed = images_of(&status.usage, user);
+    status.usage.retain(|u| u.user != user);
+    status.reservations.retain(|r| r.user != user);
     removed
+}
+
+/// How many of `user`'s jobs with a reservation are still waiting for a GPU, as `is_waiting`
+/// (the job index) tells. Counted from the reservations in the status that admission
+/// compare-and-swaps, so jobs admitted concurrently see each other.
+pub fn waiting_jobs(status: &TenantStatus, user: &str, is_waiting: impl Fn(&str) -> bool) -> u32 {
+    status
+        .reservations
+        .iter()
+        .filter(|r| r.user == user && is_waiting(&r.job))
+        .count() as u32
 }
 
 /// The quota day (`YYYY-MM-DD`) of `now` in the tenant's time zone; UTC when the zone is unknown,
@@ -172,15 +218,16 @@ mod tests {
             images_per_user_per_day: 5,
             ..QuotaSpec::default()
         };
-        let mut usage = Vec::new();
+        let mut status = TenantStatus::default();
         let mut admitted = 0;
-        for _ in 0..20 {
-            if decide(&job("ann", 1), &view(&limits, &quota, &usage)) == Decision::Admit {
-                reserve(&mut usage, "ann", 1);
+        for n in 0..20 {
+            if decide(&job("ann", 1), &view(&limits, &quota, &status.usage)) == Decision::Admit {
+                assert!(reserve(&mut status, &format!("uid-{n}"), "ann", 1));
                 admitted += 1;
             }
         }
         assert_eq!(admitted, 5);
+        let usage = status.usage;
         match decide(&job("ann", 1), &view(&limits, &quota, &usage)) {
             Decision::Reject { reason, message } => {
                 assert_eq!(reason, reason::QUOTA_EXCEEDED);
@@ -265,6 +312,24 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_beyond_the_tenants_is_refused() {
+        let limits = JobLimits::default();
+        let quota = QuotaSpec::default();
+        let longest: std::time::Duration = limits.default_timeout.into();
+        let mut spec = job("ann", 1);
+        spec.timeout = Some((longest + std::time::Duration::from_secs(1)).into());
+        match decide(&spec, &view(&limits, &quota, &[])) {
+            Decision::Reject { reason, message } => {
+                assert_eq!(reason, reason::LIMIT_EXCEEDED);
+                assert!(message.contains("(limits.defaultTimeout)"), "{message}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        spec.timeout = Some(longest.into());
+        assert_eq!(decide(&spec, &view(&limits, &quota, &[])), Decision::Admit);
+    }
+
+    #[test]
     fn too_many_queued_is_refused() {
         let limits = JobLimits::default();
         let quota = QuotaSpec {
@@ -287,27 +352,49 @@ mod tests {
     }
 
     #[test]
-    fn release_never_goes_negative_and_drops_empty_entries() {
-        let mut usage = vec![UserUsage {
-            user: "ann".into(),
-            images: 1,
-        }];
-        release(&mut usage, "ann", 3);
-        assert!(usage.is_empty());
-        release(&mut usage, "nobody", 1);
-        assert!(usage.is_empty());
+    fn a_job_reserves_once_and_gives_back_once() {
+        let mut status = TenantStatus::default();
+        assert!(reserve(&mut status, "uid-1", "ann", 2));
+        // A retried admission of the same job (its Queued write failed) reserves nothing more.
+        assert!(!reserve(&mut status, "uid-1", "ann", 2));
+        assert!(reserve(&mut status, "uid-2", "ann", 1));
+        assert_eq!(images_of(&status.usage, "ann"), 3);
+        assert_eq!(release(&mut status, "uid-1"), 2);
+        assert_eq!(release(&mut status, "uid-1"), 0, "released twice");
+        assert_eq!(images_of(&status.usage, "ann"), 1);
+        assert_eq!(release(&mut status, "uid-2"), 1);
+        assert!(status.usage.is_empty() && status.reservations.is_empty());
+        assert_eq!(release(&mut status, "unknown"), 0);
+    }
+
+    #[test]
+    fn waiting_jobs_count_only_that_users_waiting_reservations() {
+        let mut status = TenantStatus::default();
+        reserve(&mut status, "queued", "ann", 1);
+        reserve(&mut status, "running", "ann", 1);
+        reserve(&mut status, "bobs", "bob", 1);
+        let waiting = |uid: &str| uid != "running";
+        assert_eq!(waiting_jobs(&status, "ann", waiting), 1);
+        assert_eq!(waiting_jobs(&status, "bob", waiting), 1);
+        assert_eq!(waiting_jobs(&status, "cyd", waiting), 0);
     }
 
     #[test]
     fn reset_removes_only_that_user() {
-        let mut usage = Vec::new();
-        reserve(&mut usage, "alice", 5);
-        reserve(&mut usage, "bob", 2);
-        assert_eq!(reset(&mut usage, "alice"), 5);
-        assert_eq!(images_of(&usage, "alice"), 0);
-        assert_eq!(images_of(&usage, "bob"), 2);
-        assert_eq!(reset(&mut usage, "carol"), 0);
-        assert_eq!(usage.len(), 1);
+        let mut status = TenantStatus::default();
+        reserve(&mut status, "a", "alice", 5);
+        reserve(&mut status, "b", "bob", 2);
+        assert_eq!(reset(&mut status, "alice"), 5);
+        assert_eq!(images_of(&status.usage, "alice"), 0);
+        assert_eq!(images_of(&status.usage, "bob"), 2);
+        assert_eq!(
+            release(&mut status, "a"),
+            0,
+            "a reset job gives nothing back"
+        );
+        assert_eq!(reset(&mut status, "carol"), 0);
+        assert_eq!(status.usage.len(), 1);
+        assert_eq!(status.reservations.len(), 1);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
 
+use super::quantity;
+
 /// Operator-wide settings that shape tenant objects.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -46,6 +48,8 @@ pub enum SpecError {
     GpuBudget { per_replica: u32, max: u32 },
     #[error("inference.model names no volume: set claimName or volumeName")]
     NoModelVolume,
+    #[error("{field} {value:?} is not a Kubernetes quantity (such as 500m, 2, 8Gi)")]
+    Quantity { field: &'static str, value: String },
 }
 
 /// The objects of one tenant, in the order they are applied.
@@ -115,17 +119,26 @@ pub fn tenant_objects(
     let ceiling = tenant.replica_ceiling();
     let inference_cpu = quantity_or(&spec.inference.cpu, DEFAULT_INFERENCE_CPU);
     let inference_memory = quantity_or(&spec.inference.memory, DEFAULT_INFERENCE_MEMORY);
+    let quota_cpu = scaled("inference.cpu", &inference_cpu, ceiling, OUTPUTS_CPU)?;
+    let quota_memory = scaled(
+        "inference.memory",
+        &inference_memory,
+        ceiling,
+        OUTPUTS_MEMORY,
+    )?;
     let resource_quota = json!({
         "apiVersion": "v1", "kind": "ResourceQuota",
         "metadata": meta("atelier-quota", None),
         "spec": { "hard": {
             format!("requests.{gpu}"): spec.gpus.max.to_string(),
-            "requests.cpu": scaled(&inference_cpu, ceiling, OUTPUTS_CPU),
-            "limits.cpu": scaled(&inference_cpu, ceiling, OUTPUTS_CPU),
-            "requests.memory": scaled(&inference_memory, ceiling, OUTPUTS_MEMORY),
-            "limits.memory": scaled(&inference_memory, ceiling, OUTPUTS_MEMORY),
+            "requests.cpu": quota_cpu,
+            "limits.cpu": quota_cpu,
+            "requests.memory": quota_memory,
+            "limits.memory": quota_memory,
             // Outputs and model claims, and room for an admin-made model claim beside them.
             "persistentvolumeclaims": "4",
+            // Jobs are created by members through kubectl too: bound what they can store.
+            "count/generationjobs.atelier.dev": spec.quota.max_jobs.to_string(),
             "pods": (ceiling + 1 + ceiling).to_string(),
         }},
     });
@@ -168,9 +181,11 @@ pub fn tenant_objects(
         "automountServiceAccountToken": false,
     });
 
+    // Both bindings always exist, without subjects when the role has no members: applying one
+    // without subjects takes away the access its last member had.
     let role_bindings = [(Role::Admin, &settings.admin_cluster_role, "atelier-admins"), (Role::User, &settings.member_cluster_role, "atelier-members")]
         .into_iter()
-        .filter_map(|(role, cluster_role, binding)| {
+        .map(|(role, cluster_role, binding)| {
             let subjects: Vec<Value> = spec
                 .members
                 .iter()
@@ -181,12 +196,12 @@ pub fn tenant_objects(
                     (None, None) => None,
                 })
                 .collect();
-            (!subjects.is_empty()).then(|| json!({
+            json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                 "metadata": meta(binding, None),
                 "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role },
                 "subjects": subjects,
-            }))
+            })
         })
         .collect::<Vec<_>>();
 
@@ -407,47 +422,18 @@ fn quantity_or(
         .map_or_else(|| default.to_string(), |q| q.0.clone())
 }
 
-/// `per_replica × replicas + extra` as a quantity string. Quantities are summed in their
-/// smallest unit (milli-cores, bytes) so that the quota is exact.
-fn scaled(per_replica: &str, replicas: u32, extra: &str) -> String {
-    match (parse_quantity(per_replica), parse_quantity(extra)) {
-        (Some((a, unit)), Some((b, unit_b))) if unit == unit_b => {
-            let total = a * u128::from(replicas) + b;
-            match unit {
-                Unit::Milli => format!("{total}m"),
-                Unit::Bytes => total.to_string(),
-            }
-        }
-        _ => per_replica.to_string(),
-    }
-}
-
-#[derive(PartialEq, Eq, Clone, Copy)]
-enum Unit {
-    Milli,
-    Bytes,
-}
-
-/// Parses the quantity forms used for CPU (`2`, `500m`) and memory (`8Gi`, `128Mi`, `1G`).
-fn parse_quantity(text: &str) -> Option<(u128, Unit)> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let number: u128 = number.parse().ok()?;
-    let (factor, unit) = match suffix {
-        "" => (1000, Unit::Milli),
-        "m" => (1, Unit::Milli),
-        "Ki" => (1 << 10, Unit::Bytes),
-        "Mi" => (1 << 20, Unit::Bytes),
-        "Gi" => (1 << 30, Unit::Bytes),
-        "Ti" => (1 << 40, Unit::Bytes),
-        "k" => (1_000, Unit::Bytes),
-        "M" => (1_000_000, Unit::Bytes),
-        "G" => (1_000_000_000, Unit::Bytes),
-        _ => return None,
-    };
-    Some((number * factor, unit))
+/// `per_replica × replicas + extra` as a quantity, exact in base units (`1.5` CPUs × 3 + `100m`
+/// is `4.6`). `field` names the tenant's setting when `per_replica` is not a quantity.
+fn scaled(
+    field: &'static str,
+    per_replica: &str,
+    replicas: u32,
+    extra: &str,
+) -> Result<String, SpecError> {
+    quantity::scaled(per_replica, replicas, extra).ok_or_else(|| SpecError::Quantity {
+        field,
+        value: per_replica.to_string(),
+    })
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> T {
@@ -537,11 +523,87 @@ mod tests {
         .unwrap();
         let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
         assert_eq!(hard["requests.nvidia.com/gpu"].0, "2");
-        assert_eq!(hard["requests.cpu"].0, "4100m");
+        assert_eq!(hard["count/generationjobs.atelier.dev"].0, "5000");
+        assert_eq!(amount(&hard["requests.cpu"].0), amount("4100m"));
         assert_eq!(
-            hard["requests.memory"].0,
-            (16u128 * (1 << 30) + 128 * (1 << 20)).to_string()
+            amount(&hard["requests.memory"].0),
+            amount(&(16u128 * (1 << 30) + 128 * (1 << 20)).to_string())
         );
+    }
+
+    fn amount(text: &str) -> rust_decimal::Decimal {
+        quantity::base_units(text).unwrap()
+    }
+
+    #[test]
+    fn fractional_quantities_are_scaled_too() {
+        let objects = tenant_objects(
+            &tenant(json!({ "inference": { "cpu": "1.5", "memory": "1.5Gi" } })),
+            &owner(),
+            &settings(),
+            0,
+        )
+        .unwrap();
+        let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
+        assert_eq!(amount(&hard["limits.cpu"].0), amount("3100m"));
+        assert_eq!(amount(&hard["limits.memory"].0), amount("3200Mi"));
+    }
+
+    #[test]
+    fn a_setting_that_is_no_quantity_is_named() {
+        let result = tenant_objects(
+            &tenant(json!({ "inference": { "memory": "lots" } })),
+            &owner(),
+            &settings(),
+            0,
+        );
+        let error = result.err().unwrap();
+        assert_eq!(
+            error,
+            SpecError::Quantity {
+                field: "inference.memory",
+                value: "lots".into()
+            }
+        );
+        assert!(
+            error.to_string().starts_with("inference.memory \"lots\""),
+            "{error}"
+        );
+    }
+
+    proptest::proptest! {
+        /// However a per-replica amount is written, the quota is that amount times the
+        /// replicas plus the outputs server's, to the milli-CPU and to the byte.
+        #[test]
+        fn the_quota_is_replicas_times_the_request_plus_the_outputs_server(
+            millis in 1u64..10_000_000,
+            mebibytes in 1u64..1_000_000,
+            replicas in 0u32..100,
+            written in 0usize..4,
+        ) {
+            let cpu = match written {
+                0 => format!("{millis}m"),
+                1 => format!("{}.{:03}", millis / 1000, millis % 1000),
+                2 => format!("{}k", millis as f64 / 1_000_000.0),
+                _ => format!("{}", millis as f64 / 1000.0),
+            };
+            let memory = match written {
+                0 => format!("{mebibytes}Mi"),
+                1 => format!("{}Ki", mebibytes * 1024),
+                2 => format!("{}Gi", mebibytes as f64 / 1024.0),
+                _ => format!("{}", mebibytes << 20),
+            };
+            let cpu_total = scaled("inference.cpu", &cpu, replicas, OUTPUTS_CPU).unwrap();
+            let memory_total = scaled("inference.memory", &memory, replicas, OUTPUTS_MEMORY).unwrap();
+            let expected_millis = millis * u64::from(replicas) + 100;
+            proptest::prop_assert_eq!(amount(&cpu_total), amount(&format!("{expected_millis}m")));
+            let expected_bytes = (mebibytes * u64::from(replicas) + 128) << 20;
+            proptest::prop_assert_eq!(
+                amount(&memory_total),
+                rust_decimal::Decimal::from(expected_bytes),
+                "{} for {} x {}", memory_total, memory, replicas
+            );
+        }
     }
 
     #[test]

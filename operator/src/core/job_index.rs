@@ -129,13 +129,11 @@ impl JobIndex {
             .unwrap_or_default()
     }
 
-    pub fn queued_by_user(&self, namespace: &str, user: &str) -> u32 {
-        self.namespaces.get(namespace).map_or(0, |jobs| {
-            jobs.unfinished
-                .values()
-                .filter(|job| job.phase() == JobPhase::Queued && job.spec.user == user)
-                .count() as u32
-        })
+    /// Whether a job with this uid exists and waits for a GPU (Pending or Queued).
+    pub fn is_waiting(&self, uid: &str) -> bool {
+        self.counted
+            .get(uid)
+            .is_some_and(|counted| matches!(counted.phase, JobPhase::Pending | JobPhase::Queued))
     }
 
     /// Per user, the images running now or succeeded within `FAIR_SHARE_WINDOW` before `now`:
@@ -230,12 +228,12 @@ mod tests {
         index.apply(&job("a", "ann", 1, JobPhase::Queued));
         index.apply(&job("b", "ann", 1, JobPhase::Running));
         assert_eq!(sorted_uids(index.unfinished("atelier-acme")), ["a", "b"]);
-        assert_eq!(index.queued_by_user("atelier-acme", "ann"), 1);
+        assert!(index.is_waiting("a") && !index.is_waiting("b"));
 
         index.apply(&job("a", "ann", 1, JobPhase::Running));
         index.apply(&succeeded("b", "ann", 1, 0));
         assert_eq!(sorted_uids(index.unfinished("atelier-acme")), ["a"]);
-        assert_eq!(index.queued_by_user("atelier-acme", "ann"), 0);
+        assert!(!index.is_waiting("a") && !index.is_waiting("never-seen"));
         assert!(index.contains("b") && !index.is_unfinished("b"));
         assert!(index.is_unfinished("a"));
         let counts = index.phase_counts("atelier-acme");
@@ -293,8 +291,7 @@ mod tests {
         let mut other = job("b", "ann", 1, JobPhase::Queued);
         other.metadata.namespace = Some("atelier-globex".into());
         index.apply(&other);
-        assert_eq!(index.queued_by_user("atelier-acme", "ann"), 1);
-        assert_eq!(index.queued_by_user("atelier-globex", "ann"), 1);
+        assert_eq!(sorted_uids(index.unfinished("atelier-acme")), ["a"]);
         assert_eq!(sorted_uids(index.unfinished("atelier-globex")), ["b"]);
     }
 }

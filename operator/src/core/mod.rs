@@ -5,5 +5,7 @@ pub mod admission;
 pub mod backoff;
 pub mod desired;
 pub mod job_index;
+pub mod quantity;
 pub mod queue;
 pub mod scaling;
+pub mod webhook_target;
