@@ -6,8 +6,8 @@
 
 use candle_core::Tensor;
 
-use crate::model::weights::TensorMap;
 use crate::error::Error;
+use crate::model::weights::TensorMap;
 
 /// `(BFL prefix, diffusers prefix)` of every module of an autoencoder with `levels` levels
 /// and `res_blocks` residual blocks per encoder level (one more per decoder level).

@@ -10,10 +10,10 @@ use candle_transformers::models::t5;
 use crate::error::Error;
 use crate::model::flux::{Flux, FluxConfig};
 use crate::model::flux_keys;
-use crate::model::vae_keys;
 use crate::model::manifest::{Manifest, Variant};
 use crate::model::text::{self, TextEncoders};
 use crate::model::vae::{self, VaeDecoder};
+use crate::model::vae_keys;
 use crate::model::weights::{self, SafetensorsFiles, TensorMap};
 
 use super::Precision;

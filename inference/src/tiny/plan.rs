@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use crate::error::Error;
 use crate::model::flux_keys;
 use crate::model::vae_keys;
-use crate::error::Error;
 use crate::tiny::writer::{self, Content, Draw, FileTensor};
 
 /// Names and shapes of a component's tensors, sorted by name.

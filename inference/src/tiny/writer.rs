@@ -17,9 +17,9 @@ use std::path::Path;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::error::Error;
 use crate::model::noise;
 use crate::model::weights;
-use crate::error::Error;
 
 /// Values per generated chunk (1 MiB of f32).
 pub const CHUNK: usize = 1 << 18;
