@@ -137,8 +137,6 @@ pub fn tenant_objects(
             "limits.memory": quota_memory,
             // Outputs and model claims, and room for an admin-made model claim beside them.
             "persistentvolumeclaims": "4",
-            // Jobs are created by members through kubectl too: bound what they can store.
-            "count/generationjobs.atelier.dev": spec.quota.max_jobs.to_string(),
             "pods": (ceiling + 1 + ceiling).to_string(),
         }},
     });
@@ -523,7 +521,6 @@ mod tests {
         .unwrap();
         let hard = objects.resource_quota.spec.unwrap().hard.unwrap();
         assert_eq!(hard["requests.nvidia.com/gpu"].0, "2");
-        assert_eq!(hard["count/generationjobs.atelier.dev"].0, "5000");
         assert_eq!(amount(&hard["requests.cpu"].0), amount("4100m"));
         assert_eq!(
             amount(&hard["requests.memory"].0),
