@@ -268,8 +268,8 @@ pub struct QuotaSpec {
     /// IANA time zone of the day boundary, e.g. `Europe/Paris`.
     #[serde(default = "default_time_zone")]
     pub time_zone: String,
-    /// GenerationJob objects the tenant namespace may hold, finished ones included (a
-    /// ResourceQuota count: creating more is refused by the API server, even through kubectl).
+    /// GenerationJob objects the tenant namespace may hold, finished ones included. Not
+    /// enforced yet (see docs/operations.md).
     #[serde(default = "default_max_jobs")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_jobs: u32,
