@@ -698,3 +698,416 @@ async fn webhooks_to_internal_addresses_are_refused_even_through_a_redirect() {
         "a webhook reached the internal address"
     );
 }
+
+/// Images the tenant's status counts for `user` today.
+async fn usage_of(cluster: &TestCluster, tenant: &str, user: &str) -> u32 {
+    let tenant = Api::<Tenant>::all(cluster.client().await)
+        .get(tenant)
+        .await
+        .unwrap();
+    let usage = tenant.status.map(|s| s.usage).unwrap_or_default();
+    usage
+        .iter()
+        .find(|u| u.user == user)
+        .map_or(0, |u| u.images)
+}
+
+/// Waits until the tenant's status counts `images` for `user`.
+async fn wait_usage(cluster: &TestCluster, tenant: &str, user: &str, images: u32) {
+    wait_for(&format!("{user} at {images} image(s)"), TIMEOUT, || async {
+        Ok((usage_of(cluster, tenant, user).await == images).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn cancelled_and_timed_out_jobs_give_their_images_back() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(
+        cluster,
+        json!({ "gpus": { "max": 1 }, "limits": { "maxSteps": 100 } }),
+    )
+    .await
+    .unwrap();
+    let (name, ns) = (tenant.name_any(), tenant.namespace_name());
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    // A long job holds the only GPU; two more wait behind it.
+    let slow = json!({ "steps": 100, "width": 512, "height": 512 });
+    let running = create_job(cluster, &ns, "ida@example.com", slow.clone())
+        .await
+        .unwrap()
+        .name_any();
+    wait_job_generating(cluster, &ns, &running, TIMEOUT)
+        .await
+        .unwrap();
+    let queued = create_job(cluster, &ns, "ida@example.com", json!({ "numImages": 2 }))
+        .await
+        .unwrap()
+        .name_any();
+    wait_job(cluster, &ns, &queued, TIMEOUT, |j| {
+        j.phase() == JobPhase::Queued
+    })
+    .await
+    .unwrap();
+    wait_usage(cluster, &name, "ida@example.com", 3).await;
+
+    // Cancelled while queued: its two images come back.
+    jobs.patch(
+        &queued,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "cancel": true } })),
+    )
+    .await
+    .unwrap();
+    let cancelled = wait_job_finished(cluster, &ns, &queued, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.phase(), JobPhase::Cancelled);
+    wait_usage(cluster, &name, "ida@example.com", 1).await;
+
+    // Cancelled while running: its image comes back too.
+    jobs.patch(
+        &running,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "cancel": true } })),
+    )
+    .await
+    .unwrap();
+    let cancelled = wait_job_finished(cluster, &ns, &running, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.phase(), JobPhase::Cancelled);
+    wait_usage(cluster, &name, "ida@example.com", 0).await;
+
+    // Past its timeout: failed, and nothing counted.
+    let mut timed = slow;
+    timed["timeout"] = json!("2s");
+    let late = create_job(cluster, &ns, "ida@example.com", timed)
+        .await
+        .unwrap()
+        .name_any();
+    let failed = wait_job_finished(cluster, &ns, &late, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.phase(), failed.status.unwrap().reason.as_deref()),
+        (JobPhase::Failed, Some("DeadlineExceeded"))
+    );
+    wait_usage(cluster, &name, "ida@example.com", 0).await;
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_higher_priority_job_runs_before_a_fairer_earlier_one() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(cluster, json!({ "gpus": { "max": 1 } }))
+        .await
+        .unwrap();
+    let ns = tenant.namespace_name();
+    // Ann's first job holds the only GPU for many seconds, so the next two wait together.
+    let blocker = create_job(
+        cluster,
+        &ns,
+        "ann@example.com",
+        json!({ "steps": 30, "width": 512, "height": 512 }),
+    )
+    .await
+    .unwrap()
+    .name_any();
+    wait_job_generating(cluster, &ns, &blocker, TIMEOUT)
+        .await
+        .unwrap();
+    // Fair share alone would serve Bob first (Ann is running a job); Ann's priority wins.
+    let low = create_job(cluster, &ns, "bob@example.com", json!({}))
+        .await
+        .unwrap()
+        .name_any();
+    let high = create_job(cluster, &ns, "ann@example.com", json!({ "priority": 10 }))
+        .await
+        .unwrap()
+        .name_any();
+    let started = |name: String| {
+        let ns = ns.clone();
+        async move {
+            let job = wait_job_finished(cluster, &ns, &name, TIMEOUT)
+                .await
+                .unwrap();
+            assert_eq!(job.phase(), JobPhase::Succeeded);
+            job.status.unwrap().start_time.unwrap().0
+        }
+    };
+    let (high_started, low_started) = (started(high).await, started(low).await);
+    assert!(
+        high_started < low_started,
+        "priority 10 started at {high_started}, priority 0 at {low_started}"
+    );
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// The address of the tenant's (single) ready inference pod.
+async fn inference_pod_url(cluster: &TestCluster, ns: &str) -> String {
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client().await, ns);
+    let ip = wait_for("a running inference pod", TIMEOUT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=inference"))
+            .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .find_map(|p| p.status?.pod_ip))
+    })
+    .await
+    .unwrap();
+    format!("http://{ip}:{}", atelier_crds::names::HTTP_PORT)
+}
+
+#[tokio::test]
+async fn an_idle_model_leaves_the_device_and_comes_back_for_the_next_job() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(
+        cluster,
+        json!({ "inference": { "idleOffloadAfter": "2s" } }),
+    )
+    .await
+    .unwrap();
+    let ns = tenant.namespace_name();
+    let url = inference_pod_url(cluster, &ns).await;
+    let moves = |to: &'static str| {
+        let url = url.clone();
+        async move {
+            let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+            let label = format!("to=\"{to}\"");
+            Ok::<_, anyhow::Error>(
+                metric(&text, "atelier_inference_model_moves_total", &[&label]).unwrap_or(-1.0),
+            )
+        }
+    };
+    let model_state = || {
+        let url = url.clone();
+        async move {
+            let model: serde_json::Value = reqwest::get(format!("{url}/v1/model"))
+                .await?
+                .json()
+                .await?;
+            Ok::<_, anyhow::Error>(model["state"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    for round in 1..=2 {
+        let job = create_job(cluster, &ns, "max@example.com", json!({}))
+            .await
+            .unwrap();
+        let done = wait_job_finished(cluster, &ns, &job.name_any(), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(done.phase(), JobPhase::Succeeded);
+        assert_eq!(moves("device").await.unwrap(), f64::from(round));
+        wait_for("the idle model back in host memory", TIMEOUT, || async {
+            Ok((model_state().await? == "host").then_some(()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(moves("host").await.unwrap(), f64::from(round));
+    }
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deleting_a_tenant_ends_its_queued_and_running_jobs_and_leaves_nothing() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(cluster, json!({ "gpus": { "max": 1 } }))
+        .await
+        .unwrap();
+    let ns = tenant.namespace_name();
+    let running = create_job(
+        cluster,
+        &ns,
+        "ned@example.com",
+        json!({ "steps": 50, "width": 512, "height": 512 }),
+    )
+    .await
+    .unwrap()
+    .name_any();
+    wait_job_generating(cluster, &ns, &running, TIMEOUT)
+        .await
+        .unwrap();
+    let mut names = vec![running];
+    for _ in 0..2 {
+        let queued = create_job(cluster, &ns, "ned@example.com", json!({}))
+            .await
+            .unwrap()
+            .name_any();
+        wait_job(cluster, &ns, &queued, TIMEOUT, |j| {
+            j.phase() == JobPhase::Queued
+        })
+        .await
+        .unwrap();
+        names.push(queued);
+    }
+    // Every state each job passes through until its namespace takes it away.
+    let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn({
+        let jobs = jobs.clone();
+        async move {
+            use futures::StreamExt as _;
+            let mut events = std::pin::pin!(kube::runtime::watcher(jobs, Default::default()));
+            while let Some(Ok(event)) = events.next().await {
+                if let kube::runtime::watcher::Event::Apply(job)
+                | kube::runtime::watcher::Event::InitApply(job) = event
+                {
+                    let _ = seen_tx.send(job);
+                }
+            }
+        }
+    });
+    let tenants = Api::<Tenant>::all(cluster.client().await);
+    tenants
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the tenant and its namespace gone", TIMEOUT, || async {
+        let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(cluster.client().await)
+            .get_opt(&ns)
+            .await?;
+        let tenant = tenants.get_opt(&tenant.name_any()).await?;
+        Ok((namespace.is_none() && tenant.is_none()).then_some(()))
+    })
+    .await
+    .unwrap();
+    watch.abort();
+    let mut last = std::collections::HashMap::new();
+    while let Ok(job) = seen.try_recv() {
+        last.insert(job.name_any(), job);
+    }
+    for name in &names {
+        let job = last
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} never seen"));
+        let status = job.status.clone().unwrap_or_default();
+        assert_eq!(
+            (job.phase(), status.reason.as_deref()),
+            (JobPhase::Cancelled, Some("Cancelled")),
+            "{name}: {status:?}"
+        );
+        assert!(status.completion_time.is_some(), "{name}: {status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_webhook_receiver_is_tried_again_until_it_answers() {
+    let (cluster, _) = platform().await;
+    let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
+    let ns = tenant.namespace_name();
+    // Fails the first two deliveries of each message, then accepts; counts every delivery.
+    let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let attempts = attempts.clone();
+            move |headers: axum::http::HeaderMap| {
+                let attempts = attempts.clone();
+                async move {
+                    let id = headers["webhook-id"].to_str().unwrap().to_string();
+                    let mut attempts = attempts.lock().unwrap();
+                    attempts.push(id.clone());
+                    if attempts.iter().filter(|seen| **seen == id).count() <= 2 {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    // A receiver that never answers well.
+    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken_url = format!("http://{}/hook", broken.local_addr().unwrap());
+    let broken_router =
+        axum::Router::new().fallback(|| async { axum::http::StatusCode::INTERNAL_SERVER_ERROR });
+    tokio::spawn(async move { axum::serve(broken, broken_router).await });
+
+    let job = create_job(
+        cluster,
+        &ns,
+        "ola@example.com",
+        json!({ "webhook": { "url": url, "events": ["completed"] } }),
+    )
+    .await
+    .unwrap();
+    let abandoned = create_job(
+        cluster,
+        &ns,
+        "ola@example.com",
+        json!({ "webhook": { "url": broken_url, "events": ["completed"] } }),
+    )
+    .await
+    .unwrap();
+    let id = format!("{}-generation.completed", job.uid().unwrap());
+    wait_for("the third delivery", TIMEOUT, || async {
+        let count = attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| **s == id)
+            .count();
+        Ok((count >= 3).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Answered on the third try: no fourth (it would come 4 s after the third).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let count = attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| **s == id)
+        .count();
+    assert_eq!(count, 3, "{:?}", attempts.lock().unwrap());
+
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client().await, &ns);
+    let failed = wait_for("a WebhookFailed event", TIMEOUT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("WebhookFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some(abandoned.name_any().as_str())
+        }))
+    })
+    .await
+    .unwrap();
+    assert!(
+        failed.note.unwrap_or_default().contains("5 attempts"),
+        "the event names the attempts"
+    );
+    assert!(
+        !events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("WebhookFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some(job.name_any().as_str())),
+        "the answered webhook is not reported failed"
+    );
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+}

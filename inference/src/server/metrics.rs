@@ -16,13 +16,18 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::jobs::{self, JobState};
-use super::warm::ModelState;
+use super::warm::{ModelState, Move};
 
 const PREFIX: &str = "atelier_inference";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MoveLabels {
+    to: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +39,14 @@ fn state(state: &str) -> StateLabels {
     StateLabels {
         state: state.to_owned(),
     }
+}
+
+fn move_labels(to: Move) -> MoveLabels {
+    let to = match to {
+        Move::ToDevice => "device",
+        Move::ToHost => "host",
+    };
+    MoveLabels { to: to.to_owned() }
 }
 
 /// Resident set size of this process, from `/proc/self/status` (Linux only; `None` elsewhere).
@@ -58,6 +71,7 @@ pub struct InferenceMetrics {
     steps_per_second: Gauge<f64, AtomicU64>,
     generation_seconds: Histogram,
     model_state: Family<StateLabels, Gauge>,
+    model_moves: Family<MoveLabels, Counter>,
     jobs: Family<StateLabels, Gauge>,
     jobs_finished: Family<StateLabels, Counter>,
     queue_depth: Gauge,
@@ -74,6 +88,7 @@ impl InferenceMetrics {
             // 1 s .. ~17 min: tiny CPU jobs to large batches on a slow GPU.
             generation_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             model_state: Family::default(),
+            model_moves: Family::default(),
             jobs: Family::default(),
             jobs_finished: Family::default(),
             queue_depth: Gauge::default(),
@@ -96,6 +111,11 @@ impl InferenceMetrics {
             "model_state",
             "1 for the state the model is in (loading, host, device), 0 for the others",
             metrics.model_state.clone(),
+        );
+        r.register(
+            "model_moves",
+            "Moves of the model to the device (before a job) and back to host memory (when idle)",
+            metrics.model_moves.clone(),
         );
         r.register(
             "jobs",
@@ -129,6 +149,9 @@ impl InferenceMetrics {
         for s in JobState::ALL.iter().filter(|s| s.is_finished()) {
             let _ = metrics.jobs_finished.get_or_create(&state(s.as_str()));
         }
+        for to in [Move::ToDevice, Move::ToHost] {
+            let _ = metrics.model_moves.get_or_create(&move_labels(to));
+        }
         metrics.set_model_state(ModelState::Loading);
         metrics
     }
@@ -148,6 +171,10 @@ impl InferenceMetrics {
                 .get_or_create(&state(s.as_str()))
                 .set(i64::from(s == current));
         }
+    }
+
+    pub fn model_moved(&self, to: Move) {
+        self.model_moves.get_or_create(&move_labels(to)).inc();
     }
 
     pub fn job_finished(&self, final_state: JobState, took: Duration) {
@@ -240,6 +267,7 @@ mod tests {
         let metrics = InferenceMetrics::new(2);
         metrics.step(Duration::from_millis(250));
         metrics.set_model_state(ModelState::Device);
+        metrics.model_moved(Move::ToDevice);
         metrics.job_finished(JobState::Succeeded, Duration::from_secs(3));
         let text = metrics.encode(&jobs::Registry::new(2, jobs::Retention::default()));
         for line in [
@@ -248,6 +276,8 @@ mod tests {
             "atelier_inference_generation_seconds_count 1",
             "atelier_inference_model_state{state=\"device\"} 1",
             "atelier_inference_model_state{state=\"host\"} 0",
+            "atelier_inference_model_moves_total{to=\"device\"} 1",
+            "atelier_inference_model_moves_total{to=\"host\"} 0",
             "atelier_inference_jobs{state=\"queued\"} 0",
             "atelier_inference_jobs_finished_total{state=\"succeeded\"} 1",
             "atelier_inference_jobs_finished_total{state=\"failed\"} 0",

@@ -192,6 +192,7 @@ impl Worker {
         let state = self.warm.state();
         self.model.send_modify(|m| m.state = state);
         self.metrics.set_model_state(state);
+        self.metrics.model_moved(to);
         tracing::info!(state = state.as_str(), took = ?started.elapsed(), "model moved");
         Ok(())
     }

@@ -573,6 +573,8 @@ impl Dispatcher {
         if job.spec.cancel {
             let _ = self.client.cancel(endpoint, &uid).await;
             self.forget(&uid).await;
+            // Cancelled before its result, the job wrote no image: the quota gets it back.
+            release_reservation(job, &self.ctx).await;
             self.end(
                 job,
                 JobPhase::Cancelled,

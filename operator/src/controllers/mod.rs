@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 
-use crate::core::desired::Settings;
+use crate::core::desired::{InferenceDevice, Settings};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllerArgs {
@@ -30,6 +30,15 @@ pub struct ControllerArgs {
         default_value = "ghcr.io/atelier-dev/atelier-inference:0.1.0"
     )]
     pub inference_image: String,
+    /// Device the inference pods compute on (their `--device`); `cpu` only where the nodes'
+    /// GPUs are not real (the local test cluster).
+    #[arg(
+        long,
+        env = "ATELIER_INFERENCE_DEVICE",
+        value_enum,
+        default_value = "cuda"
+    )]
+    pub inference_device: InferenceDevice,
     /// Namespace of the operator and API, the only source allowed into tenant pods.
     #[arg(long, env = "POD_NAMESPACE", default_value = "atelier-system")]
     pub platform_namespace: String,
@@ -142,6 +151,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         client: client.clone(),
         settings: Settings {
             default_inference_image: args.inference_image.clone(),
+            inference_device: args.inference_device,
             platform_namespace: args.platform_namespace.clone(),
             admin_cluster_role: args.tenant_admin_role.clone(),
             member_cluster_role: args.tenant_member_role.clone(),

@@ -67,15 +67,15 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
     tokio::spawn(async move {
         let http = match client_for(&webhook.url, &allowed).await {
             Ok(http) => http,
-            Err(why) => return refused(&recorder, &job_ref, why).await,
+            Err(why) => return warn(&recorder, &job_ref, "WebhookRefused", why).await,
         };
         let secret = match &webhook.secret_ref {
             Some(reference) => {
                 match signing_key(&client, &namespace, &reference.name, &reference.key).await {
                     Ok(key) => Some(key),
                     Err(error) => {
-                        return refused(&recorder, &job_ref, format!("webhook secret: {error}"))
-                            .await;
+                        let why = format!("webhook secret: {error}");
+                        return warn(&recorder, &job_ref, "WebhookRefused", why).await;
                     }
                 }
             }
@@ -106,18 +106,22 @@ pub fn notify(ctx: &Context, job: &GenerationJob, event: WebhookEvent, phase: &s
                     tracing::warn!(attempt, job = job_name, namespace, %error, "webhook failed")
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
         }
+        let why = format!("{event_name}: no success in {ATTEMPTS} attempts");
+        warn(&recorder, &job_ref, "WebhookFailed", why).await;
     });
 }
 
-/// Says on the job why its webhook is not sent.
-async fn refused(recorder: &Recorder, job: &ObjectReference, why: String) {
-    tracing::warn!(job = ?job.name, namespace = ?job.namespace, %why, "webhook not sent");
+/// Says on the job why its webhook was not (or not successfully) sent.
+async fn warn(recorder: &Recorder, job: &ObjectReference, reason: &str, why: String) {
+    tracing::warn!(job = ?job.name, namespace = ?job.namespace, reason, %why, "webhook not delivered");
     let event = Event {
         type_: EventType::Warning,
-        reason: "WebhookRefused".into(),
+        reason: reason.into(),
         note: Some(why),
         action: "Notify".into(),
         secondary: None,

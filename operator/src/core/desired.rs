@@ -24,6 +24,8 @@ use super::quantity;
 pub struct Settings {
     /// Image of inference and outputs pods when the tenant names none.
     pub default_inference_image: String,
+    /// Where inference pods compute (their `--device`).
+    pub inference_device: InferenceDevice,
     /// Namespace of the operator and API: the only source of traffic to tenant pods.
     pub platform_namespace: String,
     /// ClusterRoles (shipped by the chart) bound to the tenant's OIDC groups and users.
@@ -32,6 +34,24 @@ pub struct Settings {
     /// Prefix the API server adds to OIDC users and groups (`--oidc-username-prefix`), so that
     /// RoleBindings name the identities `kubectl` users really have.
     pub kubectl_identity_prefix: String,
+}
+
+/// The device inference pods compute on. Their GPUs are requested either way: `cpu` is for
+/// clusters whose nodes advertise GPUs that the binary does not use (the local test cluster and
+/// `make demo`, whose kubelet runs the CPU build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InferenceDevice {
+    Cuda,
+    Cpu,
+}
+
+impl InferenceDevice {
+    fn as_arg(self) -> &'static str {
+        match self {
+            InferenceDevice::Cuda => "cuda",
+            InferenceDevice::Cpu => "cpu",
+        }
+    }
 }
 
 /// CPU and memory of the outputs server: it only lists and streams files.
@@ -256,6 +276,7 @@ pub fn tenant_objects(
         format!("--model-dir={model_dir}"),
         "--outputs-dir=/outputs".to_string(),
         format!("--listen=$(POD_IP):{HTTP_PORT}"),
+        format!("--device={}", settings.inference_device.as_arg()),
         format!("--precision={}", model.precision.as_str()),
         format!("--concurrency={}", spec.inference.concurrency),
         format!("--idle-offload={}", spec.inference.idle_offload_after),
@@ -468,6 +489,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             default_inference_image: "ghcr.io/atelier/atelier-inference:0.1.0".into(),
+            inference_device: InferenceDevice::Cuda,
             platform_namespace: "atelier-system".into(),
             admin_cluster_role: "atelier-tenant-admin".into(),
             member_cluster_role: "atelier-tenant-member".into(),
@@ -621,13 +643,9 @@ mod tests {
         let security = container.security_context.as_ref().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
-        assert!(
-            container
-                .args
-                .as_ref()
-                .unwrap()
-                .contains(&"--model-dir=/models/majicflus".to_string())
-        );
+        let args = container.args.as_ref().unwrap();
+        assert!(args.contains(&"--model-dir=/models/majicflus".to_string()));
+        assert!(args.contains(&"--device=cuda".to_string()), "{args:?}");
         assert!(
             pod.affinity.is_some(),
             "ReadWriteOnce outputs need affinity to the outputs pod"

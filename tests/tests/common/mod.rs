@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod client;
 pub mod platform;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,7 @@ impl Operator {
         command
             .arg("controller")
             .arg(format!("--inference-image={INFERENCE_IMAGE}"))
+            .arg("--inference-device=cpu")
             .arg("--platform-namespace=atelier-system")
             .arg("--metrics-listen=127.0.0.1:0")
             .args(extra_args)

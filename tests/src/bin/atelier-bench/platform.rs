@@ -167,6 +167,7 @@ impl Platform {
         command
             .arg("controller")
             .arg(format!("--inference-image={FAST_IMAGE}"))
+            .arg("--inference-device=cpu")
             .arg("--platform-namespace=atelier-system")
             .arg(format!("--metrics-listen=127.0.0.1:{port}"))
             .env("KUBECONFIG", self.cluster.kubeconfig_path())
