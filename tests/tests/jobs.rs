@@ -9,8 +9,8 @@ use atelier_crds::{GenerationJob, JobPhase, Tenant};
 use atelier_tests::{TestCluster, wait_for};
 use base64::Engine as _;
 use common::{
-    Operator, create_job, create_ready_tenant, create_tenant, metric, user_pngs, wait_job,
-    wait_job_finished, wait_job_generating, wait_tenant_ready,
+    Operator, create_job, create_ready_tenant, create_tenant, delete_tenant, metric, user_pngs,
+    wait_job, wait_job_finished, wait_job_generating, wait_tenant_ready,
 };
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Secret;
@@ -114,6 +114,7 @@ async fn the_example_job_produces_a_png_and_its_metadata_in_the_users_folder() {
         &["phase=\"Succeeded\""],
     );
     assert!(transitions >= Some(1.0), "{metrics}");
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -177,6 +178,7 @@ async fn a_queued_job_deleted_gives_its_images_back_and_concurrent_creates_respe
         .filter(|(p, _)| *p == JobPhase::Queued)
         .count();
     assert_eq!(queued, 1, "{phases:?}");
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -212,6 +214,7 @@ async fn twenty_concurrent_creates_against_a_quota_of_five_admit_exactly_five() 
             .iter()
             .all(|j| j.status.as_ref().unwrap().reason.as_deref() == Some("QuotaExceeded"))
     );
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -256,6 +259,7 @@ async fn a_quota_reset_admits_again() {
     .await
     .unwrap();
     assert_eq!(again.phase(), JobPhase::Queued);
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -301,6 +305,7 @@ async fn a_user_at_the_queued_limit_is_refused_until_a_job_leaves_the_queue() {
         .unwrap();
     assert_eq!(cancelled.phase(), JobPhase::Cancelled);
     assert_eq!(admitted_phase("eve@example.com").await.1, JobPhase::Queued);
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -320,6 +325,7 @@ async fn parameters_beyond_the_tenant_limits_are_rejected_with_the_limit_named()
     let status = job.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("LimitExceeded"));
     assert!(status.message.unwrap().contains("limits.maxSteps"));
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -390,10 +396,7 @@ async fn a_late_user_runs_before_the_busy_users_third_job() {
         "bob started at {bob_started}, ann's jobs at {ann_starts:?}"
     );
     // Ann's other jobs are of no further interest; deleting the tenant cancels them.
-    Api::<Tenant>::all(cluster.client().await)
-        .delete(&tenant.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -427,6 +430,7 @@ async fn cancel_while_running_stops_the_generation_and_writes_nothing() {
     assert_eq!(done.phase(), JobPhase::Cancelled);
     let pngs = user_pngs(cluster, &ns, "eve@example.com").await.unwrap();
     assert!(pngs.is_empty(), "a cancelled job leaves no image: {pngs:?}");
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -453,6 +457,7 @@ async fn a_job_past_its_timeout_fails_with_deadline_exceeded() {
         done.status.unwrap().reason.as_deref(),
         Some("DeadlineExceeded")
     );
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -483,6 +488,7 @@ async fn a_killed_inference_process_is_retried_and_yields_one_image() {
     assert_eq!(status.attempts, 2);
     let pngs = user_pngs(cluster, &ns, "gus@example.com").await.unwrap();
     assert_eq!(pngs.len(), 1, "exactly one image for one job: {pngs:?}");
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -524,6 +530,7 @@ async fn scale_from_zero_on_demand_and_back_to_zero_when_idle() {
     })
     .await
     .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -607,6 +614,7 @@ async fn a_signed_webhook_hears_start_and_completion_and_the_ttl_keeps_the_image
         .unwrap()
         .join(path.trim_start_matches("/outputs/"));
     assert!(png.exists(), "{} is gone", png.display());
+    delete_tenant(cluster, &tenant).await;
 }
 
 /// A webhook is any member's URL sent from the operator's position: internal addresses, and
@@ -697,6 +705,7 @@ async fn webhooks_to_internal_addresses_are_refused_even_through_a_redirect() {
         reached_rx.try_recv().is_err(),
         "a webhook reached the internal address"
     );
+    delete_tenant(cluster, &tenant).await;
 }
 
 /// Images the tenant's status counts for `user` today.
@@ -795,10 +804,7 @@ async fn cancelled_and_timed_out_jobs_give_their_images_back() {
         (JobPhase::Failed, Some("DeadlineExceeded"))
     );
     wait_usage(cluster, &name, "ida@example.com", 0).await;
-    Api::<Tenant>::all(cluster.client().await)
-        .delete(&name, &DeleteParams::default())
-        .await
-        .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -845,10 +851,7 @@ async fn a_higher_priority_job_runs_before_a_fairer_earlier_one() {
         high_started < low_started,
         "priority 10 started at {high_started}, priority 0 at {low_started}"
     );
-    Api::<Tenant>::all(cluster.client().await)
-        .delete(&tenant.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }
 
 /// The address of the tenant's (single) ready inference pod.
@@ -916,10 +919,7 @@ async fn an_idle_model_leaves_the_device_and_comes_back_for_the_next_job() {
         .unwrap();
         assert_eq!(moves("host").await.unwrap(), f64::from(round));
     }
-    Api::<Tenant>::all(cluster.client().await)
-        .delete(&tenant.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }
 
 #[tokio::test]
@@ -1106,8 +1106,5 @@ async fn a_failing_webhook_receiver_is_tried_again_until_it_answers() {
                     == Some(job.name_any().as_str())),
         "the answered webhook is not reported failed"
     );
-    Api::<Tenant>::all(cluster.client().await)
-        .delete(&tenant.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
+    delete_tenant(cluster, &tenant).await;
 }

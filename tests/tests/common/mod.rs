@@ -181,6 +181,15 @@ pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::R
     Ok(created)
 }
 
+/// Deletes the tenant at the end of a test, so that its inference pods give their GPUs back to
+/// the other tests on the shared node.
+pub async fn delete_tenant(cluster: &TestCluster, tenant: &Tenant) {
+    Api::<Tenant>::all(cluster.client().await)
+        .delete(&tenant.name_any(), &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|error| panic!("deleting tenant {}: {error}", tenant.name_any()));
+}
+
 /// Creates a tenant that keeps an inference pod up (`inference.minReplicas: 1` unless
 /// `overrides` says otherwise) and waits until it is Ready.
 pub async fn create_ready_tenant(
