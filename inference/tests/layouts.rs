@@ -407,5 +407,44 @@ fn float8_text_encoders_load() {
     let pipeline = Pipeline::load(dir.path(), Precision::Bf16).unwrap();
     let (t5, clip) = pipeline.token_ids("a cat").unwrap();
     assert!(!t5.is_empty() && !clip.is_empty());
-    pipeline.encode_prompt("a cat").unwrap();
+    let held_in_fp8 = pipeline.encode_prompt("a cat").unwrap();
+
+    // T5 holds its float8 linear weights as they are and widens them in the forward: the same
+    // states as from the same weights widened to bf16 in the file (e4m3 is exact in bf16), at
+    // one byte per linear weight.
+    let widened = model(TinyModelOptions {
+        text_dtype: DType::F8E4M3,
+        ..TinyModelOptions::tiny()
+    });
+    let mut float8_bytes = 0;
+    edit_file(
+        &widened.path().join("text_encoder_2/model.safetensors"),
+        |tensors| {
+            for tensor in tensors.values_mut() {
+                if tensor.dtype() == DType::F8E4M3 {
+                    float8_bytes += tensor.elem_count() as u64;
+                    *tensor = tensor.to_dtype(DType::BF16).unwrap();
+                }
+            }
+        },
+    );
+    assert!(float8_bytes > 0);
+    let bf16 = Pipeline::load(widened.path(), Precision::Bf16).unwrap();
+    let held_in_bf16 = bf16.encode_prompt("a cat").unwrap();
+    let difference = (held_in_fp8.t5 - held_in_bf16.t5)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(difference, 0.0);
+    assert_eq!(
+        bf16.weight_bytes() - pipeline.weight_bytes(),
+        float8_bytes,
+        "each float8 weight is held in one byte, not two"
+    );
 }

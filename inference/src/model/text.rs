@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
@@ -256,6 +257,53 @@ impl Tokenizers {
     }
 }
 
+/// Hands out float8 tensors as they are held and converts the others to the builder's dtype:
+/// candle's T5 converts each linear weight to the activations' dtype in its forward, so linear
+/// weights held in float8 widen one layer at a time instead of all at load.
+struct KeepFloat8(TensorMap);
+
+impl KeepFloat8 {
+    fn dtype_of(&self, name: &str, requested: DType) -> DType {
+        match self.0.get(name) {
+            Some(tensor) if tensor.dtype() == DType::F8E4M3 => DType::F8E4M3,
+            _ => requested,
+        }
+    }
+}
+
+impl SimpleBackend for KeepFloat8 {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        SimpleBackend::get(
+            &self.0,
+            shape,
+            name,
+            init,
+            self.dtype_of(name, dtype),
+            device,
+        )
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        SimpleBackend::get_unchecked(&self.0, name, self.dtype_of(name, dtype), device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
 /// T5 and CLIP built on one device, each computing in the dtype of its weights.
 pub struct TextEncoders {
     t5: t5::T5EncoderModel,
@@ -273,12 +321,16 @@ impl TextEncoders {
         clip_config: &ClipTextConfig,
         device: &Device,
     ) -> Result<Self, Error> {
-        let vb = |map: &TensorMap, dtype| VarBuilder::from_tensors(map.clone(), dtype, device);
-        let t5 = t5::T5EncoderModel::load(vb(t5_weights, t5_dtype), t5_config)
+        let t5_vb = VarBuilder::from_backend(
+            Box::new(KeepFloat8(t5_weights.clone())),
+            t5_dtype,
+            device.clone(),
+        );
+        let t5 = t5::T5EncoderModel::load(t5_vb, t5_config)
             .map_err(|e| Error::InvalidModel(format!("T5 weights: {e}")))?;
-        let clip =
-            ClipTextTransformer::new(vb(clip_weights, clip_dtype).pp("text_model"), clip_config)
-                .map_err(|e| Error::InvalidModel(format!("CLIP weights: {e}")))?;
+        let clip_vb = VarBuilder::from_tensors(clip_weights.clone(), clip_dtype, device);
+        let clip = ClipTextTransformer::new(clip_vb.pp("text_model"), clip_config)
+            .map_err(|e| Error::InvalidModel(format!("CLIP weights: {e}")))?;
         Ok(Self {
             t5,
             clip,
