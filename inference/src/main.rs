@@ -41,7 +41,14 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    #[arg(long, env = "ATELIER_MODEL_DIR", required_unless_present = "simulate")]
+    #[cfg_attr(
+        feature = "simulate",
+        arg(long, env = "ATELIER_MODEL_DIR", required_unless_present = "simulate")
+    )]
+    #[cfg_attr(
+        not(feature = "simulate"),
+        arg(long, env = "ATELIER_MODEL_DIR", required = true)
+    )]
     model_dir: Option<PathBuf>,
     #[arg(long, env = "ATELIER_OUTPUTS_DIR")]
     outputs_dir: PathBuf,
@@ -67,12 +74,28 @@ struct ServeArgs {
     #[arg(long, env = "ATELIER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
     /// Load no model: report the steps and write a flat-colour PNG per image (benchmarks of the
-    /// control plane; see docs/inference-api.md).
+    /// control plane; see docs/inference-api.md). Only in builds with the `simulate` feature,
+    /// which the workspace's test build has and release images do not.
+    #[cfg(feature = "simulate")]
     #[arg(long, env = "ATELIER_SIMULATE")]
     simulate: bool,
     /// With --simulate: time each step takes.
+    #[cfg(feature = "simulate")]
     #[arg(long, env = "ATELIER_SIMULATE_STEP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     simulate_step_delay: Duration,
+}
+
+impl ServeArgs {
+    /// The simulated worker's settings when `--simulate` is given.
+    fn simulated(&self) -> Option<SimulateConfig> {
+        #[cfg(feature = "simulate")]
+        if self.simulate {
+            return Some(SimulateConfig {
+                step_delay: self.simulate_step_delay,
+            });
+        }
+        None
+    }
 }
 
 #[derive(Args)]
@@ -172,7 +195,8 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if !args.simulate {
+    let simulated = args.simulated();
+    if simulated.is_none() {
         // Before listening: a pod that cannot have its device fails at start, not at load.
         args.device.open().context("opening the model's device")?;
     }
@@ -187,13 +211,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_offload: args.idle_offload,
         shutdown_grace: args.shutdown_grace,
     };
-    if args.simulate {
-        let simulate = SimulateConfig {
-            step_delay: args.simulate_step_delay,
-        };
-        server::serve_simulated(listener, config, simulate, shutdown_signal()).await?;
-    } else {
-        server::serve(listener, config, shutdown_signal()).await?;
+    match simulated {
+        Some(simulate) => {
+            server::serve_simulated(listener, config, simulate, shutdown_signal()).await?
+        }
+        None => server::serve(listener, config, shutdown_signal()).await?,
     }
     Ok(())
 }
