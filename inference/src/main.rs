@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use atelier_inference::pipeline::{
     ComputeDtype, DeviceChoice, GenerateRequest, LoadOptions, Pipeline, Placement, Precision,
 };
+use atelier_inference::server::auth::ApiToken;
 use atelier_inference::server::simulate::SimulateConfig;
 use atelier_inference::server::{self, ServeConfig};
 use atelier_inference::tiny::{self, TinyModelOptions};
@@ -73,6 +74,10 @@ struct ServeArgs {
     /// On SIGTERM, how long running jobs may finish before they are cancelled.
     #[arg(long, env = "ATELIER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// File holding the token every `/v1` request must carry as `Authorization: Bearer` (the
+    /// operator mounts the tenant's); without it the API is open.
+    #[arg(long, env = "ATELIER_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Load no model: report the steps and write a flat-colour PNG per image (benchmarks of the
     /// control plane; see docs/inference-api.md). Only in builds with the `simulate` feature,
     /// which the workspace's test build has and release images do not.
@@ -104,6 +109,10 @@ struct ServeOutputsArgs {
     outputs_dir: PathBuf,
     #[arg(long, env = "ATELIER_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// File holding the token every `/v1` request must carry as `Authorization: Bearer`;
+    /// without it the API is open.
+    #[arg(long, env = "ATELIER_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -210,6 +219,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         concurrency: usize::from(args.concurrency),
         idle_offload: args.idle_offload,
         shutdown_grace: args.shutdown_grace,
+        api_token: api_token(args.api_token_file.as_deref())?,
     };
     match simulated {
         Some(simulate) => {
@@ -221,9 +231,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve_outputs(args: ServeOutputsArgs) -> anyhow::Result<()> {
+    let token = api_token(args.api_token_file.as_deref())?;
     let listener = bind(args.listen).await?;
-    server::serve_outputs(listener, args.outputs_dir, shutdown_signal()).await?;
+    server::serve_outputs(listener, args.outputs_dir, token, shutdown_signal()).await?;
     Ok(())
+}
+
+fn api_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<ApiToken>> {
+    let Some(path) = path else {
+        tracing::warn!("no --api-token-file: the /v1 API answers anyone who can reach it");
+        return Ok(None);
+    };
+    let token = ApiToken::read(path)
+        .with_context(|| format!("reading the API token {}", path.display()))?;
+    Ok(Some(token))
 }
 
 /// SIGTERM (what the kubelet sends) or Ctrl-C.

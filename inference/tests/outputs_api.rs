@@ -29,6 +29,7 @@ impl History {
         let task = tokio::spawn(server::serve_outputs(
             listener,
             root.path().to_owned(),
+            None,
             async {
                 let _ = stopped.await;
             },

@@ -634,6 +634,7 @@ impl Server {
             concurrency: 1,
             idle_offload: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
+            api_token: None,
         };
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -19,6 +19,7 @@ async fn a_simulated_job_reports_its_steps_and_writes_a_png_like_a_real_one() {
         concurrency: 2,
         idle_offload: Duration::from_secs(300),
         shutdown_grace: Duration::from_secs(5),
+        api_token: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
+use super::auth::{self, ApiToken};
 use super::jobs::{self, JobSpec, JobStatus, Registry, Submitted};
 use super::metrics::InferenceMetrics;
 use super::warm::ModelState;
@@ -250,13 +251,14 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<AppState>, token: Option<ApiToken>) -> Router {
+    let v1 = Router::new()
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/model", get(get_model))
-        .route("/v1/model/offload", post(offload_model))
+        .route("/v1/model/offload", post(offload_model));
+    auth::protect(v1, token)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -4,7 +4,8 @@
 //! Isolation rests on two things from `outputs`: the user in the URL goes through the same
 //! injective `safe_user_dir` the writer used, and file names must match the output pattern, so
 //! no request can name a path outside that user's directory. Who may ask for which user is the
-//! operator's API's decision; this server is only reachable from the platform namespace.
+//! operator's API's decision; this server only answers requests with the tenant's token
+//! ([`auth`]), and only the platform namespace can reach it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::{ApiError, AppJson};
+use super::auth::{self, ApiToken};
 use super::metrics::{OutputsMetrics, OutputsRequest};
 use crate::outputs::{self, DEFAULT_LIST_LIMIT, Listing};
 
@@ -26,10 +28,11 @@ pub struct HistoryState {
     pub metrics: OutputsMetrics,
 }
 
-pub fn router(state: Arc<HistoryState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<HistoryState>, token: Option<ApiToken>) -> Router {
+    let v1 = Router::new()
         .route("/v1/outputs/{user}", get(list))
-        .route("/v1/outputs/{user}/{file}", get(file))
+        .route("/v1/outputs/{user}/{file}", get(file));
+    auth::protect(v1, token)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -4,6 +4,7 @@
 //! operator passes `--listen $(POD_IP):8080`, tests bind `127.0.0.1:0`.
 
 pub mod api;
+pub mod auth;
 pub mod history;
 pub mod jobs;
 pub mod metrics;
@@ -52,6 +53,8 @@ pub struct ServeConfig {
     pub idle_offload: Duration,
     /// On shutdown, how long running jobs may take to finish before they are cancelled.
     pub shutdown_grace: Duration,
+    /// The tenant's token every `/v1` request must carry; `None` leaves the API open.
+    pub api_token: Option<auth::ApiToken>,
 }
 
 /// Runs the inference server until `shutdown` resolves and the jobs are drained, or until the
@@ -110,7 +113,7 @@ async fn serve_with(
         outputs_dir,
         draining: AtomicBool::new(false),
     });
-    let app = api::router(Arc::clone(&state));
+    let app = api::router(Arc::clone(&state), config.api_token);
     let stop = drain_after(shutdown, state, config.shutdown_grace);
     tokio::select! {
         served = axum::serve(listener, app).with_graceful_shutdown(stop) => served.map_err(Error::Http),
@@ -151,13 +154,14 @@ async fn drain_after(shutdown: impl Future<Output = ()>, state: Arc<AppState>, g
 pub async fn serve_outputs(
     listener: TcpListener,
     outputs_dir: PathBuf,
+    api_token: Option<auth::ApiToken>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let state = Arc::new(HistoryState {
         outputs_dir,
         metrics: OutputsMetrics::default(),
     });
-    axum::serve(listener, history::router(state))
+    axum::serve(listener, history::router(state, api_token))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(Error::Http)
