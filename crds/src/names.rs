@@ -10,6 +10,11 @@ pub const OUTPUTS: &str = "outputs";
 pub const OUTPUTS_CLAIM: &str = "outputs";
 /// ServiceAccount of the tenant's pods (no token mounted).
 pub const WORKLOAD_SERVICE_ACCOUNT: &str = "atelier-workload";
+/// The Secret holding the tenant's token for the inference and outputs APIs (key
+/// [`API_TOKEN_KEY`]), created once by the operator, mounted into the tenant's pods and sent by
+/// the dispatcher and the API as `Authorization: Bearer`.
+pub const API_TOKEN_SECRET: &str = "atelier-api-token";
+pub const API_TOKEN_KEY: &str = "token";
 /// Port of the inference job API and of the outputs server.
 pub const HTTP_PORT: u16 = 8080;
 pub const HTTP_PORT_NAME: &str = "http";

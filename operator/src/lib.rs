@@ -4,4 +4,5 @@ pub mod api;
 pub mod controllers;
 pub mod core;
 pub mod endpoints;
+pub mod pod_token;
 pub mod telemetry;

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use atelier_crds::names::{API_TOKEN_KEY, API_TOKEN_SECRET};
 use atelier_crds::{GenerationJob, Tenant};
 use atelier_tests::oidc::{self, OidcProvider};
 use atelier_tests::{DEFAULT_TIMEOUT, TestCluster, TestProcess, paths, unique_name, wait_for};
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -170,11 +171,24 @@ async fn start_outputs_server(
             serde_json::to_vec(&metadata)?,
         )?;
     }
+    // The tenant's token, as the operator would create it; the API reads it from the Secret.
+    let token = format!("api-test-token-{}", unique_name("t"));
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": API_TOKEN_SECRET},
+        "stringData": {API_TOKEN_KEY: token},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let token_file = dir.join("outputs-token");
+    std::fs::write(&token_file, &token)?;
     let mut command = Command::new(binary("atelier-inference")?);
     command
         .args(["serve-outputs", "--outputs-dir"])
         .arg(&outputs)
         .args(["--listen", &format!("{OUTPUTS_ADDRESS}:{port}")])
+        .arg("--api-token-file")
+        .arg(&token_file)
         .stdout(std::fs::File::create(dir.join("outputs.log"))?)
         .stderr(std::fs::File::create(dir.join("outputs.err.log"))?);
     let (process, _) = TestProcess::spawn(command)?;

@@ -481,7 +481,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         "apps replicasets list",
         "core persistentvolumes patch",
         "discovery.k8s.io endpointslices list watch",
-        "core secrets get",
+        "core secrets get create",
         "events.k8s.io events create patch",
         "rbac.authorization.k8s.io clusterroles bind=atelier-tenant-admin bind=atelier-tenant-member",
     ]);
@@ -507,6 +507,7 @@ async fn rbac_is_exactly_the_documented_least_privilege() -> anyhow::Result<()> 
         "atelier.dev tenants/status update",
         "discovery.k8s.io endpointslices list",
         "core pods deletecollection",
+        "core secrets get=atelier-api-token",
         "core configmaps create get=atelier-presets update=atelier-presets",
     ]);
     diff(

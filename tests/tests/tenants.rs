@@ -653,3 +653,79 @@ async fn deletion_keeps_or_removes_the_images_as_the_spec_says() {
         }
     }
 }
+
+/// The tenant's inference and outputs pods answer their `/v1` APIs only with the tenant's token
+/// (the Secret the operator created, owned by the Tenant); health stays open for the kubelet.
+#[tokio::test]
+async fn the_tenants_pods_answer_only_with_its_token() {
+    let cluster = operator().await;
+    let client = cluster.client().await;
+    let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
+    let ns = tenant.namespace_name();
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .get(atelier_crds::names::API_TOKEN_SECRET)
+        .await
+        .unwrap();
+    assert!(
+        secret
+            .owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == tenant.uid().as_ref()),
+        "the token's Secret goes with its tenant"
+    );
+    let token = String::from_utf8(
+        secret.data.unwrap()[atelier_crds::names::API_TOKEN_KEY]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    assert!(token.len() >= 32, "{} characters", token.len());
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let http = reqwest::Client::new();
+    for (component, path) in [
+        ("inference", "/v1/model"),
+        ("outputs", "/v1/outputs/ann%40example.com"),
+    ] {
+        let ip = wait_for(&format!("a ready {component} pod"), TIMEOUT, || async {
+            let list = pods
+                .list(
+                    &ListParams::default()
+                        .labels(&format!("app.kubernetes.io/component={component}")),
+                )
+                .await?;
+            Ok(list.items.into_iter().find_map(|p| p.status?.pod_ip))
+        })
+        .await
+        .unwrap();
+        let url = format!("http://{ip}:{}{path}", atelier_crds::names::HTTP_PORT);
+        let without = http.get(&url).send().await.unwrap().status();
+        let wrong = http
+            .get(&url)
+            .bearer_auth("a-token-of-another-tenant-0123456789")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let with = http
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(
+            (without.as_u16(), wrong.as_u16(), with.as_u16()),
+            (401, 401, 200),
+            "{component} {path}"
+        );
+        let health = format!("http://{ip}:{}/healthz", atelier_crds::names::HTTP_PORT);
+        assert_eq!(
+            http.get(&health).send().await.unwrap().status().as_u16(),
+            200
+        );
+    }
+    Api::<Tenant>::all(client)
+        .delete(&tenant.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+}

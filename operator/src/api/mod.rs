@@ -24,6 +24,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::pod_token::PodTokens;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -142,8 +143,10 @@ pub struct AppState {
     pub streams: streams::StreamSlots,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
-    /// Client for the tenants' outputs and inference pods.
+    /// Client for the tenants' outputs and inference pods, with [`AppState::send_to_pod`].
     pub http: reqwest::Client,
+    /// The tokens those pods require.
+    pub pod_tokens: PodTokens,
     /// Content-Security-Policy of the page (its form may go on to the provider at logout).
     csp: HeaderValue,
 }
@@ -180,6 +183,7 @@ impl AppState {
         );
         Ok(Self {
             tenants: tenants::TenantCache::spawn(kube.clone()),
+            pod_tokens: PodTokens::new(kube.clone()),
             kube,
             settings: Settings {
                 secure_cookies: !args.insecure_cookies,
@@ -203,6 +207,29 @@ impl AppState {
                 .build()?,
             csp: HeaderValue::from_str(&csp)?,
         })
+    }
+
+    /// Sends `request` to a pod of tenant namespace `namespace` with the tenant's token; the
+    /// error says what went wrong, for the caller's own message.
+    pub async fn send_to_pod(
+        &self,
+        namespace: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, String> {
+        let token = self
+            .pod_tokens
+            .get(namespace)
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = request
+            .bearer_auth(&*token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+            self.pod_tokens.forget(namespace);
+        }
+        Ok(response)
     }
 }
 

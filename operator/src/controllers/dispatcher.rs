@@ -23,11 +23,12 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{Mutex, Notify};
 
-use super::inference_client::{self, InferenceClient, RemoteJob, RemoteState, SubmitRequest};
+use super::inference_client::{self, InferenceClient, Pod, RemoteJob, RemoteState, SubmitRequest};
 use super::job::{finish, release_reservation, transition_event, write_status};
 use super::{Context, quota, webhook};
 use crate::core::queue::{QueuedJob, dispatch_order};
 use crate::endpoints::{Endpoint, ready_in_slices};
+use crate::pod_token::PodTokens;
 
 /// Running jobs are polled, and everything re-examined, at least this often; new work and new
 /// endpoints wake the dispatcher at once.
@@ -62,9 +63,9 @@ struct Memory {
     unreachable_since: HashMap<String, Instant>,
     /// Endpoints whose job list was read for re-adoption since this process started.
     adopted_from: HashSet<SocketAddr>,
-    /// Jobs this process knows to be on an inference pod: uid → endpoint, to cancel the remote
-    /// job when its object is deleted.
-    in_flight: HashMap<String, SocketAddr>,
+    /// Jobs this process knows to be on an inference pod: uid → pod, to cancel the remote job
+    /// when its object is deleted.
+    in_flight: HashMap<String, Pod>,
     /// Phases this process wrote that the watch has not shown yet (uid → phase, when). Acting on
     /// the stale copy meanwhile would dispatch a job twice or end it twice.
     written: HashMap<String, (JobPhase, Instant)>,
@@ -104,7 +105,7 @@ pub async fn run(ctx: Arc<Context>) {
         ctx,
         tenants,
         slices,
-        client: InferenceClient::default(),
+        client: InferenceClient::new(PodTokens::new(client.clone())),
         memory: Mutex::new(Memory::default()),
         wake: wake.clone(),
     };
@@ -222,14 +223,14 @@ impl Dispatcher {
 
     /// Remote jobs whose GenerationJob was deleted are cancelled, so the GPU is not wasted.
     async fn cancel_orphans(&self) {
-        let orphans: Vec<(String, SocketAddr)> = {
+        let orphans: Vec<(String, Pod)> = {
             let mut memory = self.memory.lock().await;
             let orphans = self.ctx.jobs.with_index(|index| {
                 memory
                     .in_flight
                     .iter()
                     .filter(|(uid, _)| !index.contains(uid))
-                    .map(|(u, e)| (u.clone(), *e))
+                    .map(|(u, pod)| (u.clone(), pod.clone()))
                     .collect::<Vec<_>>()
             });
             for (uid, _) in &orphans {
@@ -237,9 +238,9 @@ impl Dispatcher {
             }
             orphans
         };
-        for (uid, endpoint) in orphans {
-            tracing::info!(uid, %endpoint, "job object deleted; cancelling its generation");
-            let _ = self.client.cancel(endpoint, &uid).await;
+        for (uid, pod) in orphans {
+            tracing::info!(uid, endpoint = %pod.address, "job object deleted; cancelling its generation");
+            let _ = self.client.cancel(&pod, &uid).await;
         }
     }
 
@@ -329,7 +330,8 @@ impl Dispatcher {
         queued: &[&Arc<GenerationJob>],
         endpoints: &[Endpoint],
     ) -> usize {
-        self.adopt(queued, endpoints).await;
+        self.adopt(&tenant.namespace_name(), queued, endpoints)
+            .await;
         let now = self.ctx.clock.now();
         let recent = self
             .ctx
@@ -403,8 +405,12 @@ impl Dispatcher {
     }
 
     /// Once per endpoint after start-up: jobs the pod already holds are adopted, not resent.
-    async fn adopt(&self, queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) {
+    async fn adopt(&self, namespace: &str, queued: &[&Arc<GenerationJob>], endpoints: &[Endpoint]) {
         for endpoint in endpoints {
+            let pod = Pod {
+                namespace: namespace.to_string(),
+                address: endpoint.address,
+            };
             if self
                 .memory
                 .lock()
@@ -414,7 +420,7 @@ impl Dispatcher {
             {
                 continue;
             }
-            let Ok(remote) = self.client.list(endpoint.address).await else {
+            let Ok(remote) = self.client.list(&pod).await else {
                 continue;
             };
             self.memory
@@ -443,7 +449,7 @@ impl Dispatcher {
                         uid = remote_job.id,
                         "cancelling a generation whose job no longer waits for it"
                     );
-                    let _ = self.client.cancel(endpoint.address, &remote_job.id).await;
+                    let _ = self.client.cancel(&pod, &remote_job.id).await;
                 }
             }
         }
@@ -468,7 +474,11 @@ impl Dispatcher {
             num_images: job.spec.num_images,
             timeout_seconds: timeout_of(tenant, job).as_secs(),
         };
-        self.client.submit(endpoint.address, &request).await?;
+        let pod = Pod {
+            namespace: tenant.namespace_name(),
+            address: endpoint.address,
+        };
+        self.client.submit(&pod, &request).await?;
         if let Err(error) = self.mark_running(job, endpoint).await {
             // The pod has the job; the next tick's adoption or poll will record it.
             tracing::warn!(job = job.name_any(), %error, "dispatched but could not record Running");
@@ -503,11 +513,11 @@ impl Dispatcher {
         self.wrote(job, JobPhase::Running).await;
         tracing::info!(job = job.name_any(), user = job.spec.user, endpoint = %endpoint.address, attempt = status.attempts, "dispatched");
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        self.memory
-            .lock()
-            .await
-            .in_flight
-            .insert(uid, endpoint.address);
+        let pod = Pod {
+            namespace: job.namespace().unwrap_or_default(),
+            address: endpoint.address,
+        };
+        self.memory.lock().await.in_flight.insert(uid, pod);
         if let Some(created) = &job.metadata.creation_timestamp {
             self.ctx
                 .metrics
@@ -565,13 +575,17 @@ impl Dispatcher {
                 .await;
             return false;
         };
+        let pod = Pod {
+            namespace: tenant.namespace_name(),
+            address: endpoint,
+        };
         self.memory
             .lock()
             .await
             .in_flight
-            .insert(uid.clone(), endpoint);
+            .insert(uid.clone(), pod.clone());
         if job.spec.cancel {
-            let _ = self.client.cancel(endpoint, &uid).await;
+            let _ = self.client.cancel(&pod, &uid).await;
             self.forget(&uid).await;
             // Cancelled before its result, the job wrote no image: the quota gets it back.
             release_reservation(job, &self.ctx).await;
@@ -589,7 +603,7 @@ impl Dispatcher {
         if let Some(start) = &status.start_time {
             let limit = timeout_of(tenant, job);
             if now.duration_since(start.0).unsigned_abs() > limit {
-                let _ = self.client.cancel(endpoint, &uid).await;
+                let _ = self.client.cancel(&pod, &uid).await;
                 self.forget(&uid).await;
                 release_reservation(job, &self.ctx).await;
                 self.end(
@@ -614,7 +628,7 @@ impl Dispatcher {
             }
             memory.last_poll.insert(uid.clone(), Instant::now());
         }
-        match self.client.get(endpoint, &uid).await {
+        match self.client.get(&pod, &uid).await {
             Ok(remote) => {
                 self.memory.lock().await.unreachable_since.remove(&uid);
                 self.observe(tenant, job, remote).await
@@ -646,7 +660,7 @@ impl Dispatcher {
                     if !gone {
                         let client = self.client.clone();
                         let uid = uid.clone();
-                        tokio::spawn(async move { client.cancel(endpoint, &uid).await });
+                        tokio::spawn(async move { client.cancel(&pod, &uid).await });
                     }
                     self.lost(
                         tenant,

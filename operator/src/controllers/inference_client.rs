@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pod_token::{PodTokens, TokenError};
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SubmitRequest {
@@ -76,6 +78,8 @@ struct JobList {
 pub enum Error {
     #[error("inference pod unreachable: {0}")]
     Unreachable(#[from] reqwest::Error),
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("inference pod is at capacity")]
     AtCapacity,
     #[error("inference pod does not know job {0}")]
@@ -88,64 +92,68 @@ pub enum Error {
     },
 }
 
+/// An inference pod: its tenant namespace (whose token it requires) and its address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pod {
+    pub namespace: String,
+    pub address: SocketAddr,
+}
+
 #[derive(Clone)]
 pub struct InferenceClient {
     http: reqwest::Client,
+    tokens: PodTokens,
 }
 
-impl Default for InferenceClient {
-    fn default() -> Self {
+impl InferenceClient {
+    pub fn new(tokens: PodTokens) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(15))
             .build()
             .expect("a plain HTTP client always builds");
-        Self { http }
+        Self { http, tokens }
     }
-}
 
-impl InferenceClient {
-    pub async fn submit(
-        &self,
-        endpoint: SocketAddr,
-        job: &SubmitRequest,
-    ) -> Result<RemoteJob, Error> {
-        let response = self
-            .http
-            .post(format!("http://{endpoint}/v1/jobs"))
-            .json(job)
-            .send()
-            .await?;
+    pub async fn submit(&self, pod: &Pod, job: &SubmitRequest) -> Result<RemoteJob, Error> {
+        let request = self.http.post(format!("http://{}/v1/jobs", pod.address));
+        let response = self.send(pod, request.json(job)).await?;
         read(response, &job.id).await
     }
 
-    pub async fn get(&self, endpoint: SocketAddr, id: &str) -> Result<RemoteJob, Error> {
-        let response = self
+    pub async fn get(&self, pod: &Pod, id: &str) -> Result<RemoteJob, Error> {
+        let request = self
             .http
-            .get(format!("http://{endpoint}/v1/jobs/{id}"))
-            .send()
-            .await?;
-        read(response, id).await
+            .get(format!("http://{}/v1/jobs/{id}", pod.address));
+        read(self.send(pod, request).await?, id).await
     }
 
-    pub async fn cancel(&self, endpoint: SocketAddr, id: &str) -> Result<RemoteJob, Error> {
-        let response = self
+    pub async fn cancel(&self, pod: &Pod, id: &str) -> Result<RemoteJob, Error> {
+        let request = self
             .http
-            .delete(format!("http://{endpoint}/v1/jobs/{id}"))
-            .send()
-            .await?;
-        read(response, id).await
+            .delete(format!("http://{}/v1/jobs/{id}", pod.address));
+        read(self.send(pod, request).await?, id).await
     }
 
     /// Every job the pod holds, for re-adoption after an operator restart.
-    pub async fn list(&self, endpoint: SocketAddr) -> Result<Vec<RemoteJob>, Error> {
-        let response = self
-            .http
-            .get(format!("http://{endpoint}/v1/jobs"))
-            .send()
-            .await?;
-        let response = response.error_for_status()?;
+    pub async fn list(&self, pod: &Pod) -> Result<Vec<RemoteJob>, Error> {
+        let request = self.http.get(format!("http://{}/v1/jobs", pod.address));
+        let response = self.send(pod, request).await?.error_for_status()?;
         Ok(response.json::<JobList>().await?.jobs)
+    }
+
+    /// Sends `request` with the tenant's token; a refused token is read again next time.
+    async fn send(
+        &self,
+        pod: &Pod,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, Error> {
+        let token = self.tokens.get(&pod.namespace).await?;
+        let response = request.bearer_auth(&*token).send().await?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+            self.tokens.forget(&pod.namespace);
+        }
+        Ok(response)
     }
 }
 

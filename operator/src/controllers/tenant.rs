@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use atelier_crds::conditions::{self, DEGRADED, PROGRESSING, READY};
 use atelier_crds::names::{
-    INFERENCE, LABEL_COMPONENT, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM, TENANT_FINALIZER,
+    API_TOKEN_SECRET, INFERENCE, LABEL_COMPONENT, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM,
+    TENANT_FINALIZER,
 };
 use atelier_crds::{GenerationJob, Tenant, TenantPhase, TenantStatus};
 use futures::StreamExt;
@@ -17,12 +18,12 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     LimitRange, Namespace, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
-    ResourceQuota, Service, ServiceAccount,
+    ResourceQuota, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -34,7 +35,7 @@ use serde::de::DeserializeOwned;
 use super::Context;
 use super::apply::{Applied, ensure};
 use crate::core::backoff::retry_delay;
-use crate::core::desired::{SpecError, tenant_objects};
+use crate::core::desired::{SpecError, api_token_secret, tenant_objects};
 use crate::core::scaling::{
     ScalingInput, desired_replicas, replicas_for_demand, scale_down_due_in,
 };
@@ -300,6 +301,11 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     for pruned in prune(&claims, tenant, &objects.claims).await? {
         track("PersistentVolumeClaim", Some(pruned), Applied::Pruned);
     }
+    track(
+        "Secret",
+        Some(API_TOKEN_SECRET.to_string()),
+        ensure_api_token(tenant, &owner, ctx).await?,
+    );
     for service in &objects.services {
         track(
             "Service",
@@ -367,6 +373,28 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     })
     .map_or(RESYNC, |due| due.min(RESYNC) + Duration::from_secs(1));
     Ok(Action::requeue(requeue))
+}
+
+/// Creates the tenant's API token once. An existing Secret is left as it is: replacing the
+/// token would lock the dispatcher out of running pods until they restart.
+async fn ensure_api_token(
+    tenant: &Tenant,
+    owner: &OwnerReference,
+    ctx: &Context,
+) -> Result<Applied, Error> {
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &tenant.namespace_name());
+    if secrets.get_opt(API_TOKEN_SECRET).await?.is_some() {
+        return Ok(Applied::Unchanged);
+    }
+    // 256 bits from the OS generator, base64url.
+    let token = openidconnect::CsrfToken::new_random_len(32).into_secret();
+    let secret = api_token_secret(tenant, owner, &token);
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(Applied::Created),
+        // Another reconcile created it first; its token stands.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Applied::Unchanged),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Deletes the objects of `api`'s kind that this tenant owns and no longer wants (the model

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use atelier_crds::names::{
-    self, HTTP_PORT, HTTP_PORT_NAME, INFERENCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME,
-    LABEL_PART_OF, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM, WORKLOAD_SERVICE_ACCOUNT,
+    self, API_TOKEN_KEY, API_TOKEN_SECRET, HTTP_PORT, HTTP_PORT_NAME, INFERENCE, LABEL_COMPONENT,
+    LABEL_MANAGED_BY, LABEL_NAME, LABEL_PART_OF, LABEL_TENANT, OUTPUTS, OUTPUTS_CLAIM,
+    WORKLOAD_SERVICE_ACCOUNT,
 };
 use atelier_crds::{AccessMode, Role, Tenant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    LimitRange, Namespace, PersistentVolumeClaim, ResourceQuota, Service, ServiceAccount,
+    LimitRange, Namespace, PersistentVolumeClaim, ResourceQuota, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -59,6 +60,28 @@ const OUTPUTS_CPU: &str = "100m";
 const OUTPUTS_MEMORY: &str = "128Mi";
 const DEFAULT_INFERENCE_CPU: &str = "2";
 const DEFAULT_INFERENCE_MEMORY: &str = "8Gi";
+/// Where the tenant's pods find their API token.
+const API_TOKEN_DIR: &str = "/var/run/atelier/api-token";
+const API_TOKEN_FILE: &str = "/var/run/atelier/api-token/token";
+
+/// The Secret with the tenant's API token; created once (the token is random, so it is not
+/// applied with the other objects, which would replace it on every reconcile).
+pub fn api_token_secret(tenant: &Tenant, owner: &OwnerReference, token: &str) -> Secret {
+    let mut labels = base_labels(tenant.metadata.name.as_deref().unwrap_or_default());
+    labels.insert(LABEL_NAME.into(), API_TOKEN_SECRET.into());
+    typed(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": API_TOKEN_SECRET,
+            "namespace": tenant.namespace_name(),
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "type": "Opaque",
+        "stringData": { API_TOKEN_KEY: token },
+    }))
+}
+
 /// Name of the PVC the operator creates when the model comes from a named PersistentVolume.
 pub const MODEL_CLAIM: &str = "model";
 
@@ -280,6 +303,7 @@ pub fn tenant_objects(
         format!("--precision={}", model.precision.as_str()),
         format!("--concurrency={}", spec.inference.concurrency),
         format!("--idle-offload={}", spec.inference.idle_offload_after),
+        format!("--api-token-file={API_TOKEN_FILE}"),
     ];
     let inference_resources = json!({
         "requests": { gpu: spec.gpus.per_replica.to_string(), "cpu": inference_cpu, "memory": inference_memory },
@@ -330,6 +354,7 @@ pub fn tenant_objects(
             "serve-outputs".into(),
             "--outputs-dir=/outputs".into(),
             format!("--listen=$(POD_IP):{HTTP_PORT}"),
+            format!("--api-token-file={API_TOKEN_FILE}"),
         ],
         json!({
             "requests": { "cpu": OUTPUTS_CPU, "memory": OUTPUTS_MEMORY },
@@ -374,15 +399,18 @@ fn base_labels(tenant: &str) -> BTreeMap<String, String> {
 }
 
 /// A restricted-profile pod: non-root, read-only root filesystem, no privilege escalation, no
-/// capabilities, RuntimeDefault seccomp, no API token.
+/// capabilities, RuntimeDefault seccomp, no Kubernetes API token; the tenant's API token
+/// ([`API_TOKEN_SECRET`]) mounted at [`API_TOKEN_DIR`].
 fn pod_spec(
     component: &str,
     image: &str,
     args: Vec<String>,
     resources: Value,
-    mounts: Vec<Value>,
-    volumes: Vec<Value>,
+    mut mounts: Vec<Value>,
+    mut volumes: Vec<Value>,
 ) -> Value {
+    mounts.push(json!({ "name": "api-token", "mountPath": API_TOKEN_DIR, "readOnly": true }));
+    volumes.push(json!({ "name": "api-token", "secret": { "secretName": API_TOKEN_SECRET } }));
     json!({
         "serviceAccountName": WORKLOAD_SERVICE_ACCOUNT,
         "automountServiceAccountToken": false,

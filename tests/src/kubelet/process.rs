@@ -100,15 +100,16 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(true);
     child::die_with_parent(command.as_std_mut(), libc::SIGKILL);
-    let mounts = launch
+    let mut mounts = launch
         .mounts
         .iter()
         .map(|mount| {
-            Ok((
-                c_path(&mount.source)?,
-                c_path(&mount.target)?,
-                mount.read_only,
-            ))
+            Ok(BindMount {
+                source: c_path(&mount.source)?,
+                source_fd_path: [0; FD_PATH_LEN],
+                target: c_path(&mount.target)?,
+                read_only: mount.read_only,
+            })
         })
         .collect::<io::Result<Vec<_>>>()?;
     let working_dir = launch.working_dir.as_deref().map(c_path).transpose()?;
@@ -120,7 +121,7 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
             if let Some(namespace) = &pod_network {
                 network::join(namespace.as_raw_fd())?;
             }
-            enter_container_view(&mounts, working_dir.as_ref())
+            enter_container_view(&mut mounts, working_dir.as_ref())
         });
     }
     command.spawn()
@@ -147,12 +148,47 @@ fn create_mountpoints(mounts: &[Mount]) -> io::Result<()> {
     Ok(())
 }
 
+/// One volume to bind into the container, with the memory the forked child needs prepared
+/// (it may not allocate).
+struct BindMount {
+    source: CString,
+    /// `/proc/self/fd/<n>` of the descriptor the child opens `source` at, NUL-terminated.
+    source_fd_path: [u8; FD_PATH_LEN],
+    target: CString,
+    read_only: bool,
+}
+
+const FD_PATH_LEN: usize = 32;
+
+/// Writes `/proc/self/fd/<fd>` and a NUL into `buffer` without allocating.
+fn write_fd_path(buffer: &mut [u8; FD_PATH_LEN], fd: libc::c_int) {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buffer[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let (mut n, mut count) = (fd.unsigned_abs(), 0);
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..count {
+        buffer[PREFIX.len() + i] = digits[count - 1 - i];
+    }
+    buffer[PREFIX.len() + count] = 0;
+}
+
 /// Runs in the forked child before exec: a private mount namespace with the volumes bound in,
 /// then the working directory (after the mounts, since it may lie inside one).
-fn enter_container_view(
-    mounts: &[(CString, CString, bool)],
-    working_dir: Option<&CString>,
-) -> io::Result<()> {
+///
+/// Every source is opened before the first mount and bound through its descriptor: an earlier
+/// mount (an emptyDir at /tmp) may hide the host path of a later source (a volume the kubelet
+/// keeps under $TMPDIR), as a real kubelet's /var/lib/kubelet never is. The descriptors are
+/// opened after `unshare`, so that they refer to this namespace's mounts (a bind from another
+/// mount namespace is refused).
+fn enter_container_view(mounts: &mut [BindMount], working_dir: Option<&CString>) -> io::Result<()> {
     fn check(result: libc::c_int) -> io::Result<()> {
         if result == 0 {
             Ok(())
@@ -173,19 +209,26 @@ fn enter_container_view(
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
-            for (source, target, read_only) in mounts {
+            for mount in mounts.iter_mut() {
+                let fd = libc::open(mount.source.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                write_fd_path(&mut mount.source_fd_path, fd);
+            }
+            for mount in mounts.iter() {
                 check(libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
+                    mount.source_fd_path.as_ptr().cast(),
+                    mount.target.as_ptr(),
                     none,
                     libc::MS_BIND | libc::MS_REC,
                     std::ptr::null(),
                 ))?;
-                if *read_only {
+                if mount.read_only {
                     let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
                     check(libc::mount(
                         none,
-                        target.as_ptr(),
+                        mount.target.as_ptr(),
                         none,
                         flags,
                         std::ptr::null(),
@@ -204,6 +247,20 @@ fn enter_container_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buffer = [0xff; FD_PATH_LEN];
+        for (fd, path) in [
+            (0, "/proc/self/fd/0"),
+            (7, "/proc/self/fd/7"),
+            (1234, "/proc/self/fd/1234"),
+        ] {
+            write_fd_path(&mut buffer, fd);
+            let written = std::ffi::CStr::from_bytes_until_nul(&buffer).unwrap();
+            assert_eq!(written.to_str().unwrap(), path);
+        }
+    }
 
     #[test]
     fn image_names_map_to_binaries() {

@@ -122,16 +122,12 @@ pub async fn status(
     let mut models = Vec::new();
     for endpoint in endpoints {
         let url = format!("http://{}/v1/model", endpoint.address);
-        let answer = state
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(3))
-            .send()
-            .await;
+        let request = state.http.get(&url).timeout(Duration::from_secs(3));
+        let answer = state.send_to_pod(&access.namespace, request).await;
         let (model, error) = match answer {
             Ok(response) if response.status().is_success() => (response.json().await.ok(), None),
             Ok(response) => (None, Some(format!("answered {}", response.status()))),
-            Err(error) => (None, Some(error.to_string())),
+            Err(error) => (None, Some(error)),
         };
         models.push(ModelView {
             endpoint: endpoint.address.to_string(),
@@ -317,7 +313,8 @@ pub async fn offload(
     let mut models = Vec::new();
     for endpoint in endpoints {
         let url = format!("http://{}/v1/model/offload", endpoint.address);
-        let answer = state.http.post(&url).timeout(MODEL_TIMEOUT).send().await;
+        let request = state.http.post(&url).timeout(MODEL_TIMEOUT);
+        let answer = state.send_to_pod(&access.namespace, request).await;
         let (model, error) = match answer {
             Ok(response) if response.status().is_success() => (response.json().await.ok(), None),
             Ok(response) => {
@@ -332,7 +329,7 @@ pub async fn offload(
                     Some(reason.unwrap_or_else(|| format!("answered {status}"))),
                 )
             }
-            Err(error) => (None, Some(error.to_string())),
+            Err(error) => (None, Some(error)),
         };
         models.push(ModelView {
             endpoint: endpoint.address.to_string(),

@@ -149,7 +149,7 @@ fn outputs_path(user: &str, file: Option<&str>) -> String {
     path
 }
 
-fn unreachable(error: reqwest::Error) -> ApiError {
+fn unreachable(error: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable(
         "OutputsUnavailable",
         format!("the outputs server did not answer: {error}"),
@@ -196,7 +196,10 @@ pub async fn list(
             pairs.append_pair("before", before);
         }
     }
-    let response = state.http.get(url).send().await.map_err(unreachable)?;
+    let response = state
+        .send_to_pod(&access.namespace, state.http.get(url))
+        .await
+        .map_err(unreachable)?;
     if !response.status().is_success() {
         return Err(ApiError::unavailable(
             "OutputsUnavailable",
@@ -247,7 +250,10 @@ pub async fn file(
         return Err(ApiError::InvalidRequest("not an image file name".into()));
     }
     let url = outputs_url(&state, &access, user, Some(&file)).await?;
-    let response = state.http.get(url).send().await.map_err(unreachable)?;
+    let response = state
+        .send_to_pod(&access.namespace, state.http.get(url))
+        .await
+        .map_err(unreachable)?;
     match response.status() {
         status if status.is_success() => {}
         reqwest::StatusCode::NOT_FOUND => {
