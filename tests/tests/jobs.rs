@@ -893,10 +893,14 @@ async fn an_idle_model_leaves_the_device_and_comes_back_for_the_next_job() {
             )
         }
     };
+    let token = common::pod_token(cluster, &ns).await.unwrap();
     let model_state = || {
-        let url = url.clone();
+        let (url, token) = (url.clone(), token.clone());
         async move {
-            let model: serde_json::Value = reqwest::get(format!("{url}/v1/model"))
+            let model: serde_json::Value = reqwest::Client::new()
+                .get(format!("{url}/v1/model"))
+                .bearer_auth(token)
+                .send()
                 .await?
                 .json()
                 .await?;

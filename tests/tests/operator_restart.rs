@@ -7,23 +7,25 @@ mod common;
 
 use std::time::Duration;
 
-use atelier_crds::JobPhase;
+use atelier_crds::{JobPhase, Tenant};
 use atelier_tests::{TestCluster, unique_name, wait_for};
 use common::{
-    Operator, create_job, create_ready_tenant, create_tenant, tenant_objects, user_pngs,
-    wait_job_finished, wait_job_generating, wait_tenant_ready,
+    Operator, create_job, create_ready_tenant, create_tenant, model_volume, tenant_manifest,
+    tenant_objects, user_pngs, wait_job_finished, wait_job_generating, wait_tenant_ready,
 };
+use futures::TryStreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::Mutex;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Every object the tenant controller applies in a tenant namespace, by `tenant_objects` key.
-const EVERY_OBJECT: [&str; 12] = [
+const EVERY_OBJECT: [&str; 13] = [
     "Deployment/inference",
     "Deployment/outputs",
     "LimitRange/atelier-defaults",
@@ -34,6 +36,7 @@ const EVERY_OBJECT: [&str; 12] = [
     "ResourceQuota/atelier-quota",
     "RoleBinding/atelier-admins",
     "RoleBinding/atelier-members",
+    "Secret/atelier-api-token",
     "Service/inference",
     "Service/outputs",
 ];
@@ -58,16 +61,39 @@ async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned(
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let client = cluster.client().await;
-    // The namespace is the first object of the reconcile: kill the operator as soon as it exists.
-    // A reconcile quicker than the test's look at the namespace leaves nothing to finish, so
-    // try again with a new tenant until one is caught half done.
+    // The namespace is the first object of the reconcile: kill the operator as soon as a watch
+    // sees it. A reconcile quicker than the watch event leaves nothing to finish, so try again
+    // with a new tenant until one is caught half done.
     let mut attempts = 0;
     let (tenant, partial) = loop {
         attempts += 1;
         let mut first = Operator::start(cluster, &[]).unwrap();
-        let tenant = create_tenant(cluster, json!({ "inference": { "minReplicas": 1 } }))
+        let volume = model_volume(cluster).await.unwrap();
+        let tenant = tenant_manifest(
+            &unique_name("tn"),
+            &volume,
+            json!({ "inference": { "minReplicas": 1 } }),
+        );
+        let selector = format!("metadata.name={}", tenant.namespace_name());
+        let mut namespace_events = std::pin::pin!(watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default().fields(&selector),
+        ));
+        // The watch is established (its initial, empty list is done) before the tenant exists.
+        while let Some(event) = namespace_events.try_next().await.unwrap() {
+            if matches!(event, watcher::Event::InitDone) {
+                break;
+            }
+        }
+        let tenant = Api::<Tenant>::all(client.clone())
+            .create(&PostParams::default(), &tenant)
             .await
             .unwrap();
+        while let Some(event) = namespace_events.try_next().await.unwrap() {
+            if matches!(event, watcher::Event::Apply(_)) {
+                break;
+            }
+        }
         first.kill();
         let partial = tenant_objects(&client, &tenant.namespace_name())
             .await
@@ -76,7 +102,7 @@ async fn an_operator_killed_mid_reconcile_leaves_nothing_duplicated_or_orphaned(
             break (tenant, partial);
         }
         assert!(
-            attempts < 5,
+            attempts < 10,
             "no reconcile was ever caught half done: {partial:?}"
         );
     };

@@ -127,7 +127,11 @@ async fn a_tenant_gets_every_object_owned_and_a_ready_inference_pod() {
     .unwrap();
     let ip = ready_inference.status.unwrap().pod_ip.unwrap();
     assert!(ip.starts_with("198.18.1."), "pod IP {ip}");
-    let model: serde_json::Value = reqwest::get(format!("http://{ip}:8080/v1/model"))
+    let token = common::pod_token(cluster, &ns).await.unwrap();
+    let model: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{ip}:8080/v1/model"))
+        .bearer_auth(token)
+        .send()
         .await
         .unwrap()
         .json()
@@ -673,12 +677,7 @@ async fn the_tenants_pods_answer_only_with_its_token() {
             .any(|r| Some(&r.uid) == tenant.uid().as_ref()),
         "the token's Secret goes with its tenant"
     );
-    let token = String::from_utf8(
-        secret.data.unwrap()[atelier_crds::names::API_TOKEN_KEY]
-            .0
-            .clone(),
-    )
-    .unwrap();
+    let token = common::pod_token(cluster, &ns).await.unwrap();
     assert!(token.len() >= 32, "{} characters", token.len());
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let http = reqwest::Client::new();

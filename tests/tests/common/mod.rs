@@ -16,7 +16,7 @@ use atelier_crds::{GenerationJob, Tenant};
 use atelier_tests::{TestCluster, TestProcess, paths, unique_name, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, ResourceQuota, Service,
+    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, ResourceQuota, Secret, Service,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -179,6 +179,18 @@ pub async fn create_tenant(cluster: &TestCluster, overrides: Value) -> anyhow::R
     )
     .await?;
     Ok(created)
+}
+
+/// The token the tenant's inference and outputs pods require (`Authorization: Bearer`).
+pub async fn pod_token(cluster: &TestCluster, namespace: &str) -> anyhow::Result<String> {
+    let secret = Api::<Secret>::namespaced(cluster.client().await, namespace)
+        .get(atelier_crds::names::API_TOKEN_SECRET)
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    let token = data
+        .get(atelier_crds::names::API_TOKEN_KEY)
+        .context("the token Secret has no token")?;
+    Ok(String::from_utf8(token.0.clone())?)
 }
 
 /// Deletes the tenant at the end of a test, so that its inference pods give their GPUs back to
@@ -358,6 +370,7 @@ pub async fn tenant_objects(
     collect::<RoleBinding>(client, ns, &mut objects, resource_version).await?;
     collect::<LimitRange>(client, ns, &mut objects, resource_version).await?;
     collect::<PersistentVolumeClaim>(client, ns, &mut objects, resource_version).await?;
+    collect::<Secret>(client, ns, &mut objects, resource_version).await?;
     collect::<ResourceQuota>(client, ns, &mut objects, |meta| {
         format!("generation {:?}", meta.generation)
     })
