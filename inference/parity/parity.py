@@ -15,6 +15,7 @@ Exit status 0 and a final PASS line when every difference is within its toleranc
 """
 
 import argparse
+import copy
 import inspect
 import json
 import sys
@@ -26,18 +27,22 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.loaders import single_file_utils
 from safetensors.torch import load_file
 
-# Final latents are about unit scale; in f32 differences come from operation order only
-# (observed around 1e-6). Images are in [-1, 1]. In bf16 every activation rounds to 8 bits of
-# mantissa on both sides, in different places (diffusers also rounds the latents and the
-# timestep to bf16 between steps, Atelier keeps them in f32): the bf16 tolerances are what the
+# Both Atelier paths are compared with diffusers in f32. Final latents are of unit scale (up to
+# about 6 on the tiny model); in f32 differences come from operation order only (observed
+# around 1e-5). In bf16 every activation of Atelier's transformer rounds to 8 bits of mantissa
+# (the latents, the timestep and the Euler update stay in f32): the bf16 tolerances are what the
 # tiny model meets with a margin (docs/benchmarks-inference.md has the measured values).
+# diffusers' own bf16 path also rounds the latents and the timestep to bf16 between steps and
+# lands much further from its f32 result; it is printed for information.
 TOLERANCES = {
     "f32": {"latents": 1e-3, "image": 1e-3},
-    "bf16": {"latents": 1e-1, "image": 1e-1},
+    "bf16": {"latents": 2.5e-1, "image": 2.5e-1},
 }
-# The text encoders run in their weights' dtype (bf16 in the tiny files, as in the published
-# ones) on both sides.
-TEXT_TOLERANCE = 1e-2
+# Both encoders are compared with HF transformers in f32 on the same weights. Atelier's T5
+# computes in the compute dtype (f32 here) from weights held as in the file: f32 rounding only.
+# Its CLIP computes in its weights' dtype (bf16 in the tiny files, as in the published ones):
+# bf16 rounding, which for HF's own CLIP in bf16 is 2.4e-2 on this model.
+TEXT_TOLERANCES = {"clip pooled max abs diff": 5e-2, "t5 states max abs diff": 1e-3}
 
 
 def diffusers_transformer_state(bfl, hidden_size):
@@ -168,8 +173,8 @@ def denoise(transformer, scheduler, noise, t5, clip, guidance, dtype):
 
 
 @torch.no_grad()
-def text_checks(model_dir, manifest, dump, prompt, dtype):
-    """Token ids and encoder outputs of HF transformers on the same files."""
+def text_checks(model_dir, manifest, dump, prompt):
+    """Token ids and encoder outputs of HF transformers (in f32) on the same files."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     results = {}
@@ -187,11 +192,11 @@ def text_checks(model_dir, manifest, dump, prompt, dtype):
     results["t5 token ids equal"] = torch.equal(t5_ids, rust_t5_ids)
 
     clip_dir = model_dir / Path(clip_files["config"]).parent
-    clip = CLIPTextModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=dtype).eval()
+    clip = CLIPTextModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=torch.float32).eval()
     pooled = clip(rust_clip_ids).pooler_output.float()
     results["clip pooled max abs diff"] = (pooled - dump["clip"]).abs().max().item()
     t5_dir = model_dir / Path(t5_files["config"]).parent
-    t5 = T5EncoderModel.from_pretrained(t5_dir, local_files_only=True, torch_dtype=dtype).eval()
+    t5 = T5EncoderModel.from_pretrained(t5_dir, local_files_only=True, torch_dtype=torch.float32).eval()
     states = t5(rust_t5_ids).last_hidden_state.float()
     results["t5 states max abs diff"] = (states - dump["t5"]).abs().max().item()
     return results
@@ -212,8 +217,22 @@ def main():
     tolerance = TOLERANCES[compute]
     print(f"compute dtype: {compute}")
     transformer, state = load_transformer(args.model, manifest)
-    transformer, vae = transformer.to(dtype), load_vae(args.model, manifest).to(dtype)
+    vae = load_vae(args.model, manifest)
+    # diffusers in f32 is the reference either Atelier path is held to; in the bf16 run,
+    # diffusers' own bf16 path is reported beside it.
+    pipelines = {torch.float32: (transformer, vae)}
+    if dtype != torch.float32:
+        pipelines[dtype] = (copy.deepcopy(transformer).to(dtype), copy.deepcopy(vae).to(dtype))
     failures = []
+
+    def run(name, scheduler, pipeline_dtype):
+        transformer, vae = pipelines[pipeline_dtype]
+        t5, clip = dump["t5"].to(pipeline_dtype), dump["clip"].to(pipeline_dtype)
+        latents = denoise(transformer, scheduler, dump["noise"], t5, clip, params["guidance"], pipeline_dtype)
+        with torch.no_grad():
+            z = latents / vae.config.scaling_factor + vae.config.shift_factor
+            image = vae.decode(z.to(pipeline_dtype)).sample.float()
+        return latents, image
 
     def report(name, value, tolerance):
         ok = value <= tolerance
@@ -231,23 +250,24 @@ def main():
         scheduler = scheduler_for(name, schedule, params["steps"], image_tokens)
         sigma_diff = (scheduler.sigmas.double() - dump[f"sigmas.{name}"].double()).abs().max().item()
         report(f"{name}: sigmas max abs diff", sigma_diff, 1e-6)
-        t5, clip = dump["t5"].to(dtype), dump["clip"].to(dtype)
-        latents = denoise(transformer, scheduler, dump["noise"], t5, clip, params["guidance"], dtype)
-        report(f"{name}: final latents max abs diff", (latents - dump[f"latents.{name}"]).abs().max().item(), tolerance["latents"])
-        with torch.no_grad():
-            z = latents / vae.config.scaling_factor + vae.config.shift_factor
-            image = vae.decode(z.to(dtype)).sample.float()
-        report(f"{name}: decoded image max abs diff", (image - dump[f"image.{name}"]).abs().max().item(), tolerance["image"])
+        latents, image = run(name, scheduler, torch.float32)
+        ours_latents, ours_image = dump[f"latents.{name}"], dump[f"image.{name}"]
+        report(f"{name}: final latents max abs diff", (latents - ours_latents).abs().max().item(), tolerance["latents"])
+        report(f"{name}: decoded image max abs diff", (image - ours_image).abs().max().item(), tolerance["image"])
+        if dtype != torch.float32:
+            bf16_latents, _ = run(name, scheduler, dtype)
+            print(f"{name}: final latents vs diffusers in {compute}: {(bf16_latents - ours_latents).abs().max().item():.3e};"
+                  f" diffusers {compute} vs diffusers f32: {(bf16_latents - latents).abs().max().item():.3e}  (information)")
 
-    # The encoders compute in their weights' dtype whatever the compute dtype: checked once.
-    text = text_checks(args.model, manifest, dump, params["prompt"], torch.bfloat16) if compute == "f32" else {}
+    # Checked in the f32 run, where Atelier's T5 computes in f32.
+    text = text_checks(args.model, manifest, dump, params["prompt"]) if compute == "f32" else {}
     for name, value in text.items():
         if isinstance(value, bool):
             print(f"{name:45s} {value}  {'ok' if value else 'FAIL'}")
             if not value:
                 failures.append(name)
         else:
-            report(name, value, TEXT_TOLERANCE)
+            report(name, value, TEXT_TOLERANCES[name])
 
     print("FAIL: " + ", ".join(failures) if failures else "PASS")
     return 1 if failures else 0

@@ -257,21 +257,18 @@ impl Tokenizers {
     }
 }
 
-/// Hands out float8 tensors as they are held and converts the others to the builder's dtype:
-/// candle's T5 converts each linear weight to the activations' dtype in its forward, so linear
-/// weights held in float8 widen one layer at a time instead of all at load.
-struct KeepFloat8(TensorMap);
+/// Hands out tensors in the dtype they are held in, whatever the builder asks for: candle's T5
+/// converts each weight to the activations' dtype where it uses it, so weights held narrower
+/// than the compute dtype are widened one layer at a time instead of all at load.
+struct AsHeld(TensorMap);
 
-impl KeepFloat8 {
+impl AsHeld {
     fn dtype_of(&self, name: &str, requested: DType) -> DType {
-        match self.0.get(name) {
-            Some(tensor) if tensor.dtype() == DType::F8E4M3 => DType::F8E4M3,
-            _ => requested,
-        }
+        self.0.get(name).map_or(requested, Tensor::dtype)
     }
 }
 
-impl SimpleBackend for KeepFloat8 {
+impl SimpleBackend for AsHeld {
     fn get(
         &self,
         shape: Shape,
@@ -304,26 +301,28 @@ impl SimpleBackend for KeepFloat8 {
     }
 }
 
-/// T5 and CLIP built on one device, each computing in the dtype of its weights.
+/// T5 and CLIP built on one device: T5 computing in the compute dtype from weights as they are
+/// held, CLIP in the dtype of its weights.
 pub struct TextEncoders {
     t5: t5::T5EncoderModel,
+    t5_compute: DType,
     clip: ClipTextTransformer,
     weight_bytes: u64,
 }
 
 impl TextEncoders {
-    /// Builds each encoder from its weights on `device` in the dtype paired with them; weights
-    /// already in that dtype are shared, not copied.
+    /// Builds T5 from its weights as they are held, to compute in `t5_compute`, and CLIP in the
+    /// dtype paired with its weights; weights already in their dtype are shared, not copied.
     pub fn build(
-        (t5_weights, t5_dtype): (&TensorMap, DType),
+        (t5_weights, t5_compute): (&TensorMap, DType),
         t5_config: &t5::Config,
         (clip_weights, clip_dtype): (&TensorMap, DType),
         clip_config: &ClipTextConfig,
         device: &Device,
     ) -> Result<Self, Error> {
         let t5_vb = VarBuilder::from_backend(
-            Box::new(KeepFloat8(t5_weights.clone())),
-            t5_dtype,
+            Box::new(AsHeld(t5_weights.clone())),
+            t5_compute,
             device.clone(),
         );
         let t5 = t5::T5EncoderModel::load(t5_vb, t5_config)
@@ -333,6 +332,7 @@ impl TextEncoders {
             .map_err(|e| Error::InvalidModel(format!("CLIP weights: {e}")))?;
         Ok(Self {
             t5,
+            t5_compute,
             clip,
             weight_bytes: weights::byte_size(t5_weights) + weights::byte_size(clip_weights),
         })
@@ -349,7 +349,7 @@ impl TextEncoders {
         let t5_ids = Tensor::new(t5_ids, &device)?.unsqueeze(0)?;
         // The encoder's forward takes `&mut self` for a decoder cache it never fills here;
         // cloning shares the weights.
-        let t5_states = self.t5.clone().forward(&t5_ids)?;
+        let t5_states = self.t5.clone().forward_dt(&t5_ids, Some(self.t5_compute))?;
         let clip_ids = Tensor::new(clip_ids, &device)?.unsqueeze(0)?;
         let pooled = self.clip.forward(&clip_ids)?;
         Ok((t5_states, pooled))

@@ -61,11 +61,9 @@ impl Configs {
     }
 }
 
-/// The dtype a text encoder computes in: its file's precision, never wider than the compute
-/// dtype, so that T5-XXL (4.7 B weights) is never widened whole to f32. candle's encoders
-/// cannot compute in float8, so float8 files compute in bf16 (T5's linear weights stay in
-/// float8, see [`t5_holds`]).
-fn text_dtype(files: &SafetensorsFiles, compute: DType) -> DType {
+/// The dtype CLIP is held and computes in: its file's precision, never wider than the compute
+/// dtype; candle's CLIP cannot compute in float8, so a float8 file computes in bf16.
+fn clip_dtype(files: &SafetensorsFiles, compute: DType) -> DType {
     let file_dtype = files.largest_tensor_dtype().unwrap_or(compute);
     match (file_dtype, compute) {
         (DType::F32, compute) => compute,
@@ -74,9 +72,12 @@ fn text_dtype(files: &SafetensorsFiles, compute: DType) -> DType {
     }
 }
 
-/// The dtype T5 holds a tensor in: its linear weights stay in float8 when the file has them so
-/// (candle's T5 widens each to the activations' dtype in its forward, one layer at a time,
-/// which keeps T5-XXL at 4.8 GB instead of 9.5 GB in bf16); everything else in `compute`.
+/// The dtype T5 holds a tensor in: the file's, never wider than the compute dtype. T5 computes
+/// in the compute dtype whatever it holds: candle's T5 converts each linear weight to the
+/// activations' dtype in its forward, one layer at a time, so T5-XXL stays at 9.5 GB (bf16
+/// file) or 4.8 GB (float8 linear weights) and still computes in f32 on the CPU, as accurately
+/// as in f32 weights. Float8 is kept for linear weights only (an embedding lookup in float8 has
+/// no kernel on every device).
 fn t5_holds(name: &str, tensor: &Tensor, compute: DType) -> DType {
     const LINEAR_WEIGHTS: [&str; 8] = [
         ".q.weight",
@@ -91,7 +92,8 @@ fn t5_holds(name: &str, tensor: &Tensor, compute: DType) -> DType {
     let linear = LINEAR_WEIGHTS.iter().any(|suffix| name.ends_with(suffix));
     match (tensor.dtype(), linear) {
         (DType::F8E4M3, true) => DType::F8E4M3,
-        _ => compute,
+        (DType::F8E4M3 | DType::F32, _) => compute,
+        (held, _) => held,
     }
 }
 
@@ -100,7 +102,7 @@ fn open_files(model_dir: &Path, files: &[String]) -> Result<SafetensorsFiles, Er
     SafetensorsFiles::open(&weights::paths(model_dir, files))
 }
 
-/// Builds T5 and CLIP on `device` from their mmapped files, each in its [`text_dtype`].
+/// Builds T5 ([`t5_holds`]) and CLIP ([`clip_dtype`]) on `device` from their mmapped files.
 pub(super) fn text_encoders(
     model_dir: &Path,
     manifest: &Manifest,
@@ -108,23 +110,16 @@ pub(super) fn text_encoders(
     device: &Device,
     compute: DType,
 ) -> Result<TextEncoders, Error> {
-    let read = |files: &[String], t5: bool| -> Result<(TensorMap, DType), Error> {
-        let files = open_files(model_dir, files)?;
-        let dtype = text_dtype(&files, compute);
-        let map = files.read_to(
-            device,
-            |name| Some(name.to_string()),
-            |name, tensor| match t5 {
-                true => t5_holds(name, tensor, dtype),
-                false => dtype,
-            },
-        )?;
-        Ok((map, dtype))
-    };
-    let (t5, t5_dtype) = read(&manifest.t5.weights, true)?;
-    let (clip, clip_dtype) = read(&manifest.clip.weights, false)?;
+    let t5 = open_files(model_dir, &manifest.t5.weights)?.read_to(
+        device,
+        |name| Some(name.to_string()),
+        |name, tensor| t5_holds(name, tensor, compute),
+    )?;
+    let clip_files = open_files(model_dir, &manifest.clip.weights)?;
+    let clip_dtype = clip_dtype(&clip_files, compute);
+    let clip = clip_files.read_to(device, |name| Some(name.to_string()), |_, _| clip_dtype)?;
     TextEncoders::build(
-        (&t5, t5_dtype),
+        (&t5, compute),
         &configs.t5,
         (&clip, clip_dtype),
         &configs.clip,
