@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 # lands much further from its f32 result; it is printed for information.
 TOLERANCES = {
     "f32": {"latents": 1e-3, "image": 1e-3},
-    "bf16": {"latents": 2.5e-1, "image": 2.5e-1},
+    "bf16": {"latents": 2e-1, "image": 2e-1},
 }
 # Both encoders are compared with HF transformers in f32 on the same weights. Atelier's T5
 # computes in the compute dtype (f32 here) from weights held as in the file: f32 rounding only.
@@ -255,7 +255,9 @@ def main():
         report(f"{name}: final latents max abs diff", (latents - ours_latents).abs().max().item(), tolerance["latents"])
         report(f"{name}: decoded image max abs diff", (image - ours_image).abs().max().item(), tolerance["image"])
         if dtype != torch.float32:
-            bf16_latents, _ = run(name, scheduler, dtype)
+            # A scheduler of its own: it counts its steps.
+            fresh = scheduler_for(name, schedule, params["steps"], image_tokens)
+            bf16_latents, _ = run(name, fresh, dtype)
             print(f"{name}: final latents vs diffusers in {compute}: {(bf16_latents - ours_latents).abs().max().item():.3e};"
                   f" diffusers {compute} vs diffusers f32: {(bf16_latents - latents).abs().max().item():.3e}  (information)")
 
