@@ -928,7 +928,7 @@ async fn an_idle_model_leaves_the_device_and_comes_back_for_the_next_job() {
 
 #[tokio::test]
 async fn deleting_a_tenant_ends_its_queued_and_running_jobs_and_leaves_nothing() {
-    let (cluster, _) = platform().await;
+    let (cluster, operator) = platform().await;
     let tenant = create_ready_tenant(cluster, json!({ "gpus": { "max": 1 } }))
         .await
         .unwrap();
@@ -1006,6 +1006,12 @@ async fn deleting_a_tenant_ends_its_queued_and_running_jobs_and_leaves_nothing()
         );
         assert!(status.completion_time.is_some(), "{name}: {status:?}");
     }
+    // Its metric series went with it (the dispatcher refreshes the others every tick).
+    let label = format!("tenant=\"{}\"", tenant.name_any());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = operator.metrics().await.unwrap();
+    let left: Vec<&str> = metrics.lines().filter(|l| l.contains(&label)).collect();
+    assert!(left.is_empty(), "series of the deleted tenant: {left:?}");
 }
 
 #[tokio::test]

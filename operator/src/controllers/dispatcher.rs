@@ -300,6 +300,11 @@ impl Dispatcher {
     }
 
     fn export_metrics(&self, tenant: &Tenant, tenant_name: &str, queued: u32) {
+        if tenant.metadata.deletion_timestamp.is_some() {
+            // Its series go with it (the tenant controller drops them too, at cleanup).
+            self.ctx.metrics.forget_tenant(tenant_name);
+            return;
+        }
         let by_phase = self
             .ctx
             .jobs

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use atelier_crds::JobPhase;
+use atelier_crds::conditions::{DEGRADED, PROGRESSING, READY};
 use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -131,6 +133,27 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops the series of a tenant that is being deleted, so that dashboards and alerts do not
+    /// see it frozen at its last values, and the registry does not grow with every tenant ever
+    /// created.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.queue_depth.remove(&TenantLabel {
+            tenant: tenant.to_string(),
+        });
+        for phase in JobPhase::ALL {
+            self.jobs.remove(&TenantPhaseLabels {
+                tenant: tenant.to_string(),
+                phase: phase.as_str(),
+            });
+        }
+        for condition in [READY, PROGRESSING, DEGRADED] {
+            self.tenant_conditions.remove(&TenantConditionLabels {
+                tenant: tenant.to_string(),
+                condition,
+            });
+        }
+    }
+
     /// Counts one reconciliation of `controller` and its duration.
     pub fn reconciled(&self, controller: &'static str, ok: bool, took: Duration) {
         let result = if ok { "success" } else { "error" };

@@ -682,6 +682,7 @@ async fn write_status(tenant: &Tenant, status: TenantStatus, ctx: &Context) -> R
 /// A namespace of the tenant's name that is not ours (`NamespaceConflict`) is left untouched:
 /// its jobs, volume and the namespace itself belong to someone else.
 async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    ctx.metrics.forget_tenant(&tenant.name_any());
     let ns = tenant.namespace_name();
     if let Some(conflict) = namespace_conflict(tenant, ctx).await? {
         tracing::info!(tenant = tenant.name_any(), %conflict, "deleting the tenant leaves the namespace alone");
