@@ -3,6 +3,8 @@
 //! diffusers' `vae/`, ComfyUI's scaled fp8, and T5's tokenizer as `spiece.model` alone; and a
 //! missing or unknown tensor is an error naming it.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -14,6 +16,7 @@ use atelier_inference::model::weights::{SafetensorsFiles, TensorMap};
 use atelier_inference::pipeline::{GenerateRequest, Pipeline, Precision};
 use atelier_inference::tiny::{DIFFUSERS_VAE, T5_SPIECE, TinyModelOptions, make_tiny_model};
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use tempfile::TempDir;
 
 const SEED: u64 = 11;
@@ -81,17 +84,7 @@ fn assert_same_tensors(a: &TensorMap, b: &TensorMap, what: &str) {
     for key in keys {
         let (x, y) = (&a[key], &b[key]);
         assert_eq!(x.dims(), y.dims(), "{what}: {key} shape");
-        let diff = (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{what}: {key} differs");
+        assert_eq!(max_abs_diff(x, y), 0.0, "{what}: {key} differs");
     }
 }
 
@@ -136,19 +129,7 @@ fn diffusers_sharded_transformer_equals_the_bfl_file() {
     edit_manifest(dir.path(), |m| {
         m.transformer.weights = TRANSFORMER_INDEX.into()
     });
-    assert_eq!(
-        (latents(dir.path()) - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&latents(dir.path()), &reference), 0.0);
 }
 
 #[test]
@@ -251,19 +232,7 @@ fn scaled_fp8_weights_are_multiplied_by_their_scale() {
         m.transformer.weights = "widened.safetensors".into()
     });
     let widened = latents(dir.path());
-    assert_eq!(
-        (scaled - widened)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&scaled, &widened), 0.0);
 }
 
 #[test]
@@ -431,17 +400,7 @@ fn float8_text_encoders_load() {
     assert!(float8_bytes > 0);
     let bf16 = Pipeline::load(widened.path(), Precision::Bf16).unwrap();
     let held_in_bf16 = bf16.encode_prompt("a cat").unwrap();
-    let difference = (held_in_fp8.t5 - held_in_bf16.t5)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(difference, 0.0);
+    assert_eq!(max_abs_diff(&held_in_fp8.t5, &held_in_bf16.t5), 0.0);
     assert_eq!(
         bf16.weight_bytes() - pipeline.weight_bytes(),
         float8_bytes,

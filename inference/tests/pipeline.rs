@@ -1,5 +1,7 @@
 //! The generation pipeline on tiny random-weight checkpoints written in the real layouts.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -12,6 +14,7 @@ use atelier_inference::pipeline::{
 };
 use atelier_inference::tiny::{DIFFUSERS_TRANSFORMER, TinyModelOptions, make_tiny_model};
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use tempfile::TempDir;
 
 fn tiny_model(options: &TinyModelOptions) -> TempDir {
@@ -69,19 +72,6 @@ fn latents(pipeline: &Pipeline, req: &GenerateRequest) -> Tensor {
         .expect("denoise")
         .to_dtype(DType::F32)
         .expect("f32")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn rms(a: &Tensor) -> f32 {

@@ -1501,55 +1501,39 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() -> anyhow::Result
             anyhow::Ok((allowed(office_name), allowed(loopback_name)))
         }
     };
-    let trust_elsewhere = ApiProcess::start(
-        cluster,
-        &env.dir,
-        free_port(),
-        &env.provider.issuer,
-        &[
-            "--trusted-proxy-header",
-            "X-Forwarded-For",
-            "--trusted-proxy-cidrs",
-            "10.99.0.0/16",
-        ],
-    )
-    .await?;
-    wait_for(
-        "the API to see the new tenants",
-        DEFAULT_TIMEOUT,
-        || async {
-            let seen = me(&trust_elsewhere.url, None).await?;
-            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
-        },
-    )
-    .await?;
+    // An API that honours X-Forwarded-For from `proxies`, once its tenant watch has both tenants.
+    let trusting = |proxies: &'static str| async move {
+        let api = ApiProcess::start(
+            cluster,
+            &env.dir,
+            free_port(),
+            &env.provider.issuer,
+            &[
+                "--trusted-proxy-header",
+                "X-Forwarded-For",
+                "--trusted-proxy-cidrs",
+                proxies,
+            ],
+        )
+        .await?;
+        wait_for(
+            "the API to see the new tenants",
+            DEFAULT_TIMEOUT,
+            || async {
+                let seen = me(&api.url, None).await?;
+                Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
+            },
+        )
+        .await?;
+        anyhow::Ok(api)
+    };
+    let trust_elsewhere = trusting("10.99.0.0/16").await?;
     assert_eq!(
         me(&trust_elsewhere.url, Some("192.0.2.7")).await?,
         (Some(json!(false)), Some(json!(true))),
         "a forged header from a peer that is no proxy changes nothing"
     );
-    let trust_loopback = ApiProcess::start(
-        cluster,
-        &env.dir,
-        free_port(),
-        &env.provider.issuer,
-        &[
-            "--trusted-proxy-header",
-            "X-Forwarded-For",
-            "--trusted-proxy-cidrs",
-            "127.0.0.0/8",
-        ],
-    )
-    .await?;
-    wait_for(
-        "the API to see the new tenants",
-        DEFAULT_TIMEOUT,
-        || async {
-            let seen = me(&trust_loopback.url, None).await?;
-            Ok((seen.0.is_some() && seen.1.is_some()).then_some(()))
-        },
-    )
-    .await?;
+    let trust_loopback = trusting("127.0.0.0/8").await?;
     assert_eq!(
         me(&trust_loopback.url, Some("6.6.6.6, 192.0.2.7")).await?,
         (Some(json!(true)), Some(json!(false))),

@@ -404,18 +404,9 @@ async fn cancel_while_running_stops_the_generation_and_writes_nothing() {
     let (cluster, _) = platform().await;
     let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
     let ns = tenant.namespace_name();
-    let job = create_job(
-        cluster,
-        &ns,
-        "eve@example.com",
-        json!({ "steps": 50, "width": 512, "height": 512 }),
-    )
-    .await
-    .unwrap();
-    let name = job.name_any();
-    wait_job_generating(cluster, &ns, &name, TIMEOUT)
+    let name = running_job(cluster, &ns, "eve@example.com", 50)
         .await
-        .unwrap();
+        .name_any();
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
     jobs.patch(
         &name,
@@ -465,18 +456,8 @@ async fn a_killed_inference_process_is_retried_and_yields_one_image() {
     let (cluster, _) = platform().await;
     let tenant = create_ready_tenant(cluster, json!({})).await.unwrap();
     let ns = tenant.namespace_name();
-    let job = create_job(
-        cluster,
-        &ns,
-        "gus@example.com",
-        json!({ "steps": 30, "width": 512, "height": 512 }),
-    )
-    .await
-    .unwrap();
-    let name = job.name_any();
-    let running = wait_job_generating(cluster, &ns, &name, TIMEOUT)
-        .await
-        .unwrap();
+    let running = running_job(cluster, &ns, "gus@example.com", 30).await;
+    let name = running.name_any();
     let pod = running.status.unwrap().assigned_pod.unwrap();
     let pod_name = pod.split('/').nth(1).unwrap();
     cluster.kill_pod_process(&ns, pod_name).unwrap();
@@ -730,6 +711,22 @@ async fn wait_usage(cluster: &TestCluster, tenant: &str, user: &str, images: u32
     .unwrap();
 }
 
+/// Creates a 512×512 job of `steps` steps (seconds of work per step on the tiny model, so it
+/// holds its GPU a while) and waits until it is generating.
+async fn running_job(cluster: &TestCluster, ns: &str, user: &str, steps: u32) -> GenerationJob {
+    let job = create_job(
+        cluster,
+        ns,
+        user,
+        json!({ "steps": steps, "width": 512, "height": 512 }),
+    )
+    .await
+    .unwrap();
+    wait_job_generating(cluster, ns, &job.name_any(), TIMEOUT)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn cancelled_and_timed_out_jobs_give_their_images_back() {
     let (cluster, _) = platform().await;
@@ -742,14 +739,9 @@ async fn cancelled_and_timed_out_jobs_give_their_images_back() {
     let (name, ns) = (tenant.name_any(), tenant.namespace_name());
     let jobs = Api::<GenerationJob>::namespaced(cluster.client().await, &ns);
     // A long job holds the only GPU; two more wait behind it.
-    let slow = json!({ "steps": 100, "width": 512, "height": 512 });
-    let running = create_job(cluster, &ns, "ida@example.com", slow.clone())
+    let running = running_job(cluster, &ns, "ida@example.com", 100)
         .await
-        .unwrap()
         .name_any();
-    wait_job_generating(cluster, &ns, &running, TIMEOUT)
-        .await
-        .unwrap();
     let queued = create_job(cluster, &ns, "ida@example.com", json!({ "numImages": 2 }))
         .await
         .unwrap()
@@ -790,8 +782,7 @@ async fn cancelled_and_timed_out_jobs_give_their_images_back() {
     wait_usage(cluster, &name, "ida@example.com", 0).await;
 
     // Past its timeout: failed, and nothing counted.
-    let mut timed = slow;
-    timed["timeout"] = json!("2s");
+    let timed = json!({ "steps": 100, "width": 512, "height": 512, "timeout": "2s" });
     let late = create_job(cluster, &ns, "ida@example.com", timed)
         .await
         .unwrap()
@@ -815,18 +806,7 @@ async fn a_higher_priority_job_runs_before_a_fairer_earlier_one() {
         .unwrap();
     let ns = tenant.namespace_name();
     // Ann's first job holds the only GPU for many seconds, so the next two wait together.
-    let blocker = create_job(
-        cluster,
-        &ns,
-        "ann@example.com",
-        json!({ "steps": 30, "width": 512, "height": 512 }),
-    )
-    .await
-    .unwrap()
-    .name_any();
-    wait_job_generating(cluster, &ns, &blocker, TIMEOUT)
-        .await
-        .unwrap();
+    running_job(cluster, &ns, "ann@example.com", 30).await;
     // Fair share alone would serve Bob first (Ann is running a job); Ann's priority wins.
     let low = create_job(cluster, &ns, "bob@example.com", json!({}))
         .await
@@ -933,18 +913,9 @@ async fn deleting_a_tenant_ends_its_queued_and_running_jobs_and_leaves_nothing()
         .await
         .unwrap();
     let ns = tenant.namespace_name();
-    let running = create_job(
-        cluster,
-        &ns,
-        "ned@example.com",
-        json!({ "steps": 50, "width": 512, "height": 512 }),
-    )
-    .await
-    .unwrap()
-    .name_any();
-    wait_job_generating(cluster, &ns, &running, TIMEOUT)
+    let running = running_job(cluster, &ns, "ned@example.com", 50)
         .await
-        .unwrap();
+        .name_any();
     let mut names = vec![running];
     for _ in 0..2 {
         let queued = create_job(cluster, &ns, "ned@example.com", json!({}))

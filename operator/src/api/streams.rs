@@ -5,7 +5,7 @@
 //! stream must not outlive the login it was opened with.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::AppState;
@@ -17,6 +17,7 @@ const SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(15);
 /// Event streams one user may hold open at once (a few browser tabs, a script or two).
 pub const MAX_STREAMS_PER_USER: usize = 8;
 
+/// Counts per user; a lock poisoned by a panic elsewhere is used as it is (every update is whole).
 #[derive(Default)]
 pub struct StreamSlots {
     open: Arc<Mutex<HashMap<String, usize>>>,
@@ -34,7 +35,7 @@ pub struct TooManyStreams;
 
 impl StreamSlots {
     pub fn acquire(&self, user: &str) -> Result<StreamSlot, TooManyStreams> {
-        let mut open = self.open.lock().expect("stream slots lock");
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let count = open.entry(user.to_string()).or_default();
         if *count >= MAX_STREAMS_PER_USER {
             return Err(TooManyStreams);
@@ -49,7 +50,7 @@ impl StreamSlots {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut open = self.open.lock().expect("stream slots lock");
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = open.get_mut(&self.user) {
             *count -= 1;
             if *count == 0 {

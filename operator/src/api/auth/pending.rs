@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -45,6 +45,8 @@ struct Entry {
     login: PendingLogin,
 }
 
+/// Every update leaves its map consistent (nothing in it can panic half-way), so a lock poisoned by
+/// a panic elsewhere is used as it is rather than turning every later request into a panic.
 #[derive(Default)]
 pub struct PendingLogins {
     entries: Mutex<HashMap<String, Entry>>,
@@ -58,7 +60,7 @@ impl PendingLogins {
         login: PendingLogin,
     ) -> Result<String, TooManyFromClient> {
         let now = Instant::now();
-        let mut entries = self.entries.lock().expect("pending logins lock");
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let from_client = |entries: &HashMap<String, Entry>| {
             entries
                 .values()
@@ -91,13 +93,16 @@ impl PendingLogins {
         let entry = self
             .entries
             .lock()
-            .expect("pending logins lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(id)?;
         (entry.expires > Instant::now()).then_some(entry.login)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("pending logins lock").len()
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -7,7 +7,7 @@
 //! token and the ID token (for RP-initiated logout) stay on the server.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +30,8 @@ pub struct Session {
     pub id_token: Option<String>,
 }
 
+/// Every update leaves its map consistent (nothing in it can panic half-way), so a lock poisoned by
+/// a panic elsewhere is used as it is rather than turning every later request into a panic.
 #[derive(Default)]
 pub struct SessionStore {
     entries: Mutex<HashMap<String, (Instant, Session)>>,
@@ -48,7 +50,7 @@ impl SessionStore {
     /// Stores a new session under a new id (never the login's, against session fixation).
     pub fn create(&self, session: Session) -> Result<String, StoreFull> {
         let now = Instant::now();
-        let mut entries = self.entries.lock().expect("session lock");
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= MAX_SESSIONS / 2 {
             entries.retain(|_, (expires, _)| *expires > now);
         }
@@ -61,7 +63,7 @@ impl SessionStore {
     }
 
     pub fn get(&self, id: &str) -> Option<Session> {
-        let entries = self.entries.lock().expect("session lock");
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.get(id) {
             Some((expires, session)) if *expires > Instant::now() => Some(session.clone()),
             _ => None,
@@ -69,12 +71,19 @@ impl SessionStore {
     }
 
     pub fn remove(&self, id: &str) -> Option<Session> {
-        let removed = self.entries.lock().expect("session lock").remove(id);
+        let removed = self
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
         removed.map(|(_, session)| session)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("session lock").len()
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
